@@ -1,0 +1,256 @@
+"""RoI Align: the public function and its core."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from . import _contract, _sampling
+from ._validation import (
+    DataFormat,
+    Method,
+    Mode,
+    Rois,
+    check_bool,
+    compute_dtype,
+    features_nhwc_shape,
+    output_size_pair,
+    parse_boxes,
+    positive_scale,
+    sampling_ratio_int,
+)
+
+Array = jax.Array
+
+
+def roi_align(
+    features: Array,
+    boxes: Array,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    mode: str = "avg",
+    box_indices: Array | None = None,
+    data_format: str = "NHWC",
+    method: str = "auto",
+    checks: bool = False,
+) -> Array:
+    """RoI Align (Mask R-CNN): bilinear samples on a regular grid in each bin, averaged.
+
+    A box ``(x1, y1, x2, y2)`` in image coordinates is mapped onto the feature map
+    as ``x * spatial_scale`` (minus 0.5 when ``aligned``) and never rounded. It is
+    split into ``output_size`` bins; each bin is sampled on a regular grid of
+    ``sampling_ratio`` points per axis (adaptive ``ceil(bin size)`` when
+    ``sampling_ratio <= 0``) at sub-cell centres, every sample is read by bilinear
+    interpolation of its four neighbours, and the bin's value is the mean of its
+    samples. Samples beyond ``[-1, H] x [-1, W]`` read 0 but still count.
+
+    For example, with an 800 x 1344 image and the stride-4 map P2 (200 x 336),
+    ``spatial_scale=0.25`` maps the box ``(100, 40, 212, 96)`` to ``(25, 10, 53, 24)``
+    on the map (``aligned=True`` then shifts it by -0.5 cell).
+
+    Same numbers as ``torchvision.ops.roi_align(input, boxes, output_size,
+    spatial_scale, sampling_ratio, aligned)`` (with NCHW features and ``[K, 5]``
+    boxes) and detectron2's ``ROIAlign`` / ``ROIAlignV2`` (``aligned=True``); also
+    ONNX ``RoiAlign`` (opset 16, ``half_pixel`` = aligned).
+
+    Args:
+      features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
+        (``"NCHW"``), floating point (float32, bfloat16, float16; float64 with x64).
+      boxes: image coordinates ``(x1, y1, x2, y2)``, in one of three forms:
+        ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` as torchvision;
+        ``[K, 4]`` with ``box_indices``; or per image ``[N, R, 4]``.
+      output_size: ``(PH, PW)`` or an int for a square output.
+      spatial_scale: map size over image size (1/stride), e.g. 0.25 for stride 4.
+      sampling_ratio: samples per bin per axis; ``<= 0`` for adaptive
+        ``ceil(roi_size / output_size)`` per box and per axis (exact for any box size).
+      aligned: shift boxes by -0.5 cell (pixel centres at +0.5). When False, RoI
+        sizes are clamped to at least 1 cell, as in torchvision.
+      mode: ``"avg"`` (the mean of the samples) or ``"max"`` (the largest
+        interpolated sample; an empty grid gives 0).
+      box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
+      data_format: ``"NHWC"`` (default, as Flax) or ``"NCHW"`` (as torchvision).
+      method: ``"auto"``, ``"gather"`` (per-tap reads, best on CPU/GPU) or
+        ``"matmul"`` (dense interpolation matrices, gather-free; the TPU path).
+        All give the same numbers.
+      checks: insert ``jax.experimental.checkify`` checks that every box is finite
+        and every batch index in range; wrap the call in ``checkify.checkify``.
+
+    Returns:
+      ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
+      per-image boxes, in the features' dtype (computed in float32 or wider).
+
+    Boxes whose coordinates are not finite, or whose batch index is outside
+    ``[0, N)``, give zeros (and zero gradients) rather than reading another image;
+    an index out of range that is known at trace time is a ``ValueError``.
+    """
+    layout = DataFormat.parse(data_format)
+    agg = Mode.parse(mode)
+    how = Method.parse(method)
+    ph, pw = output_size_pair(output_size)
+    scale = positive_scale(spatial_scale)
+    ratio = sampling_ratio_int(sampling_ratio)
+    aligned = check_bool(aligned, "aligned")
+    checks = check_bool(checks, "checks")
+    n, h, w, c = features_nhwc_shape(features, layout)
+    rois = parse_boxes(boxes, box_indices, n)
+    if checks:
+        runtime_checks(rois, n)
+    dtype = compute_dtype(features, boxes)
+    features = jnp.asarray(features)
+    out = _roi_align_nhwc_out(
+        features,
+        layout,
+        rois,
+        (ph, pw),
+        (h, w),
+        spatial_scale=scale,
+        sampling_ratio=ratio,
+        aligned=aligned,
+        mode=agg,
+        method=how,
+        dtype=dtype,
+    )
+    return finish_output(out, rois, layout, features.dtype)
+
+
+def runtime_checks(rois: Rois, num_images: int) -> None:
+    """checkify checks for what cannot be checked at trace time."""
+    checkify.check(
+        jnp.all(jnp.isfinite(rois.coords)),
+        "boxes have non-finite coordinates (first at row {i})",
+        i=jnp.argmin(jnp.all(jnp.isfinite(rois.coords), axis=-1)),
+    )
+    in_range = (rois.raw_batch >= 0) & (rois.raw_batch < num_images)
+    checkify.check(
+        jnp.all(in_range),
+        f"box batch index out of range [0, {num_images}): " + "{v} at row {i}",
+        v=rois.raw_batch[jnp.argmin(in_range)] if in_range.size else 0,
+        i=jnp.argmin(in_range),
+    )
+
+
+def finish_output(out: Array, rois: Rois, layout: DataFormat, dtype: Any) -> Array:
+    """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``."""
+    out = out.astype(dtype)
+    if layout is DataFormat.NCHW:
+        out = jnp.moveaxis(out, -1, 1)
+    return out.reshape(rois.lead_shape + out.shape[1:])
+
+
+def box_grids(
+    rois: Rois,
+    pooled: tuple[int, int],
+    size: tuple[int, int],
+    *,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    dtype: Any,
+) -> tuple[_sampling.AxisGrid, _sampling.AxisGrid]:
+    """The y and x sample grids of axis-aligned boxes (non-finite boxes made harmless)."""
+    coords = jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0)
+    x1, y1, x2, y2 = (coords[:, i] for i in range(4))
+    common = dict(
+        spatial_scale=spatial_scale,
+        offset=0.5 if aligned else 0.0,
+        min_size=None if aligned else 1.0,
+        sampling_ratio=sampling_ratio,
+    )
+    gy = _sampling.axis_grid(y1, y2, pooled=pooled[0], length=size[0], **common)
+    gx = _sampling.axis_grid(x1, x2, pooled=pooled[1], length=size[1], **common)
+    return gy, gx
+
+
+def fast_window(length: int, pooled: int) -> int:
+    """Rows per bin read by the gather path under adaptive sampling.
+
+    Covers every box up to about half the map; larger bins take the dense path.
+    """
+    return min(length, max(4, math.ceil(length / (2 * pooled)) + 2))
+
+
+def _roi_align_nhwc_out(
+    features: Array,
+    layout: DataFormat,
+    rois: Rois,
+    pooled: tuple[int, int],
+    size: tuple[int, int],
+    *,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    mode: Mode,
+    method: Method,
+    dtype: Any,
+) -> Array:
+    if mode is Mode.MAX:
+        raise NotImplementedError("mode='max' is not implemented yet")
+    if rois.coords.shape[0] == 0:
+        c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
+        return jnp.zeros((0, pooled[0], pooled[1], c), dtype)
+    gy, gx = box_grids(
+        rois,
+        pooled,
+        size,
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        dtype=dtype,
+    )
+    ok = rois.ok.astype(dtype)[:, None, None]
+    return aggregate_avg(features, layout, rois.batch, ok, gy, gx, method, dtype)
+
+
+def aggregate_avg(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    ok: Array,
+    gy: _sampling.AxisGrid,
+    gx: _sampling.AxisGrid,
+    method: Method,
+    dtype: Any,
+) -> Array:
+    """The separable average for any pair of axis grids (fixed or adaptive)."""
+
+    def dense(_):
+        wy = _sampling.dense_weights(gy) * ok
+        wx = _sampling.dense_weights(gx)
+        return _contract.contract_dense(features, layout, batch, wy, wx, dtype)
+
+    if method is Method.MATMUL:
+        return dense(None)
+
+    if gy.static_count is not None and gx.static_count is not None:
+        iy, wy = _sampling.sample_taps(gy)
+        ix, wx = _sampling.sample_taps(gx)
+        return _contract.contract_taps(features, layout, batch, iy, wy * ok, ix, wx, dtype)
+
+    ty = fast_window(gy.length, gy.first.shape[1])
+    tx = fast_window(gx.length, gx.first.shape[1])
+
+    def taps(g: _sampling.AxisGrid, t: int):
+        if g.static_count is not None:
+            return _sampling.sample_taps(g)
+        return _sampling.window_taps(g, t)
+
+    def fast(_):
+        iy, wy = taps(gy, ty)
+        ix, wx = taps(gx, tx)
+        return _contract.contract_taps(features, layout, batch, iy, wy * ok, ix, wx, dtype)
+
+    def need(g: _sampling.AxisGrid, t: int) -> Array:
+        if g.static_count is not None or t >= g.length:
+            return jnp.array(True)
+        _, rows = _sampling.row_window(g)
+        return jnp.all(jnp.where(ok[..., 0] > 0, rows, 0) <= t)
+
+    fits = need(gy, ty) & need(gx, tx)
+    return jax.lax.cond(fits, fast, dense, None)

@@ -1,0 +1,279 @@
+"""Sampling geometry shared by every op: where to sample, and how a sample reads the map.
+
+Everything here works on one axis at a time. RoI Align's average over a regular
+grid of bilinear samples factorises into a y-part and an x-part (the boundary
+rule and the bilinear weights are both products), so each op builds, per axis,
+*taps*: for every box ``k`` and bin ``p`` a short list of map indices and
+weights, ``idx[k, p, t]`` and ``w[k, p, t]``. The value of bin ``(ph, pw)`` is
+then ``sum_a sum_b wy[k, ph, a] * wx[k, pw, b] * F[k, idy[k, ph, a], idx[k, pw, b]]``.
+
+Two constructions give the taps:
+
+* :func:`sample_taps` -- one sample at a time, for a grid whose size is known
+  statically (``sampling_ratio > 0``): two taps per sample (the low and high
+  neighbour), bit-for-bit the arithmetic of torchvision's kernel.
+* :func:`grid_row_weights` -- the exact average over an arithmetic progression of
+  ``g`` samples, evaluated directly at any rows in closed form. ``g`` may be a
+  traced, per-box value (adaptive sampling ``ceil(bin size)``) and unbounded:
+  the cost is per row, not per sample, so a box a thousand times larger than the
+  map costs what a small one does and nothing is truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisGrid:
+    """The sample grid along one axis, for every box and bin.
+
+    Attributes:
+      first: ``[K, P]`` position of bin ``p``'s edge, ``start + p * bin``.
+      bin: ``[K, 1]`` bin size (may be zero or negative for aligned boxes).
+      count: ``[K, 1]`` samples per bin, as a float (``sampling_ratio`` or
+        ``ceil(roi_size / P)``); zero or below means no sample.
+      static_count: the count when it is the same static ``sampling_ratio`` for
+        every box, else ``None`` (adaptive).
+      length: the map's length along this axis (H or W).
+    """
+
+    first: Array
+    bin: Array
+    count: Array
+    static_count: int | None
+    length: int
+
+
+jax.tree_util.register_dataclass(
+    AxisGrid, data_fields=["first", "bin", "count"], meta_fields=["static_count", "length"]
+)
+
+
+def axis_grid(
+    lo: Array,
+    hi: Array,
+    *,
+    pooled: int,
+    length: int,
+    spatial_scale: float,
+    offset: float,
+    min_size: float | None,
+    sampling_ratio: int,
+) -> AxisGrid:
+    """Maps box edges ``lo, hi`` ``[K]`` (image coordinates) onto the map's sample grid.
+
+    ``offset`` is subtracted after scaling (0.5 for ``aligned=True``); ``min_size``
+    clamps the RoI size from below (1.0 for torchvision's ``aligned=False``).
+    """
+    start = lo * spatial_scale - offset
+    end = hi * spatial_scale - offset
+    size = end - start
+    if min_size is not None:
+        size = jnp.maximum(size, jnp.asarray(min_size, size.dtype))
+    bin_size = size / pooled
+    if sampling_ratio > 0:
+        count = jnp.full_like(size, float(sampling_ratio))
+        static_count: int | None = sampling_ratio
+    else:
+        count = jnp.maximum(jnp.ceil(size / pooled), 0.0)
+        static_count = None
+    p = jnp.arange(pooled, dtype=size.dtype)
+    first = start[:, None] + p[None, :] * bin_size[:, None]
+    return AxisGrid(first, bin_size[:, None], count[:, None], static_count, length)
+
+
+def sample_positions(grid: AxisGrid, i: Array) -> Array:
+    """Sample ``i`` of every bin, with torchvision's operation order.
+
+    ``y = (start + p * bin) + ((i + 0.5) * bin) / count``; ``i`` broadcasts
+    against ``[K, P]`` from the right (``[K, P, T]`` or ``[T]`` after expansion).
+    """
+    count = jnp.maximum(grid.count, 1.0)
+    first = grid.first[..., None]
+    bin_size = grid.bin[..., None]
+    return first + ((i + 0.5) * bin_size) / count[..., None]
+
+
+def sample_taps(grid: AxisGrid) -> tuple[Array, Array]:
+    """Two taps per sample for a static grid: ``idx, w`` of shape ``[K, P, 2 * s]``.
+
+    Per sample ``y``: outside ``[-1, L]`` (or NaN) it reads 0; else ``y`` is clamped
+    to ``>= 0``, the low neighbour is ``floor(y)``, and at or past ``L - 1`` both
+    neighbours are ``L - 1``. Weights carry the ``1 / s`` of the average.
+    """
+    s = grid.static_count
+    if s is None:
+        raise ValueError("sample_taps needs a static sampling grid")
+    length = grid.length
+    dtype = grid.first.dtype
+    i = jnp.arange(s, dtype=dtype)
+    y = sample_positions(grid, i)  # [K, P, s]
+    valid = (y >= -1.0) & (y <= float(length))
+    u = jnp.maximum(jnp.where(valid, y, 0.0), 0.0)
+    low = jnp.floor(u)
+    at_end = low >= length - 1
+    low = jnp.where(at_end, float(length - 1), low)
+    frac = jnp.where(at_end, 0.0, u - low)
+    high = jnp.where(at_end, low, low + 1.0)
+    scale = jnp.where(valid, 1.0 / s, 0.0).astype(dtype)
+    idx = jnp.concatenate([low, high], axis=-1).astype(jnp.int32)
+    w = jnp.concatenate([(1.0 - frac) * scale, frac * scale], axis=-1)
+    return idx, w
+
+
+# ---------------------------------------------------------------------------
+# Closed form: exact average over an arithmetic progression of samples.
+# ---------------------------------------------------------------------------
+
+
+def _count_below(grid: AxisGrid, x: Array | float, strict: bool) -> Array:
+    """#samples with ``y < x`` (``strict``) or ``y <= x``, from the index formula.
+
+    Only valid for a positive step. The result may be off by one where a sample
+    sits on ``x`` up to rounding; callers either do not care (the weight is
+    continuous there) or fix it up with :func:`_exact_count`.
+    """
+    count = jnp.maximum(grid.count, 1.0)
+    step = grid.bin / count
+    q = (x - grid.first) / step - 0.5
+    n = jnp.ceil(q) if strict else jnp.floor(q) + 1.0
+    return jnp.clip(n, 0.0, grid.count)
+
+
+def _exact_count(grid: AxisGrid, x: float, strict: bool) -> Array:
+    """#samples with ``y < x`` (``strict``) or ``y <= x``, exactly as the float reference.
+
+    The samples are monotone in their index even after rounding, so the count
+    is the formula's estimate corrected by comparing the neighbouring samples,
+    computed with the reference's own arithmetic.
+    """
+    n = _count_below(grid, x, strict)
+    for _ in range(2):
+        before = sample_positions(grid, (n - 1.0)[..., None])[..., 0]
+        at = sample_positions(grid, n[..., None])[..., 0]
+        below_before = before < x if strict else before <= x
+        below_at = at < x if strict else at <= x
+        n = jnp.where((n > 0) & ~below_before, n - 1.0, n)
+        n = jnp.where((n < grid.count) & below_at, n + 1.0, n)
+    return n
+
+
+def valid_range(grid: AxisGrid) -> tuple[Array, Array]:
+    """Index range ``[lo, hi)`` of the samples inside ``[-1, L]``, exact, ``[K, P]``."""
+    lo = _exact_count(grid, -1.0, strict=True)
+    hi = _exact_count(grid, float(grid.length), strict=False)
+    return lo, jnp.maximum(hi, lo)
+
+
+def _partial_sum(grid: AxisGrid, n0: Array, n1: Array, c: Array) -> Array:
+    """``sum_{i in [n0, n1)} (y_i - c)`` in closed form."""
+    step = grid.bin / jnp.maximum(grid.count, 1.0)
+    mean_offset = (grid.first - c) + step * ((n0 + n1) * 0.5)
+    return (n1 - n0) * mean_offset
+
+
+def grid_row_weights(grid: AxisGrid, rows: Array) -> Array:
+    """Exact per-row weight of each bin's sample average, ``[K, P, T]``.
+
+    ``rows`` ``[K, P, T]`` (int) are map indices; rows outside ``[0, L)`` get 0.
+    The weight of row ``r`` is ``(1/g) * sum_i phi_r(y_i)`` over the ``g`` samples of
+    the bin, ``phi_r`` the bilinear weight of row ``r`` after the boundary rules.
+    It is a piecewise-linear function of the sample position, so the sum splits
+    into four runs of consecutive samples (the flat part below row 0, the rising
+    and falling sides of the tent, the flat part above row L-1), each summed in
+    closed form. Only the runs' ends at -1 and L are discontinuities of
+    ``phi``; they are counted exactly (:func:`valid_range`). Needs a positive
+    step (``g >= 1`` means a positive RoI size under adaptive sampling).
+    """
+    length = grid.length
+    dtype = grid.first.dtype
+    # A bin without samples (count < 1) gets weight 0; give it a harmless step
+    # so that no inf/NaN reaches the gradient through the unselected branch.
+    has_samples = grid.count >= 1.0
+    grid = AxisGrid(
+        jnp.where(has_samples, grid.first, 0.0),
+        jnp.where(has_samples, grid.bin, 1.0),
+        grid.count,
+        None,
+        length,
+    )
+    lo, hi = valid_range(grid)
+    lo, hi = lo[..., None], hi[..., None]
+    r = rows.astype(dtype)
+
+    def n_at(x: Array) -> Array:
+        # Cumulative count of valid samples below x, for interior breakpoints.
+        return jnp.clip(_count_below(_expand(grid), x, strict=True), lo, hi)
+
+    n_r = n_at(r)
+    n_rm1 = jnp.where(r >= 1, n_at(r - 1.0), lo)
+    n_rp1 = jnp.where(r <= length - 2, n_at(r + 1.0), hi)
+    g = _expand(grid)
+    rising = _partial_sum(g, n_rm1, n_r, r - 1.0)
+    falling = -_partial_sum(g, n_r, n_rp1, r + 1.0)
+    rising = jnp.where(r >= 1, rising, 0.0)
+    falling = jnp.where(r <= length - 2, falling, 0.0)
+    flat_low = jnp.where(r == 0, n_r - lo, 0.0)
+    flat_high = jnp.where(r == length - 1, hi - n_r, 0.0)
+    total = rising + falling + flat_low + flat_high
+    inside = (rows >= 0) & (rows < length) & has_samples[..., None]
+    return jnp.where(inside, total / jnp.maximum(grid.count[..., None], 1.0), 0.0)
+
+
+def _expand(grid: AxisGrid) -> AxisGrid:
+    """Adds a trailing axis so that per-bin fields broadcast against ``[K, P, T]``."""
+    return AxisGrid(
+        grid.first[..., None], grid.bin[..., None], grid.count[..., None], None, grid.length
+    )
+
+
+def row_window(grid: AxisGrid) -> tuple[Array, Array]:
+    """First row each bin touches and how many rows it needs, ``[K, P]`` int32 each.
+
+    From the first and last valid sample, clamped into the map. The count has one
+    row of slack so that rounding of the estimate never drops a row.
+    """
+    length = grid.length
+    lo, hi = valid_range(grid)
+    y_first = sample_positions(grid, lo[..., None])[..., 0]
+    y_last = sample_positions(grid, (hi - 1.0)[..., None])[..., 0]
+    top = float(length - 1)
+    first_row = jnp.floor(jnp.clip(y_first, 0.0, top))
+    last_row = jnp.minimum(jnp.floor(jnp.clip(y_last, 0.0, top)) + 1.0, top)
+    need = jnp.where(hi > lo, last_row - first_row + 2.0, 0.0)
+    return first_row.astype(jnp.int32), need.astype(jnp.int32)
+
+
+def window_taps(grid: AxisGrid, taps: int) -> tuple[Array, Array]:
+    """Per-row taps for each bin: ``taps`` consecutive rows from the bin's first row.
+
+    Exact when every bin needs at most ``taps`` rows (see :func:`row_window`).
+    """
+    first_row, _ = row_window(grid)
+    rows = first_row[..., None] + jnp.arange(taps, dtype=jnp.int32)
+    w = grid_row_weights(grid, rows)
+    return jnp.clip(rows, 0, grid.length - 1), w
+
+
+def dense_weights(grid: AxisGrid) -> Array:
+    """Weights over every row of the map, ``[K, P, L]``: exact for any grid."""
+    k, p = grid.first.shape
+    rows = jnp.broadcast_to(jnp.arange(grid.length, dtype=jnp.int32), (k, p, grid.length))
+    if grid.static_count is not None:
+        idx, w = sample_taps(grid)
+        return taps_to_dense(idx, w, grid.length)
+    return grid_row_weights(grid, rows)
+
+
+def taps_to_dense(idx: Array, w: Array, length: int, start: Array | None = None) -> Array:
+    """Sums taps ``[K, P, T]`` into dense weights over ``length`` rows from ``start`` ``[K]``."""
+    rows = jnp.arange(length, dtype=jnp.int32)
+    rel = idx if start is None else idx - start[:, None, None]
+    onehot = rel[..., None] == rows  # [K, P, T, length]
+    return jnp.sum(jnp.where(onehot, w[..., None], 0.0), axis=-2)
