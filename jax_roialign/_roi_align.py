@@ -190,8 +190,6 @@ def _roi_align_nhwc_out(
     method: Method,
     dtype: Any,
 ) -> Array:
-    if mode is Mode.MAX:
-        raise NotImplementedError("mode='max' is not implemented yet")
     if rois.coords.shape[0] == 0:
         c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
         return jnp.zeros((0, pooled[0], pooled[1], c), dtype)
@@ -205,7 +203,15 @@ def _roi_align_nhwc_out(
         dtype=dtype,
     )
     ok = rois.ok.astype(dtype)[:, None, None]
-    return aggregate_avg(features, layout, rois.batch, ok, gy, gx, method, dtype)
+    if mode is Mode.MAX:
+        try:
+            from ._max import aggregate_max
+        except ImportError as e:  # pragma: no cover - until the max module lands
+            raise NotImplementedError("mode='max' is not implemented yet") from e
+        return aggregate_max(features, layout, rois.batch, ok, gy, gx, dtype)
+    return aggregate_avg(
+        features, layout, rois.batch, ok, gy, gx, method, dtype, per_image=len(rois.lead_shape) == 2
+    )
 
 
 def aggregate_avg(
@@ -217,22 +223,15 @@ def aggregate_avg(
     gx: _sampling.AxisGrid,
     method: Method,
     dtype: Any,
+    *,
+    per_image: bool = False,
 ) -> Array:
-    """The separable average for any pair of axis grids (fixed or adaptive)."""
+    """The separable average for any pair of axis grids (fixed or adaptive).
 
-    def dense(_):
-        wy = _sampling.dense_weights(gy) * ok
-        wx = _sampling.dense_weights(gx)
-        return _contract.contract_dense(features, layout, batch, wy, wx, dtype)
-
-    if method is Method.MATMUL:
-        return dense(None)
-
-    if gy.static_count is not None and gx.static_count is not None:
-        iy, wy = _sampling.sample_taps(gy)
-        ix, wx = _sampling.sample_taps(gx)
-        return _contract.contract_taps(features, layout, batch, iy, wy * ok, ix, wx, dtype)
-
+    ``per_image``: the boxes are ``N`` equal groups, group ``n`` reading image
+    ``n`` (the ``[N, R, 4]`` form). The work is then vmapped over images, so a
+    batch-sharded map and batch-sharded boxes need no data from other devices.
+    """
     ty = fast_window(gy.length, gy.first.shape[1])
     tx = fast_window(gx.length, gx.first.shape[1])
 
@@ -241,16 +240,36 @@ def aggregate_avg(
             return _sampling.sample_taps(g)
         return _sampling.window_taps(g, t)
 
-    def fast(_):
+    def fast(f, b, gy, gx, ok):
         iy, wy = taps(gy, ty)
         ix, wx = taps(gx, tx)
-        return _contract.contract_taps(features, layout, batch, iy, wy * ok, ix, wx, dtype)
+        return _contract.contract_taps(f, layout, b, iy, wy * ok, ix, wx, dtype)
 
-    def need(g: _sampling.AxisGrid, t: int) -> Array:
+    def dense(f, b, gy, gx, ok):
+        wy = _sampling.dense_weights(gy) * ok
+        wx = _sampling.dense_weights(gx)
+        return _contract.contract_dense(f, layout, b, wy, wx, dtype)
+
+    def run(fn):
+        if not per_image:
+            return fn(features, batch, gy, gx, ok)
+        n = features.shape[0]
+        grouped = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), (gy, gx, ok))
+        local = jnp.zeros((grouped[2].shape[1],), jnp.int32)
+        out = jax.vmap(lambda f, a, b, c: fn(f, local, a, b, c))(features[:, None], *grouped)
+        return out.reshape((-1,) + out.shape[2:])
+
+    if method is Method.MATMUL:
+        return run(dense)
+
+    def need(g: _sampling.AxisGrid, t: int) -> Array | None:
         if g.static_count is not None or t >= g.length:
-            return jnp.array(True)
+            return None
         _, rows = _sampling.row_window(g)
         return jnp.all(jnp.where(ok[..., 0] > 0, rows, 0) <= t)
 
-    fits = need(gy, ty) & need(gx, tx)
-    return jax.lax.cond(fits, fast, dense, None)
+    checks = [c for c in (need(gy, ty), need(gx, tx)) if c is not None]
+    if not checks:
+        return run(fast)
+    fits = checks[0] if len(checks) == 1 else checks[0] & checks[1]
+    return jax.lax.cond(fits, lambda: run(fast), lambda: run(dense))

@@ -40,7 +40,10 @@ class AxisGrid:
         ``ceil(roi_size / P)``); zero or below means no sample.
       static_count: the count when it is the same static ``sampling_ratio`` for
         every box, else ``None`` (adaptive).
-      length: the map's length along this axis (H or W).
+      length: the map's length along this axis (H or W), static; with ``extent``
+        it is the largest length any box sees (it sizes dense weights).
+      extent: optional ``[K, 1]`` per-box map length (boxes pooled from maps of
+        different sizes, e.g. FPN levels); ``None`` means ``length`` for all.
     """
 
     first: Array
@@ -48,10 +51,18 @@ class AxisGrid:
     count: Array
     static_count: int | None
     length: int
+    extent: Array | None = None
+
+    @property
+    def limit(self) -> Array | int:
+        """The map length each box sees: ``extent`` when given, else ``length``."""
+        return self.length if self.extent is None else self.extent
 
 
 jax.tree_util.register_dataclass(
-    AxisGrid, data_fields=["first", "bin", "count"], meta_fields=["static_count", "length"]
+    AxisGrid,
+    data_fields=["first", "bin", "count", "extent"],
+    meta_fields=["static_count", "length"],
 )
 
 
@@ -65,11 +76,14 @@ def axis_grid(
     offset: float,
     min_size: float | None,
     sampling_ratio: int,
+    extent: Array | None = None,
 ) -> AxisGrid:
     """Maps box edges ``lo, hi`` ``[K]`` (image coordinates) onto the map's sample grid.
 
     ``offset`` is subtracted after scaling (0.5 for ``aligned=True``); ``min_size``
     clamps the RoI size from below (1.0 for torchvision's ``aligned=False``).
+    ``spatial_scale`` may be a per-box ``[K]`` array, and ``extent`` ``[K]`` a
+    per-box map length (multi-level pooling).
     """
     start = lo * spatial_scale - offset
     end = hi * spatial_scale - offset
@@ -85,7 +99,8 @@ def axis_grid(
         static_count = None
     p = jnp.arange(pooled, dtype=size.dtype)
     first = start[:, None] + p[None, :] * bin_size[:, None]
-    return AxisGrid(first, bin_size[:, None], count[:, None], static_count, length)
+    ext = None if extent is None else jnp.asarray(extent, size.dtype)[:, None]
+    return AxisGrid(first, bin_size[:, None], count[:, None], static_count, length, ext)
 
 
 def sample_positions(grid: AxisGrid, i: Array) -> Array:
@@ -110,15 +125,15 @@ def sample_taps(grid: AxisGrid) -> tuple[Array, Array]:
     s = grid.static_count
     if s is None:
         raise ValueError("sample_taps needs a static sampling grid")
-    length = grid.length
     dtype = grid.first.dtype
+    length = _limit3(grid, dtype)
     i = jnp.arange(s, dtype=dtype)
     y = sample_positions(grid, i)  # [K, P, s]
-    valid = (y >= -1.0) & (y <= float(length))
+    valid = (y >= -1.0) & (y <= length)
     u = jnp.maximum(jnp.where(valid, y, 0.0), 0.0)
     low = jnp.floor(u)
     at_end = low >= length - 1
-    low = jnp.where(at_end, float(length - 1), low)
+    low = jnp.where(at_end, length - 1, low)
     frac = jnp.where(at_end, 0.0, u - low)
     high = jnp.where(at_end, low, low + 1.0)
     scale = jnp.where(valid, 1.0 / s, 0.0).astype(dtype)
@@ -130,6 +145,13 @@ def sample_taps(grid: AxisGrid) -> tuple[Array, Array]:
 # ---------------------------------------------------------------------------
 # Closed form: exact average over an arithmetic progression of samples.
 # ---------------------------------------------------------------------------
+
+
+def _limit3(grid: AxisGrid, dtype) -> Array:
+    """The per-box length as a float broadcasting against ``[K, P, T]``."""
+    if grid.extent is None:
+        return jnp.asarray(float(grid.length), dtype)
+    return grid.extent.reshape(grid.extent.shape[:1] + (1,) * (grid.first.ndim)).astype(dtype)
 
 
 def _count_below(grid: AxisGrid, x: Array | float, strict: bool) -> Array:
@@ -146,7 +168,7 @@ def _count_below(grid: AxisGrid, x: Array | float, strict: bool) -> Array:
     return jnp.clip(n, 0.0, grid.count)
 
 
-def _exact_count(grid: AxisGrid, x: float, strict: bool) -> Array:
+def _exact_count(grid: AxisGrid, x: Array | float, strict: bool) -> Array:
     """#samples with ``y < x`` (``strict``) or ``y <= x``, exactly as the float reference.
 
     The samples are monotone in their index even after rounding, so the count
@@ -166,8 +188,9 @@ def _exact_count(grid: AxisGrid, x: float, strict: bool) -> Array:
 
 def valid_range(grid: AxisGrid) -> tuple[Array, Array]:
     """Index range ``[lo, hi)`` of the samples inside ``[-1, L]``, exact, ``[K, P]``."""
+    limit = grid.limit if grid.extent is not None else float(grid.length)
     lo = _exact_count(grid, -1.0, strict=True)
-    hi = _exact_count(grid, float(grid.length), strict=False)
+    hi = _exact_count(grid, limit, strict=False)
     return lo, jnp.maximum(hi, lo)
 
 
@@ -191,8 +214,8 @@ def grid_row_weights(grid: AxisGrid, rows: Array) -> Array:
     ``phi``; they are counted exactly (:func:`valid_range`). Needs a positive
     step (``g >= 1`` means a positive RoI size under adaptive sampling).
     """
-    length = grid.length
     dtype = grid.first.dtype
+    length = _limit3(grid, dtype)
     # A bin without samples (count < 1) gets weight 0; give it a harmless step
     # so that no inf/NaN reaches the gradient through the unselected branch.
     has_samples = grid.count >= 1.0
@@ -201,7 +224,8 @@ def grid_row_weights(grid: AxisGrid, rows: Array) -> Array:
         jnp.where(has_samples, grid.bin, 1.0),
         grid.count,
         None,
-        length,
+        grid.length,
+        grid.extent,
     )
     lo, hi = valid_range(grid)
     lo, hi = lo[..., None], hi[..., None]
@@ -228,8 +252,9 @@ def grid_row_weights(grid: AxisGrid, rows: Array) -> Array:
 
 def _expand(grid: AxisGrid) -> AxisGrid:
     """Adds a trailing axis so that per-bin fields broadcast against ``[K, P, T]``."""
+    ext = None if grid.extent is None else grid.extent[..., None]
     return AxisGrid(
-        grid.first[..., None], grid.bin[..., None], grid.count[..., None], None, grid.length
+        grid.first[..., None], grid.bin[..., None], grid.count[..., None], None, grid.length, ext
     )
 
 
@@ -239,11 +264,10 @@ def row_window(grid: AxisGrid) -> tuple[Array, Array]:
     From the first and last valid sample, clamped into the map. The count has one
     row of slack so that rounding of the estimate never drops a row.
     """
-    length = grid.length
     lo, hi = valid_range(grid)
     y_first = sample_positions(grid, lo[..., None])[..., 0]
     y_last = sample_positions(grid, (hi - 1.0)[..., None])[..., 0]
-    top = float(length - 1)
+    top = jnp.asarray(grid.limit, y_first.dtype) - 1.0
     first_row = jnp.floor(jnp.clip(y_first, 0.0, top))
     last_row = jnp.minimum(jnp.floor(jnp.clip(y_last, 0.0, top)) + 1.0, top)
     need = jnp.where(hi > lo, last_row - first_row + 2.0, 0.0)
@@ -258,7 +282,10 @@ def window_taps(grid: AxisGrid, taps: int) -> tuple[Array, Array]:
     first_row, _ = row_window(grid)
     rows = first_row[..., None] + jnp.arange(taps, dtype=jnp.int32)
     w = grid_row_weights(grid, rows)
-    return jnp.clip(rows, 0, grid.length - 1), w
+    top = jnp.asarray(grid.limit, jnp.int32) - 1
+    if grid.extent is not None:
+        top = top[..., None]
+    return jnp.clip(rows, 0, top), w
 
 
 def dense_weights(grid: AxisGrid) -> Array:
