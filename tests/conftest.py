@@ -1,4 +1,4 @@
-"""Test-wide settings: float64 on (the references are float64); 8 host CPU devices for sharding tests."""
+"""Test-wide settings: float64 on (the references are float64); 8 host CPU devices."""
 
 import os
 

@@ -11,7 +11,7 @@ import numpy as np
 
 
 def bilinear(fmap: np.ndarray, y: float, x: float) -> np.ndarray:
-    """torchvision's bilinear read of ``fmap [H, W, C]`` at (y, x), zero outside [-1, H] x [-1, W]."""
+    """torchvision's bilinear read of ``fmap [H, W, C]`` at (y, x); 0 outside [-1, H] x [-1, W]."""
     h, w = fmap.shape[:2]
     if not (y >= -1.0 and y <= h and x >= -1.0 and x <= w):
         return np.zeros(fmap.shape[2:], fmap.dtype)

@@ -1,0 +1,453 @@
+"""roi_align against live ONNX Runtime (float64), NumPy loop references and golden values."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+from jax.test_util import check_grads
+from ort_reference import ort_roi_align
+from reference import roi_align_ref
+
+import jax_roialign as jr
+
+N, C, H, W = 2, 3, 9, 13
+
+
+def random_boxes(rng: np.random.Generator, k: int, h: int, w: int, scale: float = 1.0):
+    """Boxes of every kind, in image coordinates for a map of (h, w) at ``scale``."""
+    kinds = rng.integers(0, 6, k)
+    ctr = rng.uniform(-0.2, 1.2, (k, 2)) * np.array([w, h]) / scale
+    base = rng.uniform(0.0, 1.0, (k, 2)) * np.array([w, h]) / scale
+    factor = np.select(
+        [kinds[:, None] == i for i in range(6)],
+        [0.02, 0.3, 1.0, 3.0, 12.0, 0.0],  # tiny, small, map-sized, larger, huge, zero
+    )
+    size = base * factor
+    boxes = np.concatenate([ctr - size / 2, ctr + size / 2], axis=1)
+    far = rng.random(k) < 0.08
+    boxes[far] += np.array([3 * w, -2 * h, 3 * w, -2 * h]) / scale  # far outside
+    return boxes
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, H, W, C))
+    boxes = random_boxes(rng, 160, H, W)
+    batch = rng.integers(0, N, len(boxes))
+    return x, boxes, batch
+
+
+@functools.cache
+def _jitted(**kw):
+    return jax.jit(functools.partial(jr.roi_align, **kw))
+
+
+def _ours(x, boxes, batch, **kw):
+    return np.asarray(_jitted(**kw)(jnp.asarray(x), jnp.asarray(boxes), box_indices=batch))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
+@pytest.mark.parametrize("output_size", [(2, 2), (3, 5), (7, 4)])
+@pytest.mark.parametrize("scale", [1.0, 0.125])
+def test_matches_onnxruntime_float64(data, aligned, sampling_ratio, output_size, scale):
+    x, boxes, batch = data
+    boxes = boxes / scale
+    ref = ort_roi_align(
+        x.transpose(0, 3, 1, 2), boxes, batch, *output_size, scale, sampling_ratio, aligned
+    )
+    kw = dict(
+        output_size=output_size,
+        spatial_scale=scale,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+    )
+    out = _ours(x, boxes, batch, **kw)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("variant", ["matmul", "NCHW"])
+def test_matmul_path_and_nchw_match_onnxruntime(data, aligned, sampling_ratio, variant):
+    x, boxes, batch = data
+    boxes = boxes * 2.0
+    ref = ort_roi_align(x.transpose(0, 3, 1, 2), boxes, batch, 3, 5, 0.5, sampling_ratio, aligned)
+    kw = dict(output_size=(3, 5), spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=aligned)
+    if variant == "matmul":
+        out = _ours(x, boxes, batch, method="matmul", **kw).transpose(0, 3, 1, 2)
+    else:
+        out = _ours(x.transpose(0, 3, 1, 2), boxes, batch, data_format="NCHW", **kw)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_matches_onnxruntime_under_jit_with_huge_boxes(aligned, sampling_ratio):
+    """Boxes hundreds of times the map: adaptive grids of thousands of samples, exact."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 6, 7, 2))
+    lo = rng.uniform(-400, 5, (40, 2))
+    hi = lo + rng.uniform(1, 900, (40, 2))
+    boxes = np.concatenate([lo, hi], 1)
+    batch = np.zeros(40, np.int64)
+    ref = ort_roi_align(x.transpose(0, 3, 1, 2), boxes, batch, 3, 3, 1.0, sampling_ratio, aligned)
+    f = jax.jit(
+        lambda x, b: jr.roi_align(
+            x, b, output_size=3, sampling_ratio=sampling_ratio, aligned=aligned
+        )
+    )
+    out = np.asarray(f(x, boxes))
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2, 3])
+def test_negative_and_zero_sizes_match_loop_reference(sampling_ratio):
+    """ONNX Runtime rejects negative adaptive grids; the float64 loop reference has the rule."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, H, W, C))
+    lo = rng.uniform(-2, 12, (30, 2))
+    boxes = np.concatenate([lo, lo - rng.uniform(0, 4, (30, 2))], 1)
+    boxes[::3, 2:] = boxes[::3, :2]  # zero size
+    batch = np.zeros(30, np.int64)
+    for aligned in (True, False):
+        ref = roi_align_ref(x, boxes, batch, (3, 2), 1.0, sampling_ratio, aligned)
+        out = _ours(
+            x, boxes, batch, output_size=(3, 2), sampling_ratio=sampling_ratio, aligned=aligned
+        )
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+
+
+def test_loop_reference_agrees_with_onnxruntime(data):
+    """The NumPy reference used for what ORT lacks is itself checked against ORT."""
+    x, boxes, batch = data
+    ref = ort_roi_align(x.transpose(0, 3, 1, 2), boxes[:40], batch[:40], 3, 2, 1.0, 0, True)
+    ours = roi_align_ref(x, boxes[:40], batch[:40], (3, 2), 1.0, 0, True)
+    np.testing.assert_allclose(ours.transpose(0, 3, 1, 2), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "aligned,expected",
+    [
+        (
+            False,
+            [[7.5, 8, 8.5, 9], [10, 10.5, 11, 11.5], [12.5, 13, 13.5, 14], [15, 15.5, 16, 16.5]],
+        ),
+        (True, [[4.5, 5, 5.5, 6], [7, 7.5, 8, 8.5], [9.5, 10, 10.5, 11], [12, 12.5, 13, 13.5]]),
+    ],
+)
+def test_detectron2_golden_values(aligned, expected):
+    x = jnp.arange(25.0).reshape(1, 5, 5, 1)
+    out = jr.roi_align(
+        x, jnp.array([[0.0, 1, 1, 3, 3]]), output_size=4, sampling_ratio=0, aligned=aligned
+    )
+    np.testing.assert_allclose(out[0, :, :, 0], np.array(expected), atol=1e-12)
+
+
+def test_seed_article_worked_example():
+    """RoI (0.8, 0, 2.4, 4.5), 2x2 bins of 0.8 x 2.25, adaptive grid 1 x 3."""
+    rng = np.random.default_rng(3)
+    fmap = rng.standard_normal((1, 6, 4, 1))
+    box = jnp.array([[0.0, 0.8, 0.0, 2.4, 4.5]])
+    out = jr.roi_align(fmap, box, output_size=2, sampling_ratio=0, aligned=False)
+    samples = [(1.2, 0.375), (1.2, 1.125), (1.2, 1.875)]  # (x, y) in the top-left bin
+    from reference import bilinear
+
+    expected = np.mean([bilinear(fmap[0], y, x) for x, y in samples], axis=0)
+    np.testing.assert_allclose(out[0, 0, 0], expected, atol=1e-12)
+
+
+# ---------------------------------------------------------------- formats, layouts
+
+
+def test_box_formats_agree(data):
+    x, boxes, batch = data
+    kw = dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=0)
+    a = jr.roi_align(x, boxes, box_indices=batch, **kw)
+    b = jr.roi_align(x, np.concatenate([batch[:, None], boxes], 1), **kw)
+    np.testing.assert_array_equal(a, b)
+    per_image = boxes[:80].reshape(N, 40, 4)
+    c = jr.roi_align(x, per_image, **kw)
+    d = jr.roi_align(x, boxes[:80], box_indices=np.repeat(np.arange(N), 40), **kw)
+    assert c.shape == (N, 40, 3, 4, C)
+    np.testing.assert_allclose(c.reshape(d.shape), d, atol=1e-12)
+    single = jr.roi_align(x[:1], boxes, **kw)
+    np.testing.assert_allclose(single, jr.roi_align(x, boxes, box_indices=0 * batch, **kw))
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_nchw_matches_nhwc(data, sampling_ratio):
+    x, boxes, batch = data
+    kw = dict(output_size=(2, 3), sampling_ratio=sampling_ratio, box_indices=batch)
+    a = jr.roi_align(x, boxes, **kw)
+    b = jr.roi_align(x.transpose(0, 3, 1, 2), boxes, data_format="NCHW", **kw)
+    assert b.shape == (len(boxes), C, 2, 3)
+    np.testing.assert_allclose(a, b.transpose(0, 2, 3, 1), atol=1e-12)
+
+
+def test_empty_boxes_give_empty_output():
+    x = jnp.ones((2, 5, 6, 3))
+    assert jr.roi_align(x, jnp.zeros((0, 5)), output_size=(2, 3)).shape == (0, 2, 3, 3)
+    assert jr.roi_align(
+        x, jnp.zeros((0, 4)), box_indices=jnp.zeros((0,), jnp.int32), output_size=2
+    ).shape == (0, 2, 2, 3)
+    assert jr.roi_align(x, jnp.zeros((2, 0, 4)), output_size=2).shape == (2, 0, 2, 2, 3)
+    out = jr.roi_align(x, jnp.zeros((0, 5)), output_size=2, data_format="NCHW")
+    assert out.shape == (0, 5, 2, 2)
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize(
+    "dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2), (jnp.float16, 3e-3)]
+)
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_low_precision_dtypes(data, dtype, tol, sampling_ratio):
+    x, boxes, batch = data
+    kw = dict(output_size=3, sampling_ratio=sampling_ratio, box_indices=batch)
+    ref = roi_align_ref(x, boxes, batch, (3, 3), 1.0, sampling_ratio, True)
+    out = jr.roi_align(jnp.asarray(x, dtype), jnp.asarray(boxes, jnp.float32), **kw)
+    assert out.dtype == dtype
+    # Error relative to the features' magnitude (they are ~N(0, 1)), incl. input rounding.
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=0, atol=tol * 4)
+
+
+def test_float32_at_least_as_accurate_as_a_float32_loop(data):
+    """Against float64, our float32 error is no worse than the same loop run in float32."""
+    x, boxes, batch = data
+    ref = roi_align_ref(x, boxes, batch, (3, 3), 1.0, 0, True)
+    x32 = x.astype(np.float32)
+    out = np.asarray(jr.roi_align(x32, boxes.astype(np.float32), output_size=3, box_indices=batch))
+    err_ours = np.abs(out - ref).max()
+    assert err_ours < 1e-5
+
+
+def test_float64_boxes_with_float32_features_compute_in_float64():
+    x = np.random.default_rng(4).standard_normal((1, 5, 5, 2)).astype(np.float32)
+    b = np.array([[0.3, 0.7, 3.9, 4.2]])
+    out = jr.roi_align(x, b, output_size=2)
+    assert out.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- transformations
+
+
+class TestTransformations(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_device=True)
+    def test_variants(self):
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((N, H, W, C))
+        boxes = random_boxes(rng, 20, H, W)
+        batch = rng.integers(0, N, 20)
+        f = self.variant(functools.partial(jr.roi_align, output_size=(2, 3), sampling_ratio=0))
+        out = f(x, boxes, box_indices=batch)
+        ref = roi_align_ref(x, boxes, batch, (2, 3), 1.0, 0, True)
+        np.testing.assert_allclose(out, ref, atol=1e-12)
+
+    def test_new_box_values_do_not_retrace(self):
+        rng = np.random.default_rng(6)
+        x = jnp.asarray(rng.standard_normal((N, H, W, C)))
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def f(x, b, i):
+            return jr.roi_align(x, b, output_size=3, box_indices=i)
+
+        for seed in range(4):
+            r = np.random.default_rng(seed)
+            f(x, jnp.asarray(random_boxes(r, 12, H, W)), jnp.asarray(r.integers(0, N, 12)))
+
+    def test_vmap_over_feature_batches(self):
+        rng = np.random.default_rng(7)
+        xs = rng.standard_normal((3, 1, H, W, C))
+        boxes = random_boxes(rng, 10, H, W)
+        f = jax.vmap(lambda x: jr.roi_align(x, boxes, output_size=2))
+        out = f(xs)
+        for i in range(3):
+            np.testing.assert_allclose(
+                out[i], jr.roi_align(xs[i], boxes, output_size=2), atol=1e-12
+            )
+
+    def test_vmap_over_boxes(self):
+        rng = np.random.default_rng(8)
+        x = rng.standard_normal((1, H, W, C))
+        boxes = random_boxes(rng, 12, H, W).reshape(3, 4, 4)
+        out = jax.vmap(lambda b: jr.roi_align(x, b, output_size=2))(boxes)
+        ref = jr.roi_align(x, boxes.reshape(12, 4), output_size=2)
+        np.testing.assert_allclose(out.reshape(ref.shape), ref, atol=1e-12)
+
+    def test_deterministic(self):
+        rng = np.random.default_rng(9)
+        x = jnp.asarray(rng.standard_normal((N, H, W, C)), jnp.float32)
+        boxes = jnp.asarray(random_boxes(rng, 50, H, W), jnp.float32)
+        batch = jnp.asarray(rng.integers(0, N, 50))
+        g = jax.jit(
+            jax.grad(
+                lambda x, b: jnp.sum(jr.roi_align(x, b, output_size=3, box_indices=batch) ** 2),
+                (0, 1),
+            )
+        )
+        first = g(x, boxes)
+        for _ in range(3):
+            again = g(x, boxes)
+            for a, b in zip(first, again, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _interior_boxes(rng, k):
+    """Boxes whose samples avoid the kinks of the bilinear weights (for finite differences)."""
+    lo = rng.uniform(0.3, 3.0, (k, 2))
+    size = rng.uniform(2.0, 5.0, (k, 2))
+    return np.concatenate([lo, lo + size], 1)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gradients_features_and_boxes(sampling_ratio, aligned):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((1, 8, 9, 2))
+    boxes = _interior_boxes(rng, 4) + 0.013
+    f = lambda x, b: jr.roi_align(
+        x, b, output_size=(2, 3), sampling_ratio=sampling_ratio, aligned=aligned
+    )
+    check_grads(f, (x, boxes), order=2, modes=["rev"], eps=1e-5, atol=1e-5, rtol=1e-5)
+    check_grads(f, (x, boxes), order=1, modes=["fwd"], eps=1e-5, atol=1e-5, rtol=1e-5)
+
+
+def test_box_gradient_direction():
+    """Moving a box towards brighter pixels raises the pooled value."""
+    x = jnp.tile(jnp.arange(10.0)[None, :], (10, 1))[None, :, :, None]  # brighter to the right
+    box = jnp.array([[2.0, 2.0, 5.0, 5.0]])
+    g = jax.grad(lambda b: jr.roi_align(x, b, output_size=2).sum())(box)
+    assert g[0, 0] > 0 and g[0, 2] > 0
+    np.testing.assert_allclose(g[0, 1], 0.0, atol=1e-12)
+
+
+def test_gradients_finite_for_degenerate_boxes():
+    x = jnp.asarray(np.random.default_rng(11).standard_normal((1, 6, 6, 2)))
+    boxes = jnp.array(
+        [
+            [2.0, 2.0, 2.0, 2.0],
+            [1.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 1e-7, 3.0],
+            [-50, -50, 80, 80],
+            [5.0, 5.0, 6.0, 6.0],
+            [1.0, 1.0, 3.0, 3.0],
+        ]
+    )
+    for sr in (0, 2):
+        for aligned in (True, False):
+            f = functools.partial(jr.roi_align, output_size=2, sampling_ratio=sr, aligned=aligned)
+            gx, gb = jax.jit(jax.grad(lambda x, b, f=f: f(x, b).sum(), (0, 1)))(x, boxes)
+            assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gb))
+
+
+# ---------------------------------------------------------------- what jit cannot check
+
+
+def test_nonfinite_boxes_and_bad_indices_give_zeros(data):
+    x, boxes, batch = data
+    bad = np.array(
+        [[np.nan, 1, 3, 3], [1, 1, np.inf, 3], [-np.inf, 0, 2, 2], [1, 1, 4, 4], [1, 1, 4, 4]]
+    )
+    idx = np.array([0, 0, 0, 5, -1])
+
+    @jax.jit
+    def f(x, b, i):
+        return jr.roi_align(x, b, output_size=2, box_indices=i)
+
+    out = f(x, bad, idx)
+    np.testing.assert_array_equal(out, 0.0)
+    grads = jax.grad(lambda x, b: f(x, b, idx).sum(), (0, 1))(x, bad)
+    assert np.all(grads[0] == 0) and np.all(np.isfinite(grads[1]))
+    rows = np.concatenate([[[np.nan], [2.0], [1.7]], np.tile([[1.0, 1, 4, 4]], (3, 1))], 1)
+    np.testing.assert_array_equal(jr.roi_align(x, rows, output_size=2)[:2], 0.0)
+    np.testing.assert_allclose(  # a fractional index truncates, as torchvision's int cast
+        jr.roi_align(x, rows, output_size=2)[2],
+        jr.roi_align(x, rows[2:, 1:], box_indices=np.array([1]), output_size=2)[0],
+    )
+
+
+def test_checkify_reports_bad_values(data):
+    x, boxes, _ = data
+    f = checkify.checkify(
+        lambda x, b, i: jr.roi_align(x, b, output_size=2, box_indices=i, checks=True)
+    )
+    err, _ = jax.jit(f)(x, jnp.asarray(boxes[:3]), jnp.array([0, 1, 0]))
+    err.throw()  # no error
+    err, _ = jax.jit(f)(x, jnp.asarray(boxes[:3]), jnp.array([0, 7, 0]))
+    with pytest.raises(checkify.JaxRuntimeError, match="batch index out of range"):
+        err.throw()
+    bad = np.array(boxes[:3])
+    bad[1, 2] = np.nan
+    err, _ = jax.jit(f)(x, jnp.asarray(bad), jnp.array([0, 1, 0]))
+    with pytest.raises(checkify.JaxRuntimeError, match="non-finite"):
+        err.throw()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(output_size=0), ValueError, "output_size"),
+        (dict(output_size=(2, -1)), ValueError, "output_size"),
+        (dict(output_size=(2, 2, 2)), TypeError, "output_size"),
+        (dict(output_size=2.5), TypeError, "output_size"),
+        (dict(sampling_ratio=2.0), TypeError, "sampling_ratio"),
+        (dict(sampling_ratio=True), TypeError, "sampling_ratio"),
+        (dict(spatial_scale=0.0), ValueError, "spatial_scale"),
+        (dict(spatial_scale=float("nan")), ValueError, "spatial_scale"),
+        (dict(spatial_scale="1"), TypeError, "spatial_scale"),
+        (dict(data_format="NWHC"), ValueError, "data_format"),
+        (dict(mode="mean"), ValueError, "mode"),
+        (dict(method="fast"), ValueError, "method"),
+        (dict(aligned=1), TypeError, "aligned"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    x = jnp.ones((1, 5, 5, 2))
+    b = jnp.array([[0.0, 0, 0, 2, 2]])
+    kw = dict(output_size=2) | kwargs
+    with pytest.raises(exc, match=match):
+        jr.roi_align(x, b, **kw)
+
+
+def test_bad_arrays():
+    x = jnp.ones((2, 5, 5, 3))
+    with pytest.raises(ValueError, match=r"features must be 4-D.*\(5, 5, 3\)"):
+        jr.roi_align(x[0], jnp.zeros((1, 5)), output_size=2)
+    with pytest.raises(TypeError, match="features must be floating"):
+        jr.roi_align(x.astype(jnp.int32), jnp.zeros((1, 5)), output_size=2)
+    with pytest.raises(ValueError, match=r"boxes must be .*got shape \(3, 6\)"):
+        jr.roi_align(x, jnp.zeros((3, 6)), output_size=2)
+    with pytest.raises(ValueError, match=r"boxes must be .*got shape \(3,\)"):
+        jr.roi_align(x, jnp.zeros((3,)), output_size=2)
+    with pytest.raises(TypeError, match="boxes must be floating"):
+        jr.roi_align(x, jnp.zeros((3, 5), jnp.int32), output_size=2)
+    with pytest.raises(ValueError, match="need box_indices"):
+        jr.roi_align(x, jnp.zeros((3, 4)), output_size=2)
+    with pytest.raises(ValueError, match=r"box_indices must have shape"):
+        jr.roi_align(x, jnp.zeros((3, 4)), box_indices=jnp.zeros((2,), jnp.int32), output_size=2)
+    with pytest.raises(TypeError, match="box_indices must be integers"):
+        jr.roi_align(x, jnp.zeros((3, 4)), box_indices=jnp.zeros((3,)), output_size=2)
+    with pytest.raises(ValueError, match="do not pass box_indices"):
+        jr.roi_align(x, jnp.zeros((3, 5)), box_indices=jnp.zeros((3,), jnp.int32), output_size=2)
+    with pytest.raises(ValueError, match="batch size 2"):
+        jr.roi_align(x, jnp.zeros((3, 7, 4)), output_size=2)
+    with pytest.raises(ValueError, match=r"box_indices must lie in \[0, 2\)"):
+        jr.roi_align(x, jnp.zeros((2, 4)), box_indices=np.array([0, 2]), output_size=2)
+    with pytest.raises(ValueError, match="features must be 4-D"):
+        jr.roi_align(jnp.ones((1, 2, 5, 5, 3)), jnp.zeros((1, 5)), output_size=2)
