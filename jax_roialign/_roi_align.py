@@ -232,6 +232,8 @@ def aggregate_avg(
     ``n`` (the ``[N, R, 4]`` form). The work is then vmapped over images, so a
     batch-sharded map and batch-sharded boxes need no data from other devices.
     """
+    if method is Method.AUTO:
+        method = Method.MATMUL if jax.default_backend() == "tpu" else Method.GATHER
     ty = fast_window(gy.length, gy.first.shape[1])
     tx = fast_window(gx.length, gx.first.shape[1])
 

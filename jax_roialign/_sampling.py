@@ -29,6 +29,29 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def exact_divide(x: Array, d: Array | float) -> Array:
+    """``x / d`` rounded as IEEE division, as the C++ reference computes it.
+
+    XLA rewrites a division by a constant or a broadcast value into a
+    multiplication by its reciprocal, which can be one ulp off; a sample that the
+    reference puts exactly on -1 or H would then fall on the other side of the
+    boundary. The barrier hides the divisor from that rewrite.
+    """
+    x, d = jnp.broadcast_arrays(x, jnp.asarray(d, jnp.result_type(x)))
+    return x / jax.lax.optimization_barrier(d)
+
+
+def rounded(x: Array) -> Array:
+    """Keeps a product from being contracted with a following add.
+
+    The reference rounds ``a * b`` before adding ``c``; XLA's CPU and GPU backends
+    may emit a fused multiply-add that rounds once, which moves a sample by an ulp,
+    across -1 or H if it sat there. A select between the two breaks the pattern
+    (an optimization barrier does not: it is removed before code generation).
+    """
+    return jnp.where(x == x, x, jnp.zeros_like(x))
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisGrid:
     """The sample grid along one axis, for every box and bin.
@@ -85,20 +108,20 @@ def axis_grid(
     ``spatial_scale`` may be a per-box ``[K]`` array, and ``extent`` ``[K]`` a
     per-box map length (multi-level pooling).
     """
-    start = lo * spatial_scale - offset
-    end = hi * spatial_scale - offset
+    start = rounded(lo * spatial_scale) - offset
+    end = rounded(hi * spatial_scale) - offset
     size = end - start
     if min_size is not None:
         size = jnp.maximum(size, jnp.asarray(min_size, size.dtype))
-    bin_size = size / pooled
+    bin_size = exact_divide(size, float(pooled))
     if sampling_ratio > 0:
         count = jnp.full_like(size, float(sampling_ratio))
         static_count: int | None = sampling_ratio
     else:
-        count = jnp.maximum(jnp.ceil(size / pooled), 0.0)
+        count = jnp.maximum(jnp.ceil(bin_size), 0.0)
         static_count = None
     p = jnp.arange(pooled, dtype=size.dtype)
-    first = start[:, None] + p[None, :] * bin_size[:, None]
+    first = start[:, None] + rounded(p[None, :] * bin_size[:, None])
     ext = None if extent is None else jnp.asarray(extent, size.dtype)[:, None]
     return AxisGrid(first, bin_size[:, None], count[:, None], static_count, length, ext)
 
@@ -112,7 +135,7 @@ def sample_positions(grid: AxisGrid, i: Array) -> Array:
     count = jnp.maximum(grid.count, 1.0)
     first = grid.first[..., None]
     bin_size = grid.bin[..., None]
-    return first + ((i + 0.5) * bin_size) / count[..., None]
+    return first + exact_divide((i + 0.5) * bin_size, count[..., None])
 
 
 def sample_taps(grid: AxisGrid) -> tuple[Array, Array]:

@@ -1,0 +1,246 @@
+"""Deformable RoI Align (Dai et al. 2017; mmcv ``DeformRoIPool`` / ``ModulatedDeformRoIPool``).
+
+Each bin of an aligned RoI Align grid is moved by its own learned offset,
+``gamma * offset * roi size``. The bin's samples stay an axis-aligned regular
+grid, so the average still factorises per bin: the y and x sample grids are
+:class:`_sampling.AxisGrid` s whose ``P`` axis is the flattened ``PH * PW`` bins
+(the y start of a bin depends on ``pw`` through the offset, and the x start on
+``ph``). Everything else is the core's machinery: two taps per sample for fixed
+grids, exact closed-form per-row weights in a static window for adaptive grids,
+and the dense (matmul) path when a bin needs more rows than the window.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _contract, _sampling
+from ._roi_align import fast_window, finish_output
+from ._validation import (
+    DataFormat,
+    compute_dtype,
+    features_nhwc_shape,
+    output_size_pair,
+    parse_boxes,
+    positive_scale,
+    sampling_ratio_int,
+)
+
+Array = jax.Array
+
+
+def deform_roi_align(
+    features: Array,
+    boxes: Array,
+    offsets: Array,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+    mask: Array | None = None,
+    box_indices: Array | None = None,
+    data_format: str = "NHWC",
+) -> Array:
+    """Deformable RoI Align: RoI Align whose bins are shifted by per-bin offsets.
+
+    A box ``(x1, y1, x2, y2)`` is mapped onto the map as ``x * spatial_scale - 0.5``
+    (aligned, no size clamp) and split into ``output_size`` bins of size
+    ``roi_w / PW`` by ``roi_h / PH``. Bin ``(ph, pw)`` is moved by
+    ``(gamma * roi_w * dx, gamma * roi_h * dy)`` with ``(dx, dy) =
+    offsets[k, ph, pw]``, then sampled and averaged exactly as in ``roi_align``
+    (``sampling_ratio`` points per axis, adaptive ``ceil(bin size)`` when ``<= 0``;
+    samples beyond ``[-1, H] x [-1, W]`` read 0 but count). With ``mask`` the
+    bin's value is multiplied by ``mask[k, ph, pw]`` (the modulated variant).
+    Zero offsets give ``roi_align(..., aligned=True)`` exactly.
+
+    For example, with an 800 x 1344 image and the stride-16 map (50 x 84),
+    ``spatial_scale=0.0625`` maps the box ``(160, 96, 480, 320)`` to
+    ``(9.5, 5.5, 29.5, 19.5)`` on the map (20 x 14 cells); with ``gamma=0.1`` an
+    offset ``(0.5, 0)`` moves a bin right by ``0.1 * 20 * 0.5 = 1`` cell.
+
+    Same numbers as mmcv's ``DeformRoIPool(output_size, spatial_scale,
+    sampling_ratio, gamma)(input, rois, offset)`` with NCHW features, ``[K, 5]``
+    rois and ``offset`` ``[K, 2, PH, PW]`` = ``jnp.moveaxis(offsets, -1, 1)``.
+    mmcv's ``ModulatedDeformRoIPoolPack`` applies a sigmoid to its mask before
+    multiplying; here ``mask`` is used as given.
+
+    Args:
+      features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
+        (``"NCHW"``), floating point.
+      boxes: image coordinates ``(x1, y1, x2, y2)``: ``[K, 5]`` rows
+        ``(batch_index, x1, y1, x2, y2)``, ``[K, 4]`` with ``box_indices``, or
+        per image ``[N, R, 4]``.
+      offsets: ``[K, PH, PW, 2]`` per-bin ``(dx, dy)`` in units of the RoI's width
+        and height (times ``gamma``); ``[N, R, PH, PW, 2]`` with per-image boxes.
+      output_size: ``(PH, PW)`` or an int for a square output.
+      spatial_scale: map size over image size (1/stride).
+      sampling_ratio: samples per bin per axis; ``<= 0`` for adaptive
+        ``ceil(roi_size / output_size)`` (exact for any box size and offset).
+      gamma: the offsets' scale (mmcv's default 0.1).
+      mask: optional ``[K, PH, PW]`` (``[N, R, PH, PW]`` with per-image boxes)
+        factor of each bin's value.
+      box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
+      data_format: ``"NHWC"`` (default) or ``"NCHW"``.
+
+    Returns:
+      ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
+      per-image boxes, in the features' dtype (computed in float32 or wider).
+
+    Differentiable with respect to the features, the boxes, the offsets and the
+    mask. Boxes that are not finite or whose batch index is outside ``[0, N)``
+    give zeros, as do bins whose offset is not finite.
+    """
+    layout = DataFormat.parse(data_format)
+    ph, pw = output_size_pair(output_size)
+    scale = positive_scale(spatial_scale)
+    ratio = sampling_ratio_int(sampling_ratio)
+    gamma = _finite_number(gamma, "gamma")
+    n, h, w, c = features_nhwc_shape(features, layout)
+    rois = parse_boxes(boxes, box_indices, n)
+    lead = rois.lead_shape
+    offsets = _per_bin(offsets, "offsets", lead + (ph, pw, 2), jnp.shape(boxes))
+    if mask is not None:
+        mask = _per_bin(mask, "mask", lead + (ph, pw), jnp.shape(boxes))
+    dtype = jnp.result_type(compute_dtype(features, boxes), offsets.dtype)
+    features = jnp.asarray(features)
+    k = rois.coords.shape[0]
+    if k == 0:
+        return finish_output(jnp.zeros((0, ph, pw, c), dtype), rois, layout, features.dtype)
+    offsets = offsets.reshape(k, ph, pw, 2).astype(dtype)
+    bin_ok = rois.ok[:, None, None] & jnp.all(jnp.isfinite(offsets), axis=-1)
+    offsets = jnp.where(bin_ok[..., None], offsets, 0.0)
+    gy, gx = deform_grids(
+        rois.coords,
+        rois.ok,
+        offsets,
+        (h, w),
+        spatial_scale=scale,
+        sampling_ratio=ratio,
+        gamma=gamma,
+        dtype=dtype,
+    )
+    out = aggregate_avg_per_bin(
+        features, layout, rois.batch, bin_ok.astype(dtype), gy, gx, (ph, pw), dtype
+    )
+    if mask is not None:
+        out = out * mask.reshape(k, ph, pw, 1).astype(dtype)
+    return finish_output(out, rois, layout, features.dtype)
+
+
+def _finite_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _per_bin(x: Any, name: str, expected: tuple[int, ...], box_shape) -> Array:
+    shape = jnp.shape(x)
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got dtype {dtype}")
+    if tuple(shape) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {tuple(expected)} for boxes of shape {tuple(box_shape)} "
+            f"and this output_size, got {tuple(shape)}"
+        )
+    return jnp.asarray(x)
+
+
+def deform_grids(
+    coords: Array,
+    ok: Array,
+    offsets: Array,
+    size: tuple[int, int],
+    *,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    dtype: Any,
+) -> tuple[_sampling.AxisGrid, _sampling.AxisGrid]:
+    """Per-bin sample grids ``first [K, PH * PW]`` (bins flattened row-major), mmcv's arithmetic."""
+    k, ph, pw, _ = offsets.shape
+    coords = jnp.where(ok[:, None], coords.astype(dtype), 0.0)
+    x1, y1, x2, y2 = (coords[:, i] for i in range(4))
+
+    def grid(lo, hi, pooled, length, shift, p):
+        start = lo * spatial_scale - 0.5
+        size = (hi * spatial_scale - 0.5) - start
+        bin_size = size / pooled
+        if sampling_ratio > 0:
+            count = jnp.full_like(size, float(sampling_ratio))
+            static: int | None = sampling_ratio
+        else:
+            count = jnp.maximum(jnp.ceil(size / pooled), 0.0)
+            static = None
+        moved = start[:, None] + (gamma * size)[:, None] * shift.reshape(k, ph * pw)
+        first = moved + p[None, :] * bin_size[:, None]
+        return _sampling.AxisGrid(first, bin_size[:, None], count[:, None], static, length)
+
+    p_y = jnp.repeat(jnp.arange(ph, dtype=dtype), pw)
+    p_x = jnp.tile(jnp.arange(pw, dtype=dtype), ph)
+    gy = grid(y1, y2, ph, size[0], offsets[..., 1], p_y)
+    gx = grid(x1, x2, pw, size[1], offsets[..., 0], p_x)
+    return gy, gx
+
+
+def aggregate_avg_per_bin(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    ok: Array,
+    gy: _sampling.AxisGrid,
+    gx: _sampling.AxisGrid,
+    pooled: tuple[int, int],
+    dtype: Any,
+) -> Array:
+    """The per-bin separable average ``[K, PH, PW, C]`` for grids over flattened bins.
+
+    ``ok`` ``[K, PH, PW]`` (0 or 1) zeroes bins. The per-bin counterpart of
+    :func:`_roi_align.aggregate_avg`: fixed grids use two taps per sample,
+    adaptive grids a static window of exact per-row weights, and a
+    ``lax.cond`` takes the dense path when any bin needs more rows.
+    """
+    k = gy.first.shape[0]
+    ph, pw = pooled
+
+    def per_bin(a: Array) -> Array:
+        return a.reshape((k, ph, pw) + a.shape[2:])
+
+    okw = ok[..., None]
+
+    def dense(_):
+        wy = per_bin(_sampling.dense_weights(gy)) * okw
+        wx = per_bin(_sampling.dense_weights(gx))
+        return _contract.contract_dense(features, layout, batch, wy, wx, dtype)
+
+    if gy.static_count is not None and gx.static_count is not None:
+        iy, wy = _sampling.sample_taps(gy)
+        ix, wx = _sampling.sample_taps(gx)
+        return _contract.contract_taps(
+            features, layout, batch, per_bin(iy), per_bin(wy) * okw, per_bin(ix), per_bin(wx), dtype
+        )
+
+    ty = fast_window(gy.length, ph)
+    tx = fast_window(gx.length, pw)
+
+    def fast(_):
+        iy, wy = _sampling.window_taps(gy, ty)
+        ix, wx = _sampling.window_taps(gx, tx)
+        return _contract.contract_taps(
+            features, layout, batch, per_bin(iy), per_bin(wy) * okw, per_bin(ix), per_bin(wx), dtype
+        )
+
+    live = ok.reshape(k, ph * pw) > 0
+    _, rows_y = _sampling.row_window(gy)
+    _, rows_x = _sampling.row_window(gx)
+    fits = jnp.all(jnp.where(live, rows_y, 0) <= ty) & jnp.all(jnp.where(live, rows_x, 0) <= tx)
+    return jax.lax.cond(fits, fast, dense, None)

@@ -1,0 +1,192 @@
+"""Precise RoI Pooling (PrRoIPool, Jiang et al., ECCV 2018): exact integrals, no sampling.
+
+The map is read as a continuous surface: bilinear interpolation between cell
+centres, with the grid values taken as 0 outside the map (so the surface falls
+linearly to 0 over one cell beyond the border). A bin's value is the integral of
+that surface over the bin divided by the bin's area. The surface is a sum of
+``F[h, w] * tent(y - h) * tent(x - w)`` with ``tent(t) = max(0, 1 - |t|)``, so the
+integral factorises per axis: the weight of row ``h`` in a bin ``[a, b]`` is
+``T(b - h) - T(a - h)``, ``T`` the (piecewise quadratic) integral of the tent.
+These weights are the per-axis taps, contracted with the map by the same
+:func:`contract_taps` / :func:`contract_dense` as RoI Align. Every step is
+differentiable in the box coordinates too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._contract import contract_dense, contract_taps
+from ._roi_align import fast_window, finish_output, runtime_checks
+from ._validation import (
+    DataFormat,
+    Rois,
+    check_bool,
+    compute_dtype,
+    features_nhwc_shape,
+    output_size_pair,
+    parse_boxes,
+    positive_scale,
+)
+
+Array = jax.Array
+
+
+def precise_roi_pool(
+    features: Array,
+    boxes: Array,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    box_indices: Array | None = None,
+    data_format: str = "NHWC",
+    checks: bool = False,
+) -> Array:
+    """Precise RoI Pooling: the exact average of the bilinear surface over each bin.
+
+    A box ``(x1, y1, x2, y2)`` in image coordinates is mapped as
+    ``x * spatial_scale`` (no half-pixel offset, no rounding; a negative size is
+    taken as 0) and split into ``output_size`` bins. Each bin's value is the
+    integral, over the bin, of the bilinear interpolation of the map (grid value
+    ``F[h, w]`` at the point ``(h, w)``, 0 for points outside the map), divided by
+    the bin's area; a bin of zero area gives 0. No sampling grid is involved, so
+    the result is continuous and differentiable in the box coordinates as well as
+    the features (PrRoIPool's gradient with respect to the box).
+
+    For example, with the stride-16 map of a 600 x 1000 image, ``spatial_scale=0.0625``
+    maps the box ``(100, 40, 212, 96)`` to ``(6.25, 2.5, 13.25, 6.0)``; with
+    ``output_size=7`` each bin is 1 cell wide and 0.5 cell tall.
+
+    Same numbers (in float64) as ``PrRoIPool2D(PH, PW, spatial_scale)(features, rois)``
+    of the reference implementation (vacancy/PreciseRoIPooling, NCHW features,
+    ``[K, 5]`` rois), as used by IoU-Net and the ATOM / DiMP trackers.
+
+    Args:
+      features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
+        (``"NCHW"``), floating point.
+      boxes: image coordinates ``(x1, y1, x2, y2)``: ``[K, 5]`` rows
+        ``(batch_index, x1, y1, x2, y2)``, ``[K, 4]`` with ``box_indices``, or
+        per image ``[N, R, 4]``.
+      output_size: ``(PH, PW)`` or an int for a square output.
+      spatial_scale: map size over image size (1/stride), e.g. 0.0625 for stride 16.
+      box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
+      data_format: ``"NHWC"`` (default) or ``"NCHW"``.
+      checks: insert ``jax.experimental.checkify`` checks that every box is finite
+        and every batch index in range; wrap the call in ``checkify.checkify``.
+
+    Returns:
+      ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
+      per-image boxes, in the features' dtype.
+
+    Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
+    zeros (and zero gradients).
+    """
+    layout = DataFormat.parse(data_format)
+    ph, pw = output_size_pair(output_size)
+    scale = positive_scale(spatial_scale)
+    checks = check_bool(checks, "checks")
+    n, h, w, c = features_nhwc_shape(features, layout)
+    rois = parse_boxes(boxes, box_indices, n)
+    if checks:
+        runtime_checks(rois, n)
+    dtype = compute_dtype(features, boxes)
+    features = jnp.asarray(features)
+    if rois.coords.shape[0] == 0:
+        out = jnp.zeros((0, ph, pw, c), dtype)
+    else:
+        out = _precise_nhwc_out(features, layout, rois, (ph, pw), (h, w), scale, dtype)
+    return finish_output(out, rois, layout, features.dtype)
+
+
+def tent_integral(u: Array) -> Array:
+    """``T(u) = integral of max(0, 1 - |t|) over t < u``: 0, rising quadratically to 1."""
+    u = jnp.clip(u, -1.0, 1.0)
+    return jnp.where(u <= 0.0, 0.5 * (u + 1.0) ** 2, 1.0 - 0.5 * (1.0 - u) ** 2)
+
+
+def bin_edges(lo: Array, hi: Array, *, pooled: int, spatial_scale: float) -> tuple[Array, Array]:
+    """Each bin's start ``[K, P]`` and size ``[K, 1]`` along one axis, PrRoIPool's arithmetic."""
+    start = lo * spatial_scale
+    size = jnp.maximum(hi * spatial_scale - start, 0.0)
+    bin_size = size / pooled
+    p = jnp.arange(pooled, dtype=size.dtype)
+    return start[:, None] + bin_size[:, None] * p[None, :], bin_size[:, None]
+
+
+def integral_weights(first: Array, bin_size: Array, rows: Array, length: int) -> Array:
+    """Weight of row ``rows [K, P, T]`` in the bin ``[first, first + bin]``, over the bin size.
+
+    The integral of row ``r``'s tent over the bin, ``T(b - r) - T(a - r)``, divided by
+    the bin size (0 for an empty bin); rows outside ``[0, length)`` weigh 0.
+    """
+    a = first[..., None]
+    b = a + bin_size[..., None]
+    r = rows.astype(first.dtype)
+    w = tent_integral(b - r) - tent_integral(a - r)
+    positive = bin_size > 0
+    inv = jnp.where(positive, 1.0 / jnp.where(positive, bin_size, 1.0), 0.0)
+    inside = (rows >= 0) & (rows < length)
+    return jnp.where(inside, w * inv[..., None], 0.0)
+
+
+def integral_window(first: Array, bin_size: Array, length: int) -> tuple[Array, Array]:
+    """First row ``[K, P]`` with a nonzero weight (clamped into the map), and the rows needed.
+
+    Rows ``floor(a) .. ceil(b)`` meet the bin ``[a, b]``'s tents.
+    """
+    top = length - 1
+    r0 = jnp.clip(jnp.floor(first), 0, top)
+    r1 = jnp.clip(jnp.ceil(first + bin_size), 0, top)
+    return r0.astype(jnp.int32), (r1 - r0 + 1).astype(jnp.int32)
+
+
+def _precise_nhwc_out(
+    features: Array,
+    layout: DataFormat,
+    rois: Rois,
+    pooled: tuple[int, int],
+    size: tuple[int, int],
+    spatial_scale: float,
+    dtype: Any,
+) -> Array:
+    coords = jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0)
+    x1, y1, x2, y2 = (coords[:, i] for i in range(4))
+    fy, by = bin_edges(y1, y2, pooled=pooled[0], spatial_scale=spatial_scale)
+    fx, bx = bin_edges(x1, x2, pooled=pooled[1], spatial_scale=spatial_scale)
+    ok = rois.ok.astype(dtype)[:, None, None]
+    axes = ((fy, by, size[0]), (fx, bx, size[1]))
+    # A bin of b cells meets at most ceil(b) + 2 rows.
+    windows = [
+        min(length, fast_window(length, p) + 1) for length, p in zip(size, pooled, strict=True)
+    ]
+
+    def fast():
+        taps = []
+        for (first, bin_size, length), t in zip(axes, windows, strict=True):
+            r0, _ = integral_window(first, bin_size, length)
+            rows = r0[..., None] + jnp.arange(t, dtype=jnp.int32)
+            taps.append(
+                (jnp.minimum(rows, length - 1), integral_weights(first, bin_size, rows, length))
+            )
+        (iy, wy), (ix, wx) = taps
+        return contract_taps(features, layout, rois.batch, iy, wy * ok, ix, wx, dtype)
+
+    def dense():
+        weights = []
+        for first, bin_size, length in axes:
+            rows = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), first.shape + (length,))
+            weights.append(integral_weights(first, bin_size, rows, length))
+        wy, wx = weights
+        return contract_dense(features, layout, rois.batch, wy * ok, wx, dtype)
+
+    fits = [
+        jnp.all(jnp.where(ok[..., 0] > 0, integral_window(first, bin_size, length)[1], 0) <= t)
+        for (first, bin_size, length), t in zip(axes, windows, strict=True)
+        if t < length
+    ]
+    if not fits:
+        return fast()
+    return jax.lax.cond(jnp.all(jnp.stack(fits)), fast, dense)

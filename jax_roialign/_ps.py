@@ -1,0 +1,226 @@
+"""Position-sensitive RoI Align (R-FCN with RoI Align sampling), torchvision's numbers.
+
+The sampling is RoI Align's (``aligned=True`` geometry, no min-size clamp), built
+by the same :func:`box_grids` and per-axis taps; only the read differs: bin
+``(ph, pw)`` reads its own channel group ``c_in = (c_out * PH + ph) * PW + pw``, so
+each tap gathers ``C_out`` values per bin, and the cost is that of one output,
+not ``PH * PW`` of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _sampling
+from ._contract import _HIGHEST, contract_taps_with
+from ._roi_align import box_grids, fast_window, finish_output, runtime_checks
+from ._validation import (
+    DataFormat,
+    Rois,
+    check_bool,
+    compute_dtype,
+    features_nhwc_shape,
+    output_size_pair,
+    parse_boxes,
+    positive_scale,
+    sampling_ratio_int,
+)
+
+Array = jax.Array
+
+
+def ps_roi_align(
+    features: Array,
+    boxes: Array,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    box_indices: Array | None = None,
+    data_format: str = "NHWC",
+    checks: bool = False,
+) -> Array:
+    """Position-sensitive RoI Align: RoI Align where each bin reads its own channel group.
+
+    The input has ``C = C_out * PH * PW`` channels; output channel ``c_out`` of bin
+    ``(ph, pw)`` is RoI Align's bin average over input channel
+    ``(c_out * PH + ph) * PW + pw``. Boxes are mapped as ``x * spatial_scale - 0.5``
+    (always half-pixel, no min-size clamp); each bin is averaged over a regular
+    grid of ``sampling_ratio`` bilinear samples per axis (adaptive
+    ``ceil(roi_size / output_size)`` when ``sampling_ratio <= 0``), samples beyond
+    ``[-1, H] x [-1, W]`` reading 0 but counting.
+
+    For example, with the stride-16 map of a 600 x 1000 image and a 3 x 3 output
+    over ``C = 21 * 9`` channels, ``spatial_scale=0.0625`` maps the box
+    ``(100, 40, 212, 96)`` to ``(5.75, 2.0, 12.75, 5.5)`` on the map; its top-left
+    bin averages channels ``0, 9, 18, ...`` and its centre bin channels ``4, 13, ...``.
+
+    Same numbers as ``torchvision.ops.ps_roi_align(input, boxes, output_size,
+    spatial_scale, sampling_ratio)`` (NCHW features, ``[K, 5]`` boxes), except
+    that a box whose adaptive grid is empty (zero or negative size) gives 0
+    where torchvision computes ``0 / 0 = NaN``.
+
+    Args:
+      features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
+        (``"NCHW"``), floating point, ``C`` a multiple of ``PH * PW``.
+      boxes: image coordinates ``(x1, y1, x2, y2)``: ``[K, 5]`` rows
+        ``(batch_index, x1, y1, x2, y2)``, ``[K, 4]`` with ``box_indices``, or
+        per image ``[N, R, 4]``.
+      output_size: ``(PH, PW)`` or an int for a square output.
+      spatial_scale: map size over image size (1/stride), e.g. 0.0625 for stride 16.
+      sampling_ratio: samples per bin per axis; ``<= 0`` for adaptive (exact for
+        any box size).
+      box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
+      data_format: ``"NHWC"`` (default) or ``"NCHW"`` (as torchvision).
+      checks: insert ``jax.experimental.checkify`` checks that every box is finite
+        and every batch index in range; wrap the call in ``checkify.checkify``.
+
+    Returns:
+      ``[K, PH, PW, C_out]`` (NHWC) or ``[K, C_out, PH, PW]`` (NCHW),
+      ``[N, R, ...]`` for per-image boxes, in the features' dtype.
+
+    Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
+    zeros (and zero gradients).
+    """
+    layout = DataFormat.parse(data_format)
+    ph, pw = output_size_pair(output_size)
+    scale = positive_scale(spatial_scale)
+    ratio = sampling_ratio_int(sampling_ratio)
+    checks = check_bool(checks, "checks")
+    n, h, w, c = features_nhwc_shape(features, layout)
+    if c % (ph * pw):
+        raise ValueError(
+            f"ps_roi_align needs features with a multiple of PH * PW = {ph} * {pw} = "
+            f"{ph * pw} channels, got {c} (features shape {jnp.shape(features)}, "
+            f"data_format={layout.value!r})"
+        )
+    rois = parse_boxes(boxes, box_indices, n)
+    if checks:
+        runtime_checks(rois, n)
+    dtype = compute_dtype(features, boxes)
+    features = jnp.asarray(features)
+    if rois.coords.shape[0] == 0:
+        out = jnp.zeros((0, ph, pw, c // (ph * pw)), dtype)
+    else:
+        out = _ps_nhwc_out(features, layout, rois, (ph, pw), (h, w), scale, ratio, dtype)
+    return finish_output(out, rois, layout, features.dtype)
+
+
+def group_view(features: Array, layout: DataFormat, pooled: tuple[int, int]) -> Array:
+    """The map with its channels split as ``(C_out, PH, PW)``: a free reshape.
+
+    ``[N, H, W, C_out, PH, PW]`` for NHWC, ``[N, C_out, PH, PW, H, W]`` for NCHW.
+    """
+    ph, pw = pooled
+    if layout is DataFormat.NHWC:
+        n, h, w, c = features.shape
+        return features.reshape(n, h, w, c // (ph * pw), ph, pw)
+    n, c, h, w = features.shape
+    return features.reshape(n, c // (ph * pw), ph, pw, h, w)
+
+
+def group_reader(features: Array, layout: DataFormat, batch: Array, pooled: tuple[int, int]):
+    """``reader(rows, cols) -> [K, PH, PW, C_out]`` for :func:`contract_taps_with`: bin
+    ``(ph, pw)`` reads only the channels ``(c_out * PH + ph) * PW + pw``."""
+    g = group_view(features, layout, pooled)
+    b = batch[:, None, None]
+    p = jnp.arange(pooled[0], dtype=jnp.int32)[None, :, None]
+    q = jnp.arange(pooled[1], dtype=jnp.int32)[None, None, :]
+
+    def reader(rows: Array, cols: Array) -> Array:
+        # Advanced indices around a slice: the broadcast [K, PH, PW] goes first.
+        if layout is DataFormat.NHWC:
+            return g[b, rows, cols, :, p, q]
+        return g[b, :, p, q, rows, cols]
+
+    return reader
+
+
+def contract_dense_grouped(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    wy: Array,
+    wx: Array,
+    dtype: Any,
+    chunk: int = 16,
+) -> Array:
+    """:func:`_contract.contract_dense` with a channel group per bin.
+
+    ``out[k, p, q, c] = sum_hw wy[k, p, h] wx[k, q, w] F[batch[k], h, w, (c * PH + p) * PW + q]``
+    with ``wy [K, PH, H]``, ``wx [K, PW, W]``: two matmuls per box, the image picked
+    by a one-hot weight (no gather), boxes in chunks.
+    """
+    pooled = (wy.shape[1], wx.shape[1])
+    g = group_view(features, layout, pooled).astype(dtype)
+    n = g.shape[0]
+    eq = "kpnh,nhwcpq->kpwcq" if layout is DataFormat.NHWC else "kpnh,ncpqhw->kpwcq"
+
+    def one(args):
+        wy_c, wx_c, b_c = args
+        onehot = (b_c[:, None] == jnp.arange(n)).astype(dtype)
+        wyn = wy_c[:, :, None, :] * onehot[:, None, :, None]
+        z = jnp.einsum(eq, wyn, g, precision=_HIGHEST)
+        return jnp.einsum("kpwcq,kqw->kpqc", z, wx_c, precision=_HIGHEST)
+
+    k = wy.shape[0]
+    if k <= chunk:
+        return one((wy, wx, batch))
+    pad = -k % chunk
+    parts = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (wy, wx, batch)]
+    parts = [x.reshape((-1, chunk) + x.shape[1:]) for x in parts]
+    out = jax.lax.map(one, tuple(parts))
+    return out.reshape((-1,) + out.shape[2:])[:k]
+
+
+def _ps_nhwc_out(
+    features: Array,
+    layout: DataFormat,
+    rois: Rois,
+    pooled: tuple[int, int],
+    size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    dtype: Any,
+) -> Array:
+    # torchvision's ps_roi_align geometry is roi_align's with aligned=True.
+    gy, gx = box_grids(
+        rois,
+        pooled,
+        size,
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        aligned=True,
+        dtype=dtype,
+    )
+    ok = rois.ok.astype(dtype)[:, None, None]
+    reader = group_reader(features, layout, rois.batch, pooled)
+    ty = fast_window(gy.length, pooled[0])
+    tx = fast_window(gx.length, pooled[1])
+
+    def taps(g: _sampling.AxisGrid, t: int):
+        if g.static_count is not None:
+            return _sampling.sample_taps(g)
+        return _sampling.window_taps(g, t)
+
+    def fast():
+        iy, wy = taps(gy, ty)
+        ix, wx = taps(gx, tx)
+        return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
+
+    def dense():
+        wy = _sampling.dense_weights(gy) * ok
+        wx = _sampling.dense_weights(gx)
+        return contract_dense_grouped(features, layout, rois.batch, wy, wx, dtype)
+
+    if sampling_ratio > 0:
+        return fast()
+    fits = jnp.array(True)
+    for g, t in ((gy, ty), (gx, tx)):
+        if t < g.length:
+            _, rows = _sampling.row_window(g)
+            fits = fits & jnp.all(jnp.where(ok[..., 0] > 0, rows, 0) <= t)
+    return jax.lax.cond(fits, fast, dense)

@@ -1,0 +1,235 @@
+"""roi_align_rotated against float64 loop references (detectron2 and mmcv conventions)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from reference_sampled import roi_align_rotated_ref
+
+import jax_roialign as jr
+from jax_roialign import _rotated
+
+N, C, H, W = 2, 3, 9, 13
+_STATIC = (
+    "output_size",
+    "spatial_scale",
+    "sampling_ratio",
+    "aligned",
+    "clockwise",
+    "angle_unit",
+    "data_format",
+)
+rotated = jax.jit(_rotated.roi_align_rotated, static_argnames=_STATIC)
+
+
+def random_rotated(rng: np.random.Generator, k: int) -> np.ndarray:
+    """(cx, cy, w, h, angle in degrees): tiny to huge, zero-size, far outside, any angle."""
+    ctr = rng.uniform(-0.2, 1.2, (k, 2)) * np.array([W, H])
+    factor = rng.choice([0.03, 0.3, 1.0, 4.0, 0.0], size=(k, 1))
+    size = rng.uniform(0.2, 1.0, (k, 2)) * np.array([W, H]) * factor
+    angle = rng.uniform(-200.0, 200.0, (k, 1))
+    angle[rng.random(k) < 0.2] = 0.0
+    boxes = np.concatenate([ctr, size, angle], axis=1)
+    boxes[rng.random(k) < 0.1, :2] += np.array([4 * W, -3 * H])
+    return boxes
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, H, W, C))
+    boxes = random_rotated(rng, 40)
+    boxes[0] = [6.03, 4.07, 70.3, 90.1, 33.0]  # needs a long scan (many samples per bin)
+    boxes[1] = [6.1, 4.2, 200.3, 3.1, -71.0]
+    batch = rng.integers(0, N, len(boxes))
+    return x, boxes, batch
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_detectron2_convention(data, sampling_ratio):
+    x, boxes, batch = data
+    ours = rotated(x, boxes, box_indices=batch, output_size=(3, 4), sampling_ratio=sampling_ratio)
+    ref = roi_align_rotated_ref(x, boxes, batch, (3, 4), 1.0, sampling_ratio)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 3])
+def test_mmcv_convention(data, sampling_ratio):
+    """Radians, clockwise, aligned=False (no shift, min size 1), spatial_scale 0.5."""
+    x, boxes, batch = data
+    boxes = boxes.copy()
+    boxes[:, :4] /= 0.5
+    boxes[:, 4] = np.deg2rad(boxes[:, 4])
+    ours = rotated(
+        x,
+        boxes,
+        box_indices=batch,
+        output_size=(2, 3),
+        spatial_scale=0.5,
+        sampling_ratio=sampling_ratio,
+        aligned=False,
+        clockwise=True,
+        angle_unit="radians",
+    )
+    ref = roi_align_rotated_ref(
+        x, boxes, batch, (2, 3), 0.5, sampling_ratio, aligned=False, clockwise=True, degrees=False
+    )
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
+
+
+def test_tiers_cover_the_static_bound():
+    """The longest scan covers every sample that can land on the map."""
+    bound = _rotated._max_window(H, W)
+    diag = np.hypot(H + 1, W + 1)
+    assert bound >= 2 * diag + 4
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, H, W, 1))
+    # Bins of ~40 cells: ceil(40) samples per axis, of which ~2 * diag can be valid.
+    boxes = np.array([[6.0, 4.0, 160.0, 160.0, 45.0], [6.0, 4.0, 160.0, 160.0, 0.0]])
+    ours = rotated(x, boxes, output_size=(4, 4), sampling_ratio=0)
+    ref = roi_align_rotated_ref(x, boxes, np.zeros(2, int), (4, 4), 1.0, 0)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
+
+
+def test_samples_exactly_on_the_border():
+    """Integer boxes put samples exactly on -1 and H: they read the edge, not 0."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, H, W, 2))
+    boxes = np.array([[6.0, 4.0, 70.0, 90.0, 0.0], [6.0, 4.0, 90.0, 70.0, 90.0]])
+    ours = rotated(x, boxes, output_size=(3, 4), sampling_ratio=0)
+    ref = roi_align_rotated_ref(x, boxes, np.zeros(2, int), (3, 4), 1.0, 0)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_angle_zero_equals_roi_align(data, sampling_ratio):
+    x, boxes, batch = data
+    b = boxes.copy()
+    b[:, 4] = 0.0
+    ours = rotated(x, b, box_indices=batch, output_size=(3, 4), sampling_ratio=sampling_ratio)
+    corners = np.concatenate([b[:, :2] - b[:, 2:4] / 2, b[:, :2] + b[:, 2:4] / 2], axis=1)
+    ref = jax.jit(jr.roi_align, static_argnames=("output_size", "sampling_ratio"))(
+        x, corners, box_indices=batch, output_size=(3, 4), sampling_ratio=sampling_ratio
+    )
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-12)
+
+
+def test_quarter_and_half_turns(data):
+    """Turning the map a quarter (with the box) leaves the output; a half turn flips it."""
+    x, boxes, batch = data
+    # x'[i, j] = x[j, W - 1 - i]: a map point (y, x) moves to (W - 1 - x, y).
+    turned = np.rot90(x, k=1, axes=(1, 2))
+    b = boxes.copy()
+    b[:, 0], b[:, 1] = boxes[:, 1], W - boxes[:, 0]  # centre (cx, cy) -> (cy, W - cx)
+    b[:, 4] = boxes[:, 4] + 90.0
+    kw = dict(box_indices=batch, output_size=(3, 4), sampling_ratio=0)
+    out = np.asarray(rotated(x, boxes, **kw))
+    np.testing.assert_allclose(np.asarray(rotated(turned, b, **kw)), out, rtol=0, atol=1e-12)
+    half = boxes.copy()
+    half[:, 4] += 180.0
+    flipped = np.asarray(rotated(x, half, **kw))[:, ::-1, ::-1]
+    np.testing.assert_allclose(flipped, out, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_gradients_features_and_boxes(sampling_ratio):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, H, W, 2))
+    boxes = np.array(
+        [[5.3, 4.1, 6.2, 3.7, 27.0], [1.2, 7.6, 9.1, 5.3, -113.0], [6.7, 3.9, 30.2, 17.7, 61.0]]
+    )
+
+    @jax.jit
+    def f(feat, b):
+        return _rotated.roi_align_rotated(
+            feat, b, output_size=(2, 2), sampling_ratio=sampling_ratio
+        )
+
+    check_grads(f, (x, boxes), order=1, modes=["rev", "fwd"], eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_angle_gradient_matches_finite_difference():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, H, W, 1))
+    box = np.array([[6.1, 4.3, 7.9, 4.6, 20.0]])
+
+    @jax.jit
+    def f(angle):
+        b = jnp.asarray(box).at[0, 4].set(angle)
+        return jnp.sum(_rotated.roi_align_rotated(x, b, output_size=2, sampling_ratio=0) ** 2)
+
+    g = jax.grad(f)(20.0)
+    fd = (f(20.0 + 1e-6) - f(20.0 - 1e-6)) / 2e-6
+    assert abs(g) > 1e-3
+    np.testing.assert_allclose(g, fd, rtol=1e-5)
+
+
+def test_forms_layouts_dtypes_and_invalid_boxes(data):
+    x, boxes, batch = data
+    boxes, batch = boxes[2:18], batch[2:18]
+    kw = dict(output_size=(2, 3), sampling_ratio=0)
+    ref = np.asarray(rotated(x, boxes, box_indices=batch, **kw))
+    rows = np.concatenate([batch[:, None], boxes], axis=1)
+    np.testing.assert_array_equal(np.asarray(rotated(x, rows, **kw)), ref)
+    nchw = rotated(x.transpose(0, 3, 1, 2), rows, data_format="NCHW", **kw)
+    np.testing.assert_array_equal(np.asarray(nchw).transpose(0, 2, 3, 1), ref)
+    per_image = rotated(x, np.stack([boxes[batch == 0][:3], boxes[batch == 1][:3]]), **kw)
+    assert per_image.shape == (2, 3, 2, 3, C)
+    np.testing.assert_array_equal(np.asarray(per_image[1]), ref[batch == 1][:3])
+    low = rotated(x.astype(jnp.bfloat16), rows.astype(jnp.float32), **kw)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float64), ref, atol=0.05, rtol=0.02)
+    bad = rows.copy()
+    bad[0, 5] = np.inf
+    bad[1, 0] = -1.0
+    out = np.asarray(rotated(x, bad, **kw))
+    assert np.all(out[:2] == 0.0)
+    np.testing.assert_array_equal(out[2:], ref[2:])
+    empty = rotated(x, np.zeros((0, 6)), **kw)
+    assert empty.shape == (0, 2, 3, C)
+
+
+def test_traces_once():
+    x = np.zeros((1, H, W, 1))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, b):
+        return _rotated.roi_align_rotated(x, b, output_size=2)
+
+    f(x, np.array([[2.0, 2.0, 4.0, 4.0, 10.0]]))
+    f(x, np.array([[2.0, 2.0, 400.0, 4.0, 80.0]]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(angle_unit="grad"), ValueError, "angle_unit"),
+        (dict(clockwise=1), TypeError, "clockwise"),
+        (dict(aligned="yes"), TypeError, "aligned"),
+        (dict(output_size=0), ValueError, "output_size"),
+        (dict(spatial_scale=-1.0), ValueError, "spatial_scale"),
+        (dict(sampling_ratio=1.5), TypeError, "sampling_ratio"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    kw = dict(output_size=2)
+    kw.update(kwargs)
+    with pytest.raises(exc, match=match):
+        _rotated.roi_align_rotated(np.zeros((1, 4, 4, 1)), np.zeros((1, 6)), **kw)
+
+
+def test_bad_boxes():
+    x = np.zeros((2, 4, 4, 1))
+    with pytest.raises(ValueError, match="cx, cy, w, h, angle"):
+        _rotated.roi_align_rotated(x, np.zeros((3, 4)), output_size=2)
+    with pytest.raises(ValueError, match="box_indices"):
+        _rotated.roi_align_rotated(x, np.zeros((3, 5)), output_size=2)
+    with pytest.raises(ValueError, match="box_indices"):
+        _rotated.roi_align_rotated(
+            x, np.zeros((3, 5)), box_indices=np.array([0, 1, 2]), output_size=2
+        )
