@@ -47,27 +47,47 @@ def contract_taps(
     )
 
 
+# Tap pairs unrolled into one fused loop at most; wider windows loop over rows.
+UNROLL_LIMIT = 36
+
+
 def contract_taps_with(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype) -> Array:
     """:func:`contract_taps` for any ``reader(rows [K,PH,PW], cols [K,PH,PW]) -> [K,PH,PW,C]``.
 
     Lets ops that address the map differently (a flat concatenation of FPN
-    levels, a channel group per bin) share the same tap loop.
+    levels, a channel group per bin) share the same tap loop. Up to
+    ``UNROLL_LIMIT`` tap pairs are unrolled (one fused loop, nothing larger than
+    the output); a wider window goes through a ``lax.scan`` over its rows, each
+    step ``B`` reads, which keeps compile time and the backward's memory flat.
     """
     if iy.ndim == 3:
         iy, wy = iy[:, :, None, :], wy[:, :, None, :]
     if ix.ndim == 3:
         ix, wx = ix[:, None, :, :], wx[:, None, :, :]
-    acc = None
-    for a in range(iy.shape[-1]):
-        rows = iy[..., a]
-        row_w = wy[..., a]
-        for t in range(ix.shape[-1]):
-            cols = ix[..., t]
-            w = (row_w * wx[..., t])[..., None]
-            term = w * reader(rows, cols).astype(dtype)
-            acc = term if acc is None else acc + term
-    assert acc is not None
-    return acc
+
+    def rows_sum(iy: Array, wy: Array) -> Array:
+        acc = None
+        for a in range(iy.shape[-1]):
+            rows = iy[..., a]
+            row_w = wy[..., a]
+            for t in range(ix.shape[-1]):
+                w = (row_w * wx[..., t])[..., None]
+                term = w * reader(rows, ix[..., t]).astype(dtype)
+                acc = term if acc is None else acc + term
+        assert acc is not None
+        return acc
+
+    if iy.shape[-1] * ix.shape[-1] <= UNROLL_LIMIT:
+        return rows_sum(iy, wy)
+
+    def step(acc, taps):
+        return acc + rows_sum(taps[0][..., None], taps[1][..., None]), None
+
+    # The first row starts the sum (not zeros), so the carry has the data's
+    # sharding type also inside shard_map.
+    rest = (jnp.moveaxis(iy[..., 1:], -1, 0), jnp.moveaxis(wy[..., 1:], -1, 0))
+    out, _ = jax.lax.scan(step, rows_sum(iy[..., :1], wy[..., :1]), rest)
+    return out
 
 
 def contract_dense(

@@ -20,14 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _contract, _sampling
-from ._roi_align import fast_window, finish_output
+from ._roi_align import fast_window
 from ._validation import (
     DataFormat,
-    compute_dtype,
-    features_nhwc_shape,
-    output_size_pair,
-    parse_boxes,
-    positive_scale,
+    prepare,
     sampling_ratio_int,
 )
 
@@ -96,41 +92,46 @@ def deform_roi_align(
     mask. Boxes that are not finite or whose batch index is outside ``[0, N)``
     give zeros, as do bins whose offset is not finite.
     """
-    layout = DataFormat.parse(data_format)
-    ph, pw = output_size_pair(output_size)
-    scale = positive_scale(spatial_scale)
     ratio = sampling_ratio_int(sampling_ratio)
     gamma = _finite_number(gamma, "gamma")
-    n, h, w, c = features_nhwc_shape(features, layout)
-    rois = parse_boxes(boxes, box_indices, n)
+    call = prepare(
+        features,
+        boxes,
+        box_indices,
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        data_format=data_format,
+    )
+    rois, (ph, pw) = call.rois, call.pooled
     lead = rois.lead_shape
     offsets = _per_bin(offsets, "offsets", lead + (ph, pw, 2), jnp.shape(boxes))
     if mask is not None:
         mask = _per_bin(mask, "mask", lead + (ph, pw), jnp.shape(boxes))
-    dtype = jnp.result_type(compute_dtype(features, boxes), offsets.dtype)
-    features = jnp.asarray(features)
+    dtype = jnp.result_type(call.dtype, offsets.dtype)
     k = rois.coords.shape[0]
-    if k == 0:
-        return finish_output(jnp.zeros((0, ph, pw, c), dtype), rois, layout, features.dtype)
-    offsets = offsets.reshape(k, ph, pw, 2).astype(dtype)
-    bin_ok = rois.ok[:, None, None] & jnp.all(jnp.isfinite(offsets), axis=-1)
-    offsets = jnp.where(bin_ok[..., None], offsets, 0.0)
-    gy, gx = deform_grids(
-        rois.coords,
-        rois.ok,
-        offsets,
-        (h, w),
-        spatial_scale=scale,
-        sampling_ratio=ratio,
-        gamma=gamma,
-        dtype=dtype,
-    )
-    out = aggregate_avg_per_bin(
-        features, layout, rois.batch, bin_ok.astype(dtype), gy, gx, (ph, pw), dtype
-    )
-    if mask is not None:
-        out = out * mask.reshape(k, ph, pw, 1).astype(dtype)
-    return finish_output(out, rois, layout, features.dtype)
+
+    def body() -> Array:
+        offs = offsets.reshape(k, ph, pw, 2).astype(dtype)
+        bin_ok = rois.ok[:, None, None] & jnp.all(jnp.isfinite(offs), axis=-1)
+        offs = jnp.where(bin_ok[..., None], offs, 0.0)
+        gy, gx = deform_grids(
+            rois.coords,
+            rois.ok,
+            offs,
+            call.size,
+            spatial_scale=call.spatial_scale,
+            sampling_ratio=ratio,
+            gamma=gamma,
+            dtype=dtype,
+        )
+        out = aggregate_avg_per_bin(
+            call.features, call.layout, rois.batch, bin_ok.astype(dtype), gy, gx, (ph, pw), dtype
+        )
+        if mask is not None:
+            out = out * mask.reshape(k, ph, pw, 1).astype(dtype)
+        return out
+
+    return call.output(body)
 
 
 def _finite_number(value: Any, name: str) -> float:

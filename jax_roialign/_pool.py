@@ -19,17 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._contract import read
-from ._roi_align import finish_output, runtime_checks
 from ._sampling import exact_divide
 from ._validation import (
     DataFormat,
     Rois,
-    check_bool,
-    compute_dtype,
-    features_nhwc_shape,
-    output_size_pair,
-    parse_boxes,
-    positive_scale,
+    prepare,
 )
 
 Array = jax.Array
@@ -92,21 +86,26 @@ def roi_pool(
     zeros. As in torchvision, a non-empty bin whose values are all NaN or below
     ``-FLT_MAX`` gives ``-FLT_MAX`` (NaN never wins the max).
     """
-    layout = DataFormat.parse(data_format)
-    ph, pw = output_size_pair(output_size)
-    scale = positive_scale(spatial_scale)
-    checks = check_bool(checks, "checks")
-    n, h, w, c = features_nhwc_shape(features, layout)
-    rois = parse_boxes(boxes, box_indices, n)
-    if checks:
-        runtime_checks(rois, n)
-    dtype = compute_dtype(features, boxes)
-    features = jnp.asarray(features)
-    if rois.coords.shape[0] == 0:
-        out = jnp.zeros((0, ph, pw, c), dtype)
-    else:
-        out = _roi_pool_nhwc_out(features, layout, rois, (ph, pw), (h, w), scale, dtype)
-    return finish_output(out, rois, layout, features.dtype)
+    call = prepare(
+        features,
+        boxes,
+        box_indices,
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        data_format=data_format,
+        checks=checks,
+    )
+    return call.output(
+        lambda: _roi_pool_nhwc_out(
+            call.features,
+            call.layout,
+            call.rois,
+            call.pooled,
+            call.size,
+            call.spatial_scale,
+            call.dtype,
+        )
+    )
 
 
 def round_half_away(v: Array) -> Array:

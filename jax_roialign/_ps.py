@@ -16,16 +16,11 @@ import jax.numpy as jnp
 
 from . import _sampling
 from ._contract import _HIGHEST, contract_taps_with
-from ._roi_align import box_grids, fast_window, finish_output, runtime_checks
+from ._roi_align import box_grids, fast_window
 from ._validation import (
     DataFormat,
     Rois,
-    check_bool,
-    compute_dtype,
-    features_nhwc_shape,
-    output_size_pair,
-    parse_boxes,
-    positive_scale,
+    prepare,
     sampling_ratio_int,
 )
 
@@ -85,28 +80,36 @@ def ps_roi_align(
     Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
     zeros (and zero gradients).
     """
-    layout = DataFormat.parse(data_format)
-    ph, pw = output_size_pair(output_size)
-    scale = positive_scale(spatial_scale)
     ratio = sampling_ratio_int(sampling_ratio)
-    checks = check_bool(checks, "checks")
-    n, h, w, c = features_nhwc_shape(features, layout)
+    call = prepare(
+        features,
+        boxes,
+        box_indices,
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        data_format=data_format,
+        checks=checks,
+    )
+    (ph, pw), c = call.pooled, call.channels
     if c % (ph * pw):
         raise ValueError(
             f"ps_roi_align needs features with a multiple of PH * PW = {ph} * {pw} = "
             f"{ph * pw} channels, got {c} (features shape {jnp.shape(features)}, "
-            f"data_format={layout.value!r})"
+            f"data_format={call.layout.value!r})"
         )
-    rois = parse_boxes(boxes, box_indices, n)
-    if checks:
-        runtime_checks(rois, n)
-    dtype = compute_dtype(features, boxes)
-    features = jnp.asarray(features)
-    if rois.coords.shape[0] == 0:
-        out = jnp.zeros((0, ph, pw, c // (ph * pw)), dtype)
-    else:
-        out = _ps_nhwc_out(features, layout, rois, (ph, pw), (h, w), scale, ratio, dtype)
-    return finish_output(out, rois, layout, features.dtype)
+    return call.output(
+        lambda: _ps_nhwc_out(
+            call.features,
+            call.layout,
+            call.rois,
+            call.pooled,
+            call.size,
+            call.spatial_scale,
+            ratio,
+            call.dtype,
+        ),
+        channels=c // (ph * pw),
+    )
 
 
 def group_view(features: Array, layout: DataFormat, pooled: tuple[int, int]) -> Array:

@@ -7,20 +7,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 
 from . import _contract, _sampling
-from ._validation import (
+from ._validation import (  # noqa: F401 - finish_output, runtime_checks: re-exported
+    Call,
     DataFormat,
     Method,
     Mode,
     Rois,
     check_bool,
-    compute_dtype,
-    features_nhwc_shape,
-    output_size_pair,
-    parse_boxes,
-    positive_scale,
+    finish_output,
+    prepare,
+    runtime_checks,
     sampling_ratio_int,
 )
 
@@ -90,58 +88,24 @@ def roi_align(
     ``[0, N)``, give zeros (and zero gradients) rather than reading another image;
     an index out of range that is known at trace time is a ``ValueError``.
     """
-    layout = DataFormat.parse(data_format)
     agg = Mode.parse(mode)
     how = Method.parse(method)
-    ph, pw = output_size_pair(output_size)
-    scale = positive_scale(spatial_scale)
     ratio = sampling_ratio_int(sampling_ratio)
     aligned = check_bool(aligned, "aligned")
-    checks = check_bool(checks, "checks")
-    n, h, w, c = features_nhwc_shape(features, layout)
-    rois = parse_boxes(boxes, box_indices, n)
-    if checks:
-        runtime_checks(rois, n)
-    dtype = compute_dtype(features, boxes)
-    features = jnp.asarray(features)
-    out = _roi_align_nhwc_out(
+    call = prepare(
         features,
-        layout,
-        rois,
-        (ph, pw),
-        (h, w),
-        spatial_scale=scale,
-        sampling_ratio=ratio,
-        aligned=aligned,
-        mode=agg,
-        method=how,
-        dtype=dtype,
+        boxes,
+        box_indices,
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        data_format=data_format,
+        checks=checks,
     )
-    return finish_output(out, rois, layout, features.dtype)
-
-
-def runtime_checks(rois: Rois, num_images: int) -> None:
-    """checkify checks for what cannot be checked at trace time."""
-    checkify.check(
-        jnp.all(jnp.isfinite(rois.coords)),
-        "boxes have non-finite coordinates (first at row {i})",
-        i=jnp.argmin(jnp.all(jnp.isfinite(rois.coords), axis=-1)),
+    return call.output(
+        lambda: _roi_align_nhwc_out(
+            call, sampling_ratio=ratio, aligned=aligned, mode=agg, method=how
+        )
     )
-    in_range = (rois.raw_batch >= 0) & (rois.raw_batch < num_images)
-    checkify.check(
-        jnp.all(in_range),
-        f"box batch index out of range [0, {num_images}): " + "{v} at row {i}",
-        v=rois.raw_batch[jnp.argmin(in_range)] if in_range.size else 0,
-        i=jnp.argmin(in_range),
-    )
-
-
-def finish_output(out: Array, rois: Rois, layout: DataFormat, dtype: Any) -> Array:
-    """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``."""
-    out = out.astype(dtype)
-    if layout is DataFormat.NCHW:
-        out = jnp.moveaxis(out, -1, 1)
-    return out.reshape(rois.lead_shape + out.shape[1:])
 
 
 def box_grids(
@@ -169,35 +133,34 @@ def box_grids(
 
 
 def fast_window(length: int, pooled: int) -> int:
-    """Rows per bin read by the gather path under adaptive sampling.
+    """Rows per bin read by the smallest gather window under adaptive sampling.
 
-    Covers every box up to about half the map; larger bins take the dense path.
+    Covers every box up to about half the map; larger bins take a wider window
+    (:func:`windows`) or the dense path.
     """
     return min(length, max(4, math.ceil(length / (2 * pooled)) + 2))
 
 
+def windows(length: int, pooled: int) -> tuple[int, ...]:
+    """The gather windows tried in turn under adaptive sampling, smallest first.
+
+    The second covers any box that lies within the map (a bin of at most
+    ``(L + 1) / P`` cells touches at most ``ceil((L + 1) / P) + 1`` rows).
+    """
+    small = fast_window(length, pooled)
+    whole = min(length, math.ceil((length + 1) / pooled) + 1)
+    return (small,) if whole <= small else (small, whole)
+
+
 def _roi_align_nhwc_out(
-    features: Array,
-    layout: DataFormat,
-    rois: Rois,
-    pooled: tuple[int, int],
-    size: tuple[int, int],
-    *,
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-    mode: Mode,
-    method: Method,
-    dtype: Any,
+    call: Call, *, sampling_ratio: int, aligned: bool, mode: Mode, method: Method
 ) -> Array:
-    if rois.coords.shape[0] == 0:
-        c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
-        return jnp.zeros((0, pooled[0], pooled[1], c), dtype)
+    features, layout, rois, dtype = call.features, call.layout, call.rois, call.dtype
     gy, gx = box_grids(
         rois,
-        pooled,
-        size,
-        spatial_scale=spatial_scale,
+        call.pooled,
+        call.size,
+        spatial_scale=call.spatial_scale,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         dtype=dtype,
@@ -234,23 +197,24 @@ def aggregate_avg(
     """
     if method is Method.AUTO:
         method = Method.MATMUL if jax.default_backend() == "tpu" else Method.GATHER
-    ty = fast_window(gy.length, gy.first.shape[1])
-    tx = fast_window(gx.length, gx.first.shape[1])
-
-    def taps(g: _sampling.AxisGrid, t: int):
-        if g.static_count is not None:
-            return _sampling.sample_taps(g)
-        return _sampling.window_taps(g, t)
-
-    def fast(f, b, gy, gx, ok):
-        iy, wy = taps(gy, ty)
-        ix, wx = taps(gx, tx)
-        return _contract.contract_taps(f, layout, b, iy, wy * ok, ix, wx, dtype)
 
     def dense(f, b, gy, gx, ok):
         wy = _sampling.dense_weights(gy) * ok
         wx = _sampling.dense_weights(gx)
         return _contract.contract_dense(f, layout, b, wy, wx, dtype)
+
+    def gather(ty: int, tx: int):
+        def taps(g: _sampling.AxisGrid, t: int):
+            if g.static_count is not None:
+                return _sampling.sample_taps(g)
+            return _sampling.window_taps(g, t)
+
+        def fn(f, b, gy, gx, ok):
+            iy, wy = taps(gy, ty)
+            ix, wx = taps(gx, tx)
+            return _contract.contract_taps(f, layout, b, iy, wy * ok, ix, wx, dtype)
+
+        return fn
 
     def run(fn):
         if not per_image:
@@ -263,15 +227,23 @@ def aggregate_avg(
 
     if method is Method.MATMUL:
         return run(dense)
+    if gy.static_count is not None and gx.static_count is not None:
+        return run(gather(0, 0))
 
-    def need(g: _sampling.AxisGrid, t: int) -> Array | None:
-        if g.static_count is not None or t >= g.length:
-            return None
+    # Adaptive: the smallest window that every bin fits, else the dense path.
+    wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
+
+    def choice(g: _sampling.AxisGrid, sizes: tuple[int, ...]) -> Array:
         _, rows = _sampling.row_window(g)
-        return jnp.all(jnp.where(ok[..., 0] > 0, rows, 0) <= t)
+        need = jnp.max(jnp.where(ok[..., 0] > 0, rows, 0))
+        index = jnp.sum((need > jnp.asarray(sizes)).astype(jnp.int32))
+        # A window as long as the map holds every bin: no need for the dense path.
+        return jnp.where(sizes[-1] >= g.length, jnp.minimum(index, len(sizes) - 1), index)
 
-    checks = [c for c in (need(gy, ty), need(gx, tx)) if c is not None]
-    if not checks:
-        return run(fast)
-    fits = checks[0] if len(checks) == 1 else checks[0] & checks[1]
-    return jax.lax.cond(fits, lambda: run(fast), lambda: run(dense))
+    count = max(len(wys), len(wxs))
+    wys = wys + (wys[-1],) * (count - len(wys))
+    wxs = wxs + (wxs[-1],) * (count - len(wxs))
+    branches = [lambda ty=ty, tx=tx: run(gather(ty, tx)) for ty, tx in zip(wys, wxs, strict=True)]
+    branches.append(lambda: run(dense))
+    index = jnp.maximum(choice(gy, wys), choice(gx, wxs))
+    return jax.lax.switch(index, branches)

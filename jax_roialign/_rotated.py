@@ -31,15 +31,10 @@ import jax.numpy as jnp
 
 from . import _sampling
 from ._max import bilinear_2d, point_taps
-from ._roi_align import finish_output
 from ._validation import (
     DataFormat,
     check_bool,
-    compute_dtype,
-    features_nhwc_shape,
-    output_size_pair,
-    parse_boxes,
-    positive_scale,
+    prepare,
     sampling_ratio_int,
 )
 
@@ -131,35 +126,39 @@ def roi_align_rotated(
     outside ``[0, N)``, give zeros. Negative sizes follow the formula
     (detectron2 and mmcv reject them): an adaptive grid is then empty and gives 0.
     """
-    layout = DataFormat.parse(data_format)
-    ph, pw = output_size_pair(output_size)
-    scale = positive_scale(spatial_scale)
     ratio = sampling_ratio_int(sampling_ratio)
     aligned = check_bool(aligned, "aligned")
     clockwise = check_bool(clockwise, "clockwise")
     unit = AngleUnit.parse(angle_unit)
-    n, h, w, c = features_nhwc_shape(features, layout)
-    rois = parse_boxes(boxes, box_indices, n, width=5, what="(cx, cy, w, h, angle)")
-    dtype = compute_dtype(features, boxes)
-    features = jnp.asarray(features)
-    if rois.coords.shape[0] == 0:
-        out = jnp.zeros((0, ph, pw, c), dtype)
-        return finish_output(out, rois, layout, features.dtype)
-    geo = rotated_geometry(
-        rois.coords,
-        rois.ok,
-        (ph, pw),
-        (h, w),
-        spatial_scale=scale,
-        sampling_ratio=ratio,
-        aligned=aligned,
-        clockwise=clockwise,
-        unit=unit,
-        dtype=dtype,
+    call = prepare(
+        features,
+        boxes,
+        box_indices,
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        data_format=data_format,
+        width=5,
+        what="(cx, cy, w, h, angle)",
     )
-    ok = rois.ok.astype(dtype)[:, None, None]
-    out = aggregate_rotated(features, layout, rois.batch, ok, geo, dtype)
-    return finish_output(out, rois, layout, features.dtype)
+
+    def body() -> Array:
+        rois, dtype = call.rois, call.dtype
+        geo = rotated_geometry(
+            rois.coords,
+            rois.ok,
+            call.pooled,
+            call.size,
+            spatial_scale=call.spatial_scale,
+            sampling_ratio=ratio,
+            aligned=aligned,
+            clockwise=clockwise,
+            unit=unit,
+            dtype=dtype,
+        )
+        ok = rois.ok.astype(dtype)[:, None, None]
+        return aggregate_rotated(call.features, call.layout, rois.batch, ok, geo, dtype)
+
+    return call.output(body)
 
 
 class RotatedGeometry:

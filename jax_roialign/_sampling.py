@@ -284,8 +284,8 @@ def _expand(grid: AxisGrid) -> AxisGrid:
 def row_window(grid: AxisGrid) -> tuple[Array, Array]:
     """First row each bin touches and how many rows it needs, ``[K, P]`` int32 each.
 
-    From the first and last valid sample, clamped into the map. The count has one
-    row of slack so that rounding of the estimate never drops a row.
+    From the first and last valid sample (exact: :func:`valid_range` and
+    :func:`sample_positions` follow the reference's arithmetic), clamped into the map.
     """
     lo, hi = valid_range(grid)
     y_first = sample_positions(grid, lo[..., None])[..., 0]
@@ -293,7 +293,7 @@ def row_window(grid: AxisGrid) -> tuple[Array, Array]:
     top = jnp.asarray(grid.limit, y_first.dtype) - 1.0
     first_row = jnp.floor(jnp.clip(y_first, 0.0, top))
     last_row = jnp.minimum(jnp.floor(jnp.clip(y_last, 0.0, top)) + 1.0, top)
-    need = jnp.where(hi > lo, last_row - first_row + 2.0, 0.0)
+    need = jnp.where(hi > lo, last_row - first_row + 1.0, 0.0)
     return first_row.astype(jnp.int32), need.astype(jnp.int32)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 Array = jax.Array
 
@@ -244,3 +245,77 @@ def _check_static_indices(box_indices: Any, num_images: int) -> None:
 def compute_dtype(features: Any, boxes: Any) -> Any:
     """float32 at least; float64 when the inputs are (x64 mode)."""
     return jnp.result_type(jnp.result_type(features), jnp.result_type(boxes), jnp.float32)
+
+
+def runtime_checks(rois: Rois, num_images: int) -> None:
+    """checkify checks for what cannot be checked at trace time."""
+    finite = jnp.all(jnp.isfinite(rois.coords), axis=-1)
+    checkify.check(
+        jnp.all(finite),
+        "boxes have non-finite coordinates (first at row {i})",
+        i=jnp.argmin(finite),
+    )
+    in_range = (rois.raw_batch >= 0) & (rois.raw_batch < num_images)
+    checkify.check(
+        jnp.all(in_range),
+        f"box batch index out of range [0, {num_images}): " + "{v} at row {i}",
+        v=rois.raw_batch[jnp.argmin(in_range)] if in_range.size else 0,
+        i=jnp.argmin(in_range),
+    )
+
+
+def finish_output(out: Array, rois: Rois, layout: DataFormat, dtype: Any) -> Array:
+    """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``."""
+    out = out.astype(dtype)
+    if layout is DataFormat.NCHW:
+        out = jnp.moveaxis(out, -1, 1)
+    return out.reshape(rois.lead_shape + out.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One op call with its common arguments checked and put in canonical form."""
+
+    features: Array
+    layout: DataFormat
+    pooled: tuple[int, int]
+    spatial_scale: float
+    size: tuple[int, int]
+    channels: int
+    rois: Rois
+    dtype: Any
+
+    def output(self, body: Callable[[], Array], channels: int | None = None) -> Array:
+        """``body() -> [K, PH, PW, C']`` (skipped when there are no boxes), shaped for the
+        caller and cast to the features' dtype."""
+        if self.rois.coords.shape[0] == 0:
+            c = self.channels if channels is None else channels
+            out = jnp.zeros((0, *self.pooled, c), self.dtype)
+        else:
+            out = body()
+        return finish_output(out, self.rois, self.layout, self.features.dtype)
+
+
+def prepare(
+    features: Any,
+    boxes: Any,
+    box_indices: Any,
+    *,
+    output_size: Any,
+    spatial_scale: Any,
+    data_format: Any,
+    checks: Any = False,
+    width: int = 4,
+    what: str = "(x1, y1, x2, y2)",
+) -> Call:
+    """The checks every op shares: layout, output size, scale, features, boxes."""
+    layout = DataFormat.parse(data_format)
+    pooled = output_size_pair(output_size)
+    scale = positive_scale(spatial_scale)
+    checks = check_bool(checks, "checks")
+    n, h, w, c = features_nhwc_shape(features, layout)
+    rois = parse_boxes(boxes, box_indices, n, width=width, what=what)
+    if checks:
+        runtime_checks(rois, n)
+    dtype = compute_dtype(features, boxes)
+    return Call(jnp.asarray(features), layout, pooled, scale, (h, w), c, rois, dtype)

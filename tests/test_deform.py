@@ -55,7 +55,7 @@ def test_zero_offsets_equal_roi_align(data, sampling_ratio):
     kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio)
     ours = deform(x, boxes, np.zeros_like(offsets), box_indices=batch, **kw)
     ref = roi_align(x, boxes, box_indices=batch, **kw)
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-13)
 
 
 def test_constant_offset_equals_shifted_box(data):

@@ -1,0 +1,366 @@
+"""Multi-scale RoI Align: each box pooled from the FPN level its size picks.
+
+All levels are flattened and concatenated into one ``[N, sum(H_l * W_l), C]``
+map; every box gets its own level's scale and map extent, the shared per-axis
+sampling code builds its taps, and one tap contraction reads
+``flat[b, offset_l + row * W_l + col]``. The cost is that of pooling every box
+from one map, whatever the number of levels.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _contract, _sampling
+from ._roi_align import finish_output
+from ._validation import (
+    DataFormat,
+    Rois,
+    check_bool,
+    compute_dtype,
+    features_nhwc_shape,
+    output_size_pair,
+    parse_boxes,
+    positive_scale,
+    sampling_ratio_int,
+)
+
+Array = jax.Array
+
+# A box on its own FPN level spans 14 to 28 cells (sqrt of its area); the fast
+# adaptive path reads windows wide enough for a side of this many cells (aspect
+# 4:1 at the top of a level's range), clamped levels' boxes larger than that
+# take the exact dense path.
+_FAST_SPAN = 56
+
+
+class LevelMapper(enum.Enum):
+    TORCHVISION = "torchvision"
+    DETECTRON2 = "detectron2"
+
+    @classmethod
+    def parse(cls, value: Any) -> LevelMapper:
+        if isinstance(value, LevelMapper):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if value.lower() == member.value:
+                    return member
+        raise ValueError(f"level_mapper must be 'torchvision' or 'detectron2', got {value!r}")
+
+
+def multiscale_roi_align(
+    features: Sequence[Array],
+    boxes: Array,
+    *,
+    output_size: int | tuple[int, int],
+    spatial_scales: Sequence[float],
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+    level_mapper: str = "torchvision",
+    box_indices: Array | None = None,
+    data_format: str = "NHWC",
+) -> Array:
+    """Multi-scale RoI Align (FPN): each box is pooled from the level its size selects.
+
+    A box of area ``A`` (image pixels) goes to level
+    ``k = floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6)``
+    (``level_mapper="torchvision"``) or
+    ``k = floor(canonical_level + log2(sqrt(A) / canonical_scale + 1e-8))``
+    (``"detectron2"``), clamped to ``[k_min, k_max]``, where the maps have
+    strides ``2**k_min, ..., 2**k_max``; it is then RoI-Aligned from that map with
+    spatial scale ``2**-k`` (see :func:`jax_roialign.roi_align`). The level is
+    computed in the boxes' dtype (at least float32) from ``A = (x2 - x1) * (y2 - y1)``
+    as the references do; a box of negative area (one side reversed) has no
+    level there (``sqrt`` is NaN) and gives zeros here too.
+
+    Every level is read through one flat concatenation of the maps, so the cost
+    is about that of one RoI Align over all the boxes, not one per level. Shapes
+    are static; under adaptive sampling a fast windowed read serves boxes up to
+    about 56 cells a side on their level, and a batch holding a larger box (e.g.
+    a huge box clamped to the coarsest level) takes the exact dense path.
+
+    For example, with an 800 x 1344 image and the maps P2-P5 (strides 4 to 32),
+    ``spatial_scales=(1/4, 1/8, 1/16, 1/32)``; the box ``(100, 40, 212, 96)``
+    (``sqrt(A) = 79.2`` pixels) goes to level ``floor(4 + log2(79.2 / 224)) = 2``
+    and is pooled from P2 at scale 0.25, spanning ``(25, 10, 53, 24)`` on it.
+
+    Same numbers as ``torchvision.ops.MultiScaleRoIAlign(names, output_size,
+    sampling_ratio)`` (with ``aligned=False``; NCHW maps) and detectron2's
+    ``ROIPooler(output_size, scales, sampling_ratio, "ROIAlignV2")``
+    (``aligned=True``, ``level_mapper="detectron2"``).
+
+    Args:
+      features: a sequence of ``L`` maps, finest first, each ``[N, H_l, W_l, C]``
+        (``data_format="NHWC"``) or ``[N, C, H_l, W_l]`` (``"NCHW"``), with the
+        same ``N`` and ``C``.
+      boxes: image coordinates ``(x1, y1, x2, y2)``, as ``[K, 5]`` rows
+        ``(batch_index, x1, y1, x2, y2)``, ``[K, 4]`` with ``box_indices``, or per
+        image ``[N, R, 4]``.
+      output_size: ``(PH, PW)`` or an int for a square output.
+      spatial_scales: one scale per map, powers of two halving from one map to
+        the next, e.g. ``(1/4, 1/8, 1/16, 1/32)`` for P2-P5; they give
+        ``k_min = -log2(spatial_scales[0])`` and ``k_max = -log2(spatial_scales[-1])``.
+      sampling_ratio: samples per bin per axis; ``<= 0`` for adaptive
+        ``ceil(roi_size / output_size)`` (exact for any box size).
+      aligned: shift boxes by -0.5 cell (detectron2's ROIAlignV2). torchvision's
+        ``MultiScaleRoIAlign`` uses ``aligned=False``.
+      canonical_scale: the box size (sqrt of the area, pixels) that maps to
+        ``canonical_level``; 224 in the FPN paper.
+      canonical_level: the level of a box of size ``canonical_scale``; 4.
+      level_mapper: ``"torchvision"`` or ``"detectron2"`` (the formulas above).
+      box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
+      data_format: ``"NHWC"`` (default) or ``"NCHW"``.
+
+    Returns:
+      ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
+      per-image boxes, in the maps' dtype (computed in float32 or wider).
+    """
+    layout = DataFormat.parse(data_format)
+    mapper = LevelMapper.parse(level_mapper)
+    ph, pw = output_size_pair(output_size)
+    ratio = sampling_ratio_int(sampling_ratio)
+    aligned = check_bool(aligned, "aligned")
+    maps, shapes = _check_maps(features, layout)
+    k_min, scales = _check_scales(spatial_scales, len(maps))
+    canonical_scale = positive_scale(canonical_scale, "canonical_scale")
+    if isinstance(canonical_level, bool) or not isinstance(canonical_level, numbers.Integral):
+        raise TypeError(f"canonical_level must be an int, got {canonical_level!r}")
+    n, c = shapes[0][0], shapes[0][3]
+    rois = parse_boxes(boxes, box_indices, n)
+    dtype = compute_dtype(jnp.result_type(*maps), boxes)
+    out_dtype = jnp.result_type(*maps)
+    level, has_level = fpn_levels(
+        rois.coords,
+        k_min=k_min,
+        k_max=k_min + len(maps) - 1,
+        canonical_scale=canonical_scale,
+        canonical_level=int(canonical_level),
+        level_mapper=mapper,
+    )
+    if rois.coords.shape[0] == 0:
+        out = jnp.zeros((0, ph, pw, c), dtype)
+    else:
+        out = _pool(
+            maps,
+            layout,
+            rois,
+            level,
+            has_level,
+            [(h, w) for (_, h, w, _) in shapes],
+            scales,
+            (ph, pw),
+            sampling_ratio=ratio,
+            aligned=aligned,
+            dtype=dtype,
+        )
+    return finish_output(out, rois, layout, out_dtype)
+
+
+def _check_maps(features: Any, layout: DataFormat) -> tuple[list[Array], list[tuple]]:
+    if not isinstance(features, Sequence) or isinstance(features, str):
+        raise TypeError(
+            "features must be a sequence (list or tuple) of feature maps, finest first; "
+            f"got {type(features).__name__}"
+        )
+    if len(features) == 0:
+        raise ValueError("features must hold at least one feature map, got an empty sequence")
+    maps = [jnp.asarray(f) for f in features]
+    shapes = [features_nhwc_shape(f, layout, name=f"features[{i}]") for i, f in enumerate(maps)]
+    n0, _, _, c0 = shapes[0]
+    for i, (n, _, _, c) in enumerate(shapes):
+        if n != n0 or c != c0:
+            raise ValueError(
+                "every feature map must have the same batch size and channels as features[0] "
+                f"(N={n0}, C={c0}); features[{i}] has N={n}, C={c} "
+                f"(shape {tuple(jnp.shape(maps[i]))}, data_format={layout.value!r})"
+            )
+    return maps, shapes
+
+
+def _check_scales(spatial_scales: Any, num_maps: int) -> tuple[int, list[float]]:
+    """Returns ``k_min`` and the scales, checked to be ``2**-k_min, 2**-(k_min+1), ...``."""
+    if isinstance(spatial_scales, numbers.Real) or not isinstance(spatial_scales, Sequence):
+        raise TypeError(
+            "spatial_scales must be a sequence of one scale per feature map, "
+            f"got {spatial_scales!r}"
+        )
+    if len(spatial_scales) != num_maps:
+        raise ValueError(
+            f"spatial_scales must have one scale per feature map: got {len(spatial_scales)} "
+            f"scales {tuple(spatial_scales)!r} for {num_maps} maps"
+        )
+    scales = [positive_scale(s, f"spatial_scales[{i}]") for i, s in enumerate(spatial_scales)]
+    levels = []
+    for i, s in enumerate(scales):
+        mantissa, exponent = math.frexp(s)
+        if mantissa != 0.5:
+            raise ValueError(
+                "spatial_scales must be powers of two (1 / stride), "
+                f"got spatial_scales[{i}] = {s!r}"
+            )
+        levels.append(1 - exponent)
+    if levels != list(range(levels[0], levels[0] + num_maps)):
+        raise ValueError(
+            "spatial_scales must halve from one map to the next, finest first "
+            f"(a pyramid like (1/4, 1/8, 1/16, 1/32)); got {tuple(spatial_scales)!r}"
+        )
+    return levels[0], scales
+
+
+def _log2(x: Array) -> Array:
+    """log2 exact at powers of two (``jnp.log2`` is not, which would move level boundaries)."""
+    m, e = jnp.frexp(x)
+    small = m < math.sqrt(0.5)
+    m = jnp.where(small, m * 2.0, m)
+    e = jnp.where(small, e - 1, e)
+    return e.astype(x.dtype) + jnp.log1p(m - 1.0) * jnp.asarray(1.0 / math.log(2.0), x.dtype)
+
+
+def fpn_levels(
+    coords: Array,
+    *,
+    k_min: int,
+    k_max: int,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+    level_mapper: LevelMapper = LevelMapper.TORCHVISION,
+) -> tuple[Array, Array]:
+    """Level index ``k - k_min`` ``[K]`` int32 of boxes ``[K, 4]``, and whether it exists.
+
+    Computed in the boxes' dtype (at least float32) with the references'
+    operation order. A negative area (NaN size) has no level.
+    """
+    dtype = jnp.result_type(coords.dtype, jnp.float32)
+    c = jax.lax.stop_gradient(coords).astype(dtype)
+    area = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+    size = jnp.sqrt(area)
+    if level_mapper is LevelMapper.TORCHVISION:
+        raw = jnp.floor(canonical_level + _log2(size / canonical_scale) + 1e-6)
+    else:
+        raw = jnp.floor(canonical_level + _log2(size / canonical_scale + 1e-8))
+    has_level = ~jnp.isnan(raw)
+    k = jnp.clip(jnp.where(has_level, raw, k_min), k_min, k_max)
+    return (k - k_min).astype(jnp.int32), has_level
+
+
+def fast_window(pooled: int, length: int) -> int:
+    """Rows per bin read by the fast adaptive path (enough for a ``_FAST_SPAN``-cell side)."""
+    return min(length, math.ceil(_FAST_SPAN / pooled) + 3)
+
+
+def _pool(
+    maps: list[Array],
+    layout: DataFormat,
+    rois: Rois,
+    level: Array,
+    has_level: Array,
+    sizes: list[tuple[int, int]],
+    scales: list[float],
+    pooled: tuple[int, int],
+    *,
+    sampling_ratio: int,
+    aligned: bool,
+    dtype: Any,
+    path: str = "auto",
+) -> Array:
+    """``[K, PH, PW, C]`` for boxes already assigned to levels."""
+    hs = np.array([h for h, _ in sizes])
+    ws = np.array([w for _, w in sizes])
+    offsets = np.concatenate([[0], np.cumsum(hs * ws)[:-1]])
+    ok = rois.ok & has_level
+    scale = jnp.asarray(scales, dtype)[level]
+    ext_h = jnp.asarray(hs, jnp.int32)[level]
+    ext_w = jnp.asarray(ws, jnp.int32)[level]
+    coords = jnp.where(ok[:, None], rois.coords.astype(dtype), 0.0)
+    x1, y1, x2, y2 = (coords[:, i] for i in range(4))
+    common = dict(
+        spatial_scale=scale,
+        offset=0.5 if aligned else 0.0,
+        min_size=None if aligned else 1.0,
+        sampling_ratio=sampling_ratio,
+    )
+    gy = _sampling.axis_grid(y1, y2, pooled=pooled[0], length=int(hs.max()), extent=ext_h, **common)
+    gx = _sampling.axis_grid(x1, x2, pooled=pooled[1], length=int(ws.max()), extent=ext_w, **common)
+    geo = (jnp.asarray(offsets, jnp.int32)[level], ext_w, level)
+    okf = ok.astype(dtype)[:, None, None]
+
+    if layout is DataFormat.NHWC:
+        flat = jnp.concatenate([m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
+    else:
+        flat = jnp.concatenate([m.reshape(m.shape[0], m.shape[1], -1) for m in maps], axis=2)
+
+    ty = fast_window(pooled[0], gy.length)
+    tx = fast_window(pooled[1], gx.length)
+
+    def taps(g: _sampling.AxisGrid, t: int):
+        if g.static_count is not None:
+            return _sampling.sample_taps(g)
+        return _sampling.window_taps(g, t)
+
+    def fast(f, m, b, gy, gx, ok, geo):
+        off, row_len, _ = geo
+        iy, wy = taps(gy, ty)
+        ix, wx = taps(gx, tx)
+        bb, oo, rr = b[:, None, None], off[:, None, None], row_len[:, None, None]
+
+        def reader(rows, cols):
+            pos = oo + rows * rr + cols
+            return f[bb, pos] if layout is DataFormat.NHWC else f[bb, :, pos]
+
+        return _contract.contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
+
+    def exact(f, m, b, gy, gx, ok, geo):
+        # Dense weights over the largest level once (zero beyond each box's own
+        # extent), cut to each level's size; each level contracts only its boxes.
+        wy_all = _sampling.dense_weights(gy) * ok
+        wx_all = _sampling.dense_weights(gx)
+        out = None
+        for i, (h, w) in enumerate(sizes):
+            on = (geo[2] == i).astype(dtype)[:, None, None]
+            part = _contract.contract_dense(
+                m[i], layout, b, wy_all[..., :h] * on, wx_all[..., :w], dtype
+            )
+            out = part if out is None else out + part
+        return out
+
+    per_image = len(rois.lead_shape) == 2
+
+    def run(fn):
+        args = (gy, gx, okf, geo)
+        if not per_image:
+            return fn(flat, maps, rois.batch, *args)
+        n = flat.shape[0]
+        grouped = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), args)
+        local = jnp.zeros((grouped[2].shape[1],), jnp.int32)
+        out = jax.vmap(lambda f, m, *a: fn(f, m, local, *a))(
+            flat[:, None], [x[:, None] for x in maps], *grouped
+        )
+        return out.reshape((-1,) + out.shape[2:])
+
+    if path == "fast":
+        return run(fast)
+    if path == "exact":
+        return run(exact)
+
+    def fits(g: _sampling.AxisGrid, t: int) -> Array | None:
+        if g.static_count is not None or t >= g.length:
+            return None
+        _, rows = _sampling.row_window(g)
+        return jnp.all(jnp.where(ok[:, None], rows, 0) <= t)
+
+    checks = [x for x in (fits(gy, ty), fits(gx, tx)) if x is not None]
+    if not checks:
+        return run(fast)
+    pred = checks[0] if len(checks) == 1 else checks[0] & checks[1]
+    return jax.lax.cond(pred, lambda: run(fast), lambda: run(exact))

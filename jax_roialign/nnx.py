@@ -1,0 +1,302 @@
+"""Flax NNX modules for the RoI Align family.
+
+Each module holds its function's settings as plain attributes and its
+``__call__`` calls the pure function, so a module gives exactly the function's
+numbers (see the functions in :mod:`jax_roialign` for the semantics). Only
+:class:`DeformableRoIAlign` has parameters (its offset predictor).
+
+Example::
+
+    from flax import nnx
+    from jax_roialign.nnx import MultiScaleRoIAlign
+
+    pool = MultiScaleRoIAlign(output_size=7, spatial_scales=(1/4, 1/8, 1/16, 1/32))
+    crops = pool([p2, p3, p4, p5], boxes)  # boxes [N, R, 4] -> [N, R, 7, 7, C]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ._deform import deform_roi_align
+from ._multiscale import multiscale_roi_align
+from ._pool import roi_pool
+from ._precise import precise_roi_pool
+from ._roi_align import roi_align
+from ._rotated import roi_align_rotated
+
+Array = jax.Array
+
+__all__ = [
+    "RoIAlign",
+    "MultiScaleRoIAlign",
+    "RoIPool",
+    "PreciseRoIPool",
+    "RoIAlignRotated",
+    "DeformableRoIAlign",
+]
+
+
+def _static(value: Any) -> Any:
+    """Sequences as tuples, so that settings stay static (hashable) attributes."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(value)
+    return value
+
+
+class RoIAlign(nnx.Module):
+    """:func:`jax_roialign.roi_align` as an NNX module (no parameters).
+
+    ``RoIAlign(output_size=7, spatial_scale=1/16)(features, boxes, box_indices=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        aligned: bool = True,
+        mode: str = "avg",
+        data_format: str = "NHWC",
+        method: str = "auto",
+    ):
+        self.output_size = _static(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.mode = mode
+        self.data_format = data_format
+        self.method = method
+
+    def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
+        return roi_align(
+            features,
+            boxes,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+            mode=self.mode,
+            box_indices=box_indices,
+            data_format=self.data_format,
+            method=self.method,
+        )
+
+
+class MultiScaleRoIAlign(nnx.Module):
+    """:func:`jax_roialign.multiscale_roi_align` as an NNX module (no parameters).
+
+    ``MultiScaleRoIAlign(output_size=7, spatial_scales=(1/4, 1/8, 1/16, 1/32))(
+    [p2, p3, p4, p5], boxes, box_indices=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_size: int | tuple[int, int],
+        spatial_scales: Sequence[float],
+        sampling_ratio: int = 0,
+        aligned: bool = True,
+        canonical_scale: float = 224,
+        canonical_level: int = 4,
+        level_mapper: str = "torchvision",
+        data_format: str = "NHWC",
+    ):
+        self.output_size = _static(output_size)
+        self.spatial_scales = _static(spatial_scales)
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.level_mapper = level_mapper
+        self.data_format = data_format
+
+    def __call__(
+        self, features: Sequence[Array], boxes: Array, box_indices: Array | None = None
+    ) -> Array:
+        return multiscale_roi_align(
+            list(features),
+            boxes,
+            output_size=self.output_size,
+            spatial_scales=self.spatial_scales,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+            canonical_scale=self.canonical_scale,
+            canonical_level=self.canonical_level,
+            level_mapper=self.level_mapper,
+            box_indices=box_indices,
+            data_format=self.data_format,
+        )
+
+
+class RoIPool(nnx.Module):
+    """:func:`jax_roialign.roi_pool` as an NNX module (no parameters)."""
+
+    def __init__(
+        self,
+        *,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        data_format: str = "NHWC",
+    ):
+        self.output_size = _static(output_size)
+        self.spatial_scale = spatial_scale
+        self.data_format = data_format
+
+    def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
+        return roi_pool(
+            features,
+            boxes,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            box_indices=box_indices,
+            data_format=self.data_format,
+        )
+
+
+class PreciseRoIPool(nnx.Module):
+    """:func:`jax_roialign.precise_roi_pool` as an NNX module (no parameters)."""
+
+    def __init__(
+        self,
+        *,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        data_format: str = "NHWC",
+    ):
+        self.output_size = _static(output_size)
+        self.spatial_scale = spatial_scale
+        self.data_format = data_format
+
+    def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
+        return precise_roi_pool(
+            features,
+            boxes,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            box_indices=box_indices,
+            data_format=self.data_format,
+        )
+
+
+class RoIAlignRotated(nnx.Module):
+    """:func:`jax_roialign.roi_align_rotated` as an NNX module (no parameters)."""
+
+    def __init__(
+        self,
+        *,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        aligned: bool = True,
+        clockwise: bool = False,
+        angle_unit: str = "degrees",
+        data_format: str = "NHWC",
+    ):
+        self.output_size = _static(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.clockwise = clockwise
+        self.angle_unit = angle_unit
+        self.data_format = data_format
+
+    def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
+        return roi_align_rotated(
+            features,
+            boxes,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+            clockwise=self.clockwise,
+            angle_unit=self.angle_unit,
+            box_indices=box_indices,
+            data_format=self.data_format,
+        )
+
+
+class DeformableRoIAlign(nnx.Module):
+    """Deformable RoI Align with its offset predictor (Deformable ConvNets, mmcv's
+    ``DeformRoIPoolPack``).
+
+    The boxes are first pooled with ``roi_align(..., aligned=True)``; the pooled
+    ``[PH, PW, C]`` features, flattened, go through a linear layer to per-bin
+    offsets ``[PH, PW, 2]``, and :func:`jax_roialign.deform_roi_align` pools again
+    with them. The layer starts at zero, so an untrained module is plain RoI
+    Align. ``channels`` is ``C``, the features' channel count.
+
+    Attributes:
+      offset_fc: the ``nnx.Linear(PH * PW * C, PH * PW * 2)`` offset predictor.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+        data_format: str = "NHWC",
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.output_size = _static(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.gamma = gamma
+        self.data_format = data_format
+        ph, pw = _pair(self.output_size)
+        self.offset_fc = nnx.Linear(
+            ph * pw * channels,
+            ph * pw * 2,
+            kernel_init=nnx.initializers.zeros,
+            bias_init=nnx.initializers.zeros,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
+        pooled = roi_align(
+            features,
+            boxes,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            aligned=True,
+            box_indices=box_indices,
+            data_format=self.data_format,
+        )
+        offsets = _offsets(self.offset_fc, pooled, self.output_size, jnp.ndim(boxes))
+        return deform_roi_align(
+            features,
+            boxes,
+            offsets,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            gamma=self.gamma,
+            box_indices=box_indices,
+            data_format=self.data_format,
+        )
+
+
+def _pair(output_size: Any) -> tuple[int, int]:
+    if isinstance(output_size, tuple):
+        return output_size[0], output_size[1]
+    return output_size, output_size
+
+
+def _offsets(layer, pooled: Array, output_size: Any, box_ndim: int) -> Array:
+    """Flattens each box's pooled features, applies ``layer``, shapes ``[..., PH, PW, 2]``."""
+    lead = pooled.shape[: 2 if box_ndim == 3 else 1]
+    ph, pw = _pair(output_size)
+    flat = pooled.reshape(lead + (-1,))
+    return layer(flat).reshape(lead + (ph, pw, 2))

@@ -1,0 +1,127 @@
+"""Many devices (8 forced host CPU devices, see conftest.py): batch sharding without
+cross-device traffic, shard_map, boxes sharded over devices, and jax.export."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_roialign as jr
+
+COLLECTIVE = re.compile(
+    r"\s(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+)
+N, R, C = 8, 5, 3
+
+
+def collectives(compiled_text: str) -> list[str]:
+    """The cross-device collective instructions of a compiled HLO module."""
+    return [line.strip() for line in compiled_text.splitlines() if COLLECTIVE.search(line)]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    return Mesh(np.array(jax.devices()[:8]), ("b",))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((N, 32, 36, C))
+    lo = rng.uniform(-4.0, 30.0, (N, R, 2))
+    size = rng.uniform(0.5, 14.0, (N, R, 2))
+    boxes = np.concatenate([lo, lo + size], axis=-1)
+    boxes[0, 0] = [-20.0, -20.0, 60.0, 60.0]  # larger than the map: the dense path when adaptive
+    return f, boxes
+
+
+def _put(mesh, x, spec):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_batch_sharded_per_image_boxes(mesh, data, sampling_ratio):
+    f, boxes = data
+    fn = jax.jit(lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=sampling_ratio))
+    want = fn(f, boxes)
+    fs, bs = _put(mesh, f, P("b")), _put(mesh, boxes, P("b"))
+    got = fn(fs, bs)
+    assert got.sharding.spec == P("b")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    found = collectives(fn.lower(fs, bs).compile().as_text())
+    if sampling_ratio > 0:
+        assert found == []
+    else:
+        # Adaptive sampling: the only traffic is the global "every box fits the fast
+        # window" predicate of jax.lax.cond, one all-reduce of two booleans (y and x).
+        assert len(found) == 1 and "all-reduce(" in found[0], found
+        assert found[0].split("=")[1].split("all-reduce")[0].strip() == "(pred[], pred[])"
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_batch_sharded_multiscale(mesh, data, sampling_ratio):
+    f, boxes = data
+    maps = [f, f[:, ::2, ::2] * 0.5, f[:, ::4, ::4] - 1.0]
+    kw = dict(output_size=3, spatial_scales=(1 / 4, 1 / 8, 1 / 16), sampling_ratio=sampling_ratio)
+    fn = jax.jit(lambda m, b: jr.multiscale_roi_align(m, b, **kw))
+    boxes = boxes * 16.0  # sizes 8 to 224 pixels: every level is used
+    want = fn(maps, boxes)
+    ms, bs = [_put(mesh, m, P("b")) for m in maps], _put(mesh, boxes, P("b"))
+    got = fn(ms, bs)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    found = collectives(fn.lower(ms, bs).compile().as_text())
+    if sampling_ratio > 0:
+        assert found == []
+    else:
+        assert len(found) == 1 and "all-reduce(" in found[0], found
+
+
+def test_shard_map_adaptive_has_no_collective(mesh, data):
+    f, boxes = data
+    pool = lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0)  # noqa: E731
+    fn = jax.jit(jax.shard_map(pool, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b")))
+    fs, bs = _put(mesh, f, P("b")), _put(mesh, boxes, P("b"))
+    np.testing.assert_allclose(fn(fs, bs), jax.jit(pool)(f, boxes), rtol=0, atol=1e-13)
+    assert collectives(fn.lower(fs, bs).compile().as_text()) == []
+    # The same for the multi-scale op.
+    kw = dict(output_size=3, spatial_scales=(1 / 4, 1 / 8), sampling_ratio=0)
+    ms_pool = lambda m0, m1, b: jr.multiscale_roi_align([m0, m1], b, **kw)  # noqa: E731
+    ms = jax.jit(jax.shard_map(ms_pool, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
+    m1 = f[:, ::2, ::2]
+    args = (fs, _put(mesh, m1, P("b")), _put(mesh, boxes * 8.0, P("b")))
+    np.testing.assert_allclose(ms(*args), jax.jit(ms_pool)(f, m1, boxes * 8.0), atol=1e-13)
+    assert collectives(ms.lower(*args).compile().as_text()) == []
+
+
+def test_boxes_sharded_features_replicated(mesh, data):
+    f, boxes = data
+    k = N * R
+    rois = np.concatenate(
+        [np.repeat(np.arange(N), R)[:, None].astype(np.float64), boxes.reshape(k, 4)], axis=1
+    )
+    rois = rois[np.random.default_rng(1).permutation(k)]
+    fn = jax.jit(lambda f, r: jr.roi_align(f, r, output_size=(3, 2), sampling_ratio=2))
+    want = fn(f, rois)
+    fr, rs = _put(mesh, f, P()), _put(mesh, rois, P("b"))
+    got = fn(fr, rs)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    assert collectives(fn.lower(fr, rs).compile().as_text()) == []
+
+
+def test_export_round_trip(data):
+    f, boxes = data
+    f32, b32 = jnp.asarray(f, jnp.float32), jnp.asarray(boxes, jnp.float32)
+    fn = jax.jit(lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0))
+    exported = jax.export.export(fn)(f32, b32)
+    blob = exported.serialize()
+    restored = jax.export.deserialize(blob)
+    assert restored.in_avals == exported.in_avals
+    np.testing.assert_array_equal(restored.call(f32, b32), fn(f32, b32))
