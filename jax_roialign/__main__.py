@@ -11,6 +11,7 @@ numbers.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,9 @@ def main() -> None:
 
     boxes = np.array([b for _, b in objects], np.float32)
     boxes = np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes], axis=1)
-    settings = dict(output_size=7, spatial_scale=1.0 / STRIDE, sampling_ratio=2, aligned=True)
+    settings: dict[str, Any] = dict(
+        output_size=7, spatial_scale=1.0 / STRIDE, sampling_ratio=2, aligned=True
+    )
     pool = jax.jit(lambda f, b: jr.roi_align(f, b, **settings))
 
     t0 = time.perf_counter()

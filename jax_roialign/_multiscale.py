@@ -284,7 +284,7 @@ def _pool(
     ext_w = jnp.asarray(ws, jnp.int32)[level]
     coords = jnp.where(ok[:, None], rois.coords.astype(dtype), 0.0)
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
-    common = dict(
+    common: dict[str, Any] = dict(
         spatial_scale=scale,
         offset=0.5 if aligned else 0.0,
         min_size=None if aligned else 1.0,

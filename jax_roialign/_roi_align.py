@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -121,7 +123,7 @@ def box_grids(
     """The y and x sample grids of axis-aligned boxes (non-finite boxes made harmless)."""
     coords = jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0)
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
-    common = dict(
+    common: dict[str, Any] = dict(
         spatial_scale=spatial_scale,
         offset=0.5 if aligned else 0.0,
         min_size=None if aligned else 1.0,
@@ -243,7 +245,9 @@ def aggregate_avg(
     count = max(len(wys), len(wxs))
     wys = wys + (wys[-1],) * (count - len(wys))
     wxs = wxs + (wxs[-1],) * (count - len(wxs))
-    branches = [lambda ty=ty, tx=tx: run(gather(ty, tx)) for ty, tx in zip(wys, wxs, strict=True)]
-    branches.append(lambda: run(dense))
+    branches: list[Callable[[], Array]] = [
+        functools.partial(run, gather(ty, tx)) for ty, tx in zip(wys, wxs, strict=True)
+    ]
+    branches.append(functools.partial(run, dense))
     index = jnp.maximum(choice(gy, wys), choice(gx, wxs))
     return jax.lax.switch(index, branches)

@@ -268,7 +268,9 @@ def aggregate_rotated(
             acc = zeros
             for i in range(sy):
                 for j in range(sx):
-                    yy, xx = positions_at(float(i), float(j), zero_y, zero_x)
+                    yy, xx = positions_at(
+                        jnp.asarray(i, dtype), jnp.asarray(j, dtype), zero_y, zero_x
+                    )
                     acc = acc + sample(yy, xx, None)
         else:
 

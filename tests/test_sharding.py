@@ -60,10 +60,11 @@ def test_batch_sharded_per_image_boxes(mesh, data, sampling_ratio):
     if sampling_ratio > 0:
         assert found == []
     else:
-        # Adaptive sampling: the only traffic is the global "every box fits the fast
-        # window" predicate of jax.lax.cond, one all-reduce of two booleans (y and x).
+        # Adaptive sampling: the only traffic is the global window choice of
+        # jax.lax.switch (the rows the largest bin needs, y and x): one all-reduce of
+        # two scalars.
         assert len(found) == 1 and "all-reduce(" in found[0], found
-        assert found[0].split("=")[1].split("all-reduce")[0].strip() == "(pred[], pred[])"
+        assert found[0].split("=")[1].split("all-reduce")[0].strip() == "(s32[], s32[])"
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
