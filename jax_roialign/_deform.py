@@ -234,14 +234,14 @@ def aggregate_avg_per_bin(
     tx = fast_window(gx.length, pw)
 
     def fast(_):
-        iy, wy = _sampling.window_taps(gy, ty)
-        ix, wx = _sampling.window_taps(gx, tx)
+        iy, wy = _sampling.axis_taps(gy, ty)
+        ix, wx = _sampling.axis_taps(gx, tx)
         return _contract.contract_taps(
             features, layout, batch, per_bin(iy), per_bin(wy) * okw, per_bin(ix), per_bin(wx), dtype
         )
 
     live = ok.reshape(k, ph * pw) > 0
-    _, rows_y = _sampling.row_window(gy)
-    _, rows_x = _sampling.row_window(gx)
-    fits = jnp.all(jnp.where(live, rows_y, 0) <= ty) & jnp.all(jnp.where(live, rows_x, 0) <= tx)
-    return jax.lax.cond(fits, fast, dense, None)
+    index = jnp.maximum(
+        _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+    )
+    return jax.lax.switch(index, [fast, dense], None)

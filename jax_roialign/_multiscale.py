@@ -303,15 +303,10 @@ def _pool(
     ty = fast_window(pooled[0], gy.length)
     tx = fast_window(pooled[1], gx.length)
 
-    def taps(g: _sampling.AxisGrid, t: int):
-        if g.static_count is not None:
-            return _sampling.sample_taps(g)
-        return _sampling.window_taps(g, t)
-
     def fast(f, m, b, gy, gx, ok, geo):
         off, row_len, _ = geo
-        iy, wy = taps(gy, ty)
-        ix, wx = taps(gx, tx)
+        iy, wy = _sampling.axis_taps(gy, ty)
+        ix, wx = _sampling.axis_taps(gx, tx)
         bb, oo, rr = b[:, None, None], off[:, None, None], row_len[:, None, None]
 
         def reader(rows, cols):
@@ -353,14 +348,10 @@ def _pool(
     if path == "exact":
         return run(exact)
 
-    def fits(g: _sampling.AxisGrid, t: int) -> Array | None:
-        if g.static_count is not None or t >= g.length:
-            return None
-        _, rows = _sampling.row_window(g)
-        return jnp.all(jnp.where(ok[:, None], rows, 0) <= t)
-
-    checks = [x for x in (fits(gy, ty), fits(gx, tx)) if x is not None]
-    if not checks:
+    if all(g.static_count is not None or t >= g.length for g, t in ((gy, ty), (gx, tx))):
         return run(fast)
-    pred = checks[0] if len(checks) == 1 else checks[0] & checks[1]
-    return jax.lax.cond(pred, lambda: run(fast), lambda: run(exact))
+    live = ok[:, None]
+    index = jnp.maximum(
+        _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+    )
+    return jax.lax.switch(index, [lambda: run(fast), lambda: run(exact)])

@@ -204,14 +204,9 @@ def _ps_nhwc_out(
     ty = fast_window(gy.length, pooled[0])
     tx = fast_window(gx.length, pooled[1])
 
-    def taps(g: _sampling.AxisGrid, t: int):
-        if g.static_count is not None:
-            return _sampling.sample_taps(g)
-        return _sampling.window_taps(g, t)
-
     def fast():
-        iy, wy = taps(gy, ty)
-        ix, wx = taps(gx, tx)
+        iy, wy = _sampling.axis_taps(gy, ty)
+        ix, wx = _sampling.axis_taps(gx, tx)
         return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
 
     def dense():
@@ -221,9 +216,8 @@ def _ps_nhwc_out(
 
     if sampling_ratio > 0:
         return fast()
-    fits = jnp.array(True)
-    for g, t in ((gy, ty), (gx, tx)):
-        if t < g.length:
-            _, rows = _sampling.row_window(g)
-            fits = fits & jnp.all(jnp.where(ok[..., 0] > 0, rows, 0) <= t)
-    return jax.lax.cond(fits, fast, dense)
+    live = ok[..., 0] > 0
+    index = jnp.maximum(
+        _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+    )
+    return jax.lax.switch(index, [fast, dense])

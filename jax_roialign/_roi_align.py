@@ -206,14 +206,9 @@ def aggregate_avg(
         return _contract.contract_dense(f, layout, b, wy, wx, dtype)
 
     def gather(ty: int, tx: int):
-        def taps(g: _sampling.AxisGrid, t: int):
-            if g.static_count is not None:
-                return _sampling.sample_taps(g)
-            return _sampling.window_taps(g, t)
-
         def fn(f, b, gy, gx, ok):
-            iy, wy = taps(gy, ty)
-            ix, wx = taps(gx, tx)
+            iy, wy = _sampling.axis_taps(gy, ty)
+            ix, wx = _sampling.axis_taps(gx, tx)
             return _contract.contract_taps(f, layout, b, iy, wy * ok, ix, wx, dtype)
 
         return fn
@@ -234,14 +229,6 @@ def aggregate_avg(
 
     # Adaptive: the smallest window that every bin fits, else the dense path.
     wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
-
-    def choice(g: _sampling.AxisGrid, sizes: tuple[int, ...]) -> Array:
-        _, rows = _sampling.row_window(g)
-        need = jnp.max(jnp.where(ok[..., 0] > 0, rows, 0))
-        index = jnp.sum((need > jnp.asarray(sizes)).astype(jnp.int32))
-        # A window as long as the map holds every bin: no need for the dense path.
-        return jnp.where(sizes[-1] >= g.length, jnp.minimum(index, len(sizes) - 1), index)
-
     count = max(len(wys), len(wxs))
     wys = wys + (wys[-1],) * (count - len(wys))
     wxs = wxs + (wxs[-1],) * (count - len(wxs))
@@ -249,5 +236,8 @@ def aggregate_avg(
         functools.partial(run, gather(ty, tx)) for ty, tx in zip(wys, wxs, strict=True)
     ]
     branches.append(functools.partial(run, dense))
-    index = jnp.maximum(choice(gy, wys), choice(gx, wxs))
+    live = ok[..., 0] > 0
+    index = jnp.maximum(
+        _sampling.window_choice(gy, wys, live), _sampling.window_choice(gx, wxs, live)
+    )
     return jax.lax.switch(index, branches)

@@ -311,6 +311,30 @@ def window_taps(grid: AxisGrid, taps: int) -> tuple[Array, Array]:
     return jnp.clip(rows, 0, top), w
 
 
+def axis_taps(grid: AxisGrid, window: int) -> tuple[Array, Array]:
+    """The taps of a grid: two per sample for a static grid, else ``window`` rows per bin."""
+    if grid.static_count is not None:
+        return sample_taps(grid)
+    return window_taps(grid, window)
+
+
+def window_choice(grid: AxisGrid, windows: tuple[int, ...], live: Array) -> Array:
+    """Index of the smallest of ``windows`` (ascending) that every live bin fits.
+
+    ``live`` ``[K, P]`` (broadcastable) masks boxes or bins that give zeros anyway.
+    ``len(windows)`` means none fits (take the dense path), except that a static
+    grid, or a window as long as the map, always fits.
+    """
+    if grid.static_count is not None:
+        return jnp.asarray(0, jnp.int32)
+    _, rows = row_window(grid)
+    need = jnp.max(jnp.where(live, rows, 0))
+    index = jnp.sum((need > jnp.asarray(windows)).astype(jnp.int32))
+    if windows[-1] >= grid.length:
+        index = jnp.minimum(index, len(windows) - 1)
+    return index
+
+
 def dense_weights(grid: AxisGrid) -> Array:
     """Weights over every row of the map, ``[K, P, L]``: exact for any grid."""
     k, p = grid.first.shape
