@@ -21,8 +21,8 @@ import numpy as np
 from ._contract import read
 from ._sampling import exact_divide
 from ._validation import (
+    Call,
     DataFormat,
-    Rois,
     prepare,
 )
 
@@ -95,17 +95,7 @@ def roi_pool(
         data_format=data_format,
         checks=checks,
     )
-    return call.output(
-        lambda: _roi_pool_nhwc_out(
-            call.features,
-            call.layout,
-            call.rois,
-            call.pooled,
-            call.size,
-            call.spatial_scale,
-            call.dtype,
-        )
-    )
+    return call.output(lambda: _roi_pool_nhwc_out(call))
 
 
 def round_half_away(v: Array) -> Array:
@@ -203,15 +193,9 @@ def gather_flat(features: Array, layout: DataFormat, batch: Array, flat: Array) 
     return features.reshape(n, c, -1)[b, ch, flat]
 
 
-def _roi_pool_nhwc_out(
-    features: Array,
-    layout: DataFormat,
-    rois: Rois,
-    pooled: tuple[int, int],
-    size: tuple[int, int],
-    spatial_scale: float,
-    dtype: Any,
-) -> Array:
+def _roi_pool_nhwc_out(call: Call) -> Array:
+    features, layout, rois = call.features, call.layout, call.rois
+    pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
     coords = jax.lax.stop_gradient(jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0))
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     ys, ye = pool_bins(y1, y2, pooled=pooled[0], length=size[0], spatial_scale=spatial_scale)

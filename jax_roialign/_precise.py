@@ -14,16 +14,13 @@ differentiable in the box coordinates too.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from ._contract import contract_dense, contract_taps
 from ._roi_align import fast_window
 from ._validation import (
-    DataFormat,
-    Rois,
+    Call,
     prepare,
 )
 
@@ -88,17 +85,7 @@ def precise_roi_pool(
         data_format=data_format,
         checks=checks,
     )
-    return call.output(
-        lambda: _precise_nhwc_out(
-            call.features,
-            call.layout,
-            call.rois,
-            call.pooled,
-            call.size,
-            call.spatial_scale,
-            call.dtype,
-        )
-    )
+    return call.output(lambda: _precise_nhwc_out(call))
 
 
 def tent_integral(u: Array) -> Array:
@@ -143,15 +130,9 @@ def integral_window(first: Array, bin_size: Array, length: int) -> tuple[Array, 
     return r0.astype(jnp.int32), (r1 - r0 + 1).astype(jnp.int32)
 
 
-def _precise_nhwc_out(
-    features: Array,
-    layout: DataFormat,
-    rois: Rois,
-    pooled: tuple[int, int],
-    size: tuple[int, int],
-    spatial_scale: float,
-    dtype: Any,
-) -> Array:
+def _precise_nhwc_out(call: Call) -> Array:
+    features, layout, rois = call.features, call.layout, call.rois
+    pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
     coords = jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0)
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     fy, by = bin_edges(y1, y2, pooled=pooled[0], spatial_scale=spatial_scale)

@@ -18,8 +18,8 @@ from . import _sampling
 from ._contract import _HIGHEST, contract_taps_with
 from ._roi_align import box_grids, fast_window
 from ._validation import (
+    Call,
     DataFormat,
-    Rois,
     prepare,
     sampling_ratio_int,
 )
@@ -98,16 +98,7 @@ def ps_roi_align(
             f"data_format={call.layout.value!r})"
         )
     return call.output(
-        lambda: _ps_nhwc_out(
-            call.features,
-            call.layout,
-            call.rois,
-            call.pooled,
-            call.size,
-            call.spatial_scale,
-            ratio,
-            call.dtype,
-        ),
+        lambda: _ps_nhwc_out(call, ratio),
         channels=c // (ph * pw),
     )
 
@@ -179,16 +170,9 @@ def contract_dense_grouped(
     return out.reshape((-1,) + out.shape[2:])[:k]
 
 
-def _ps_nhwc_out(
-    features: Array,
-    layout: DataFormat,
-    rois: Rois,
-    pooled: tuple[int, int],
-    size: tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    dtype: Any,
-) -> Array:
+def _ps_nhwc_out(call: Call, sampling_ratio: int) -> Array:
+    features, layout, rois = call.features, call.layout, call.rois
+    pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
     # torchvision's ps_roi_align geometry is roi_align's with aligned=True.
     gy, gx = box_grids(
         rois,
