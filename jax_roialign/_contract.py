@@ -7,8 +7,12 @@ Reads are done in the map's own dtype and cast to the compute dtype per value.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._validation import DataFormat
 
@@ -33,6 +37,8 @@ def contract_taps(
     ix: Array,
     wx: Array,
     dtype,
+    *,
+    row_vjp: bool = True,
 ) -> Array:
     """``out[k,ph,pw,c] = sum_ab wy[k,ph,a] wx[k,pw,b] F[batch[k], iy[k,ph,a], ix[k,pw,b], c]``.
 
@@ -40,7 +46,18 @@ def contract_taps(
     ``ix, wx``: ``[K, PW, B]`` or ``[K, PH, PW, B]``. One gather per tap pair, each the
     size of the output, summed in one fused loop, so no tensor larger than the
     output is materialised.
+
+    ``row_vjp``: for separable taps, the feature gradient is :func:`rows_transpose`
+    (box by box, row windows; deterministic) instead of autodiff's scatter-add.
     """
+    if row_vjp and iy.ndim == 3 and ix.ndim == 3:
+        flat, width = flat_view(features, layout)
+        k = batch.shape[0]
+        offset = jnp.zeros((k,), jnp.int32)
+        row_length = jnp.full((k,), width, jnp.int32)
+        return contract_rows(
+            flat, layout, batch, offset, row_length, iy, wy, ix, wx, dtype, min_row_length=width
+        )
     b = batch[:, None, None]
     return contract_taps_with(
         lambda rows, cols: read(features, layout, b, rows, cols), iy, wy, ix, wx, dtype
@@ -137,3 +154,271 @@ def contract_dense(
     parts = [x.reshape((-1, chunk) + x.shape[1:]) for x in parts]
     out = jax.lax.map(one, tuple(parts))
     return out.reshape((-1,) + out.shape[2:])[:k]
+
+
+# ---------------------------------------------------------------------------
+# Separable taps on a row-major map, with a box-by-box transpose.
+# ---------------------------------------------------------------------------
+
+
+def flat_view(features: Array, layout: DataFormat) -> tuple[Array, int]:
+    """``[N, H * W, C]`` (NHWC) or ``[N, C, H * W]`` (NCHW) view of a map, and ``W``."""
+    if layout is DataFormat.NHWC:
+        n, h, w, c = features.shape
+        return features.reshape(n, h * w, c), w
+    n, c, h, w = features.shape
+    return features.reshape(n, c, h * w), w
+
+
+def read_flat(flat: Array, layout: DataFormat, b: Array, pos: Array) -> Array:
+    """``flat[b, pos]`` as ``[..., C]`` for either flat layout."""
+    return flat[b, pos] if layout is DataFormat.NHWC else flat[b, :, pos]
+
+
+# Widest run of columns one step of the transpose adds at once.
+ROW_CHUNK = 32
+# Rows of a box unrolled in one step of the transpose; more loop over bins.
+ROW_UNROLL = 64
+
+
+def contract_rows(
+    flat: Array,
+    layout: DataFormat,
+    batch: Array,
+    offset: Array,
+    row_length: Array,
+    iy: Array,
+    wy: Array,
+    ix: Array,
+    wx: Array,
+    dtype,
+    *,
+    min_row_length: int,
+) -> Array:
+    """:func:`contract_taps` on a flat map: row ``r``, column ``c`` of box ``k`` is
+    ``flat[batch[k], offset[k] + r * row_length[k] + c]`` (one map, or FPN levels
+    concatenated). Separable taps ``[K, P, T]``; returns ``[K, PH, PW, C]``.
+
+    Differentiable in ``flat``, ``wy`` and ``wx`` (reverse mode, any order). The
+    feature gradient is :func:`rows_transpose`: per box, the cotangent is
+    contracted with the x-weights of a run of columns and added row by row with
+    ``dynamic_update_slice``, in box order -- no scatter, so it is the same bits
+    on every run and every backend, and nothing the size of the taps is stored.
+    """
+    op, _ = _rows_ops(
+        layout,
+        np.dtype(dtype),
+        min(ROW_CHUNK, int(min_row_length)),
+        tuple(flat.shape),
+        np.dtype(flat.dtype),
+    )
+    return op(flat, wy, wx, batch, offset, row_length, iy, ix)
+
+
+def _rows_forward(layout, dtype, flat, wy, wx, batch, offset, row_length, iy, ix):
+    b = batch[:, None, None]
+    base = offset[:, None, None]
+    rl = row_length[:, None, None]
+
+    def reader(rows, cols):
+        return read_flat(flat, layout, b, base + rows * rl + cols)
+
+    return contract_taps_with(reader, iy, wy, ix, wx, dtype)
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, flat_dtype: Any):
+    """``(op, transpose)``: :func:`contract_rows` and its transpose in the map, two
+    ``custom_vjp`` functions that differentiate into each other, so reverse-mode
+    autodiff of any order runs the fast pair (``op`` is bilinear in the map and
+    the weights; so is ``transpose`` in the cotangent and the weights)."""
+    forward = functools.partial(_rows_forward, layout, dtype)
+
+    def weights_grad(flat, wy, wx, ints, g):
+        # <g, op(flat, wy, wx)> is linear in wy and in wx: autodiff of the
+        # weighted sum (the reads of ``flat`` are constants here, no scatter).
+        _, vjp = jax.vjp(lambda wy, wx: forward(flat, wy, wx, *ints), wy, wx)
+        return vjp(g)
+
+    @jax.custom_vjp
+    def op(flat, wy, wx, *ints):
+        return forward(flat, wy, wx, *ints)
+
+    @jax.custom_vjp
+    def transpose(g, wy, wx, *ints):
+        return _batched_rows_transpose(layout, dtype, chunk, flat_shape)(g, wy, wx, *ints).astype(
+            flat_dtype
+        )
+
+    def unpack(args):
+        # symbolic_zeros: each argument says whether it is differentiated; the
+        # residuals record which parts of the gradient anybody asked for.
+        values = tuple(a.value for a in args)
+        return values, (args[0].perturbed, args[1].perturbed or args[2].perturbed)
+
+    def op_fwd(*args):
+        values, wanted = unpack(args)
+        return forward(*values), (values, wanted)
+
+    def op_bwd(res, g):
+        (flat, wy, wx, *ints), (want_map, want_weights) = res
+        d_map = d_wy = d_wx = None
+        if not _is_zero(g):
+            if want_map:
+                d_map = transpose(g, wy, wx, *ints)
+            if want_weights:
+                d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
+        return (d_map, d_wy, d_wx) + (None,) * len(ints)
+
+    def t_fwd(*args):
+        values, wanted = unpack(args)
+        return transpose(*values), (values, wanted)
+
+    def t_bwd(res, ct):
+        (g, wy, wx, *ints), (want_g, want_weights) = res
+        d_g = d_wy = d_wx = None
+        if not _is_zero(ct):
+            ct = jnp.asarray(ct, flat_dtype)
+            if want_g:
+                d_g = op(ct, wy, wx, *ints)
+            if want_weights:
+                d_wy, d_wx = weights_grad(ct, wy, wx, ints, g)
+        return (d_g, d_wy, d_wx) + (None,) * len(ints)
+
+    op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
+    transpose.defvjp(t_fwd, t_bwd, symbolic_zeros=True)
+    return op, transpose
+
+
+@functools.lru_cache(maxsize=256)
+def _batched_rows_transpose(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple):
+    """:func:`rows_transpose` with a vmap rule that folds the vmapped axis into the
+    images: ``B`` maps of ``N`` images are one map of ``B * N`` images and the
+    boxes of all of them one list. Plain batching would turn every row add into a
+    scatter and the per-box loops into loops over the whole batch with selects
+    over the whole map."""
+
+    @jax.custom_batching.custom_vmap
+    def fn(g, wy, wx, batch, offset, row_length, iy, ix):
+        return rows_transpose(
+            g,
+            flat_shape,
+            layout,
+            wy,
+            wx,
+            batch,
+            offset,
+            row_length,
+            iy,
+            ix,
+            dtype=dtype,
+            chunk=chunk,
+        )
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, g, wy, wx, batch, offset, row_length, iy, ix):
+        args = [g, wy, wx, batch, offset, row_length, iy, ix]
+        args = [
+            a if batched else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+            for a, batched in zip(args, in_batched, strict=True)
+        ]
+        g, wy, wx, batch, offset, row_length, iy, ix = args
+        n = flat_shape[0]
+        batch = batch + n * jnp.arange(axis_size, dtype=batch.dtype)[:, None]
+        flat = [a.reshape((-1,) + a.shape[2:]) for a in args]
+        flat[3] = batch.reshape(-1)
+        out = _batched_rows_transpose(layout, dtype, chunk, (axis_size * n,) + flat_shape[1:])(
+            *flat
+        )
+        return out.reshape((axis_size,) + flat_shape), True
+
+    return fn
+
+
+def rows_transpose(
+    g: Array,
+    flat_shape: tuple[int, ...],
+    layout: DataFormat,
+    wy: Array,
+    wx: Array,
+    batch: Array,
+    offset: Array,
+    row_length: Array,
+    iy: Array,
+    ix: Array,
+    *,
+    dtype,
+    chunk: int,
+) -> Array:
+    """The transpose of :func:`contract_rows` in ``flat``: ``[N, L, C]`` / ``[N, C, L]``.
+
+    For box ``k``, the columns its x-taps touch (nonzero weight) are covered by
+    runs of ``chunk`` columns (one run for boxes up to ``chunk`` cells wide; a
+    loop with a per-box trip count for wider ones, so any box is exact). For each
+    run, ``u = g[k] . Wx_run`` (``[PH, chunk, C]``, one small matmul) and each
+    y-tap ``(ph, a)`` adds ``wy * u[ph]`` to its row. Every add is a
+    ``dynamic_update_slice`` of a contiguous run; boxes go in order, so the sum
+    is deterministic. Work per box is ``taps_y * run_columns * C``.
+    """
+    k_total, ph_n = iy.shape[0], iy.shape[1]
+    a_n = iy.shape[2]
+    g = jnp.asarray(g).astype(dtype)
+    live_x = wx != 0
+    far = jnp.iinfo(jnp.int32).max
+    x_lo = jnp.min(jnp.where(live_x, ix, far), axis=(1, 2))
+    x_hi = jnp.max(jnp.where(live_x, ix + 1, 0), axis=(1, 2))
+    live = jnp.any(wy != 0, axis=(1, 2)) & jnp.any(live_x, axis=(1, 2))
+    runs = jnp.where(live, (x_hi - x_lo + chunk - 1) // chunk, 0)
+    cols = jnp.arange(chunk, dtype=jnp.int32)
+    nhwc = layout is DataFormat.NHWC
+
+    def add_row(acc, b, pos, value):
+        # value: [chunk, C]
+        if nhwc:
+            start = (b, pos, jnp.zeros_like(pos))
+            cur = jax.lax.dynamic_slice(acc, start, (1, chunk, value.shape[-1]))
+            return jax.lax.dynamic_update_slice(acc, cur + value[None], start)
+        start = (b, jnp.zeros_like(pos), pos)
+        cur = jax.lax.dynamic_slice(acc, start, (1, value.shape[-1], chunk))
+        return jax.lax.dynamic_update_slice(acc, cur + value.T[None], start)
+
+    def box(k, acc):
+        gk, ixk, wxk, iyk, wyk = g[k], ix[k], wx[k], iy[k], wy[k]
+        b, base, rl = batch[k], offset[k], row_length[k]
+
+        def run(j, acc):
+            lo = x_lo[k] + j * chunk
+            start = jnp.clip(lo, 0, rl - chunk)
+            inside = (ixk >= lo) & (ixk < lo + chunk)
+            onehot = (ixk[..., None] - start == cols) & inside[..., None]
+            wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [PW, chunk]
+            u = jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
+
+            def rows(p, acc, taps):
+                for a in taps:
+                    pos = base + iyk[p, a] * rl + start
+                    acc = add_row(acc, b, pos, wyk[p, a] * u[p])
+                return acc
+
+            if ph_n * a_n <= ROW_UNROLL:
+                for p in range(ph_n):
+                    acc = rows(p, acc, range(a_n))
+                return acc
+            if a_n <= ROW_UNROLL:
+                return jax.lax.fori_loop(0, ph_n, lambda p, acc: rows(p, acc, range(a_n)), acc)
+
+            def one_tap(i, acc):
+                p, a = i // a_n, i % a_n
+                pos = base + iyk[p, a] * rl + start
+                return add_row(acc, b, pos, wyk[p, a] * u[p])
+
+            return jax.lax.fori_loop(0, ph_n * a_n, one_tap, acc)
+
+        return jax.lax.fori_loop(0, runs[k], run, acc)
+
+    acc = jnp.zeros(flat_shape, dtype)
+    return jax.lax.fori_loop(0, k_total, box, acc)

@@ -23,6 +23,7 @@ from . import _contract, _sampling
 from ._roi_align import finish_output
 from ._validation import (
     DataFormat,
+    Method,
     Rois,
     check_bool,
     compute_dtype,
@@ -70,6 +71,7 @@ def multiscale_roi_align(
     level_mapper: str = "torchvision",
     box_indices: Array | None = None,
     data_format: str = "NHWC",
+    method: str = "auto",
 ) -> Array:
     """Multi-scale RoI Align (FPN): each box is pooled from the level its size selects.
 
@@ -121,12 +123,16 @@ def multiscale_roi_align(
       level_mapper: ``"torchvision"`` or ``"detectron2"`` (the formulas above).
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"``.
+      method: as :func:`jax_roialign.roi_align`: ``"auto"``, ``"gather"`` (row-window
+        gradient, reverse mode only), ``"scatter"`` (autodiff's scatter-add,
+        forward mode too) or ``"matmul"`` (dense per-level weights, no gather).
 
     Returns:
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
       per-image boxes, in the maps' dtype (computed in float32 or wider).
     """
     layout = DataFormat.parse(data_format)
+    how = Method.parse(method).resolve()
     mapper = LevelMapper.parse(level_mapper)
     ph, pw = output_size_pair(output_size)
     ratio = sampling_ratio_int(sampling_ratio)
@@ -163,6 +169,8 @@ def multiscale_roi_align(
             sampling_ratio=ratio,
             aligned=aligned,
             dtype=dtype,
+            path="exact" if how is Method.MATMUL else "auto",
+            row_vjp=how is Method.GATHER,
         )
     return finish_output(out, rois, layout, out_dtype)
 
@@ -273,8 +281,15 @@ def _pool(
     aligned: bool,
     dtype: Any,
     path: str = "auto",
+    row_vjp: bool = True,
 ) -> Array:
-    """``[K, PH, PW, C]`` for boxes already assigned to levels."""
+    """``[K, PH, PW, C]`` for boxes already assigned to levels.
+
+    ``path``: ``"fast"`` (windowed taps only; exact for boxes that fit),
+    ``"exact"`` (dense per-level weights) or ``"auto"`` (the first when every box
+    fits, else the second). ``row_vjp``: the taps' feature gradient by
+    :func:`_contract.contract_rows` rather than autodiff's scatter-add.
+    """
     hs = np.array([h for h, _ in sizes])
     ws = np.array([w for _, w in sizes])
     offsets = np.concatenate([[0], np.cumsum(hs * ws)[:-1]])
@@ -307,11 +322,24 @@ def _pool(
         off, row_len, _ = geo
         iy, wy = _sampling.axis_taps(gy, ty)
         ix, wx = _sampling.axis_taps(gx, tx)
+        if row_vjp:
+            return _contract.contract_rows(
+                f,
+                layout,
+                b,
+                off,
+                row_len,
+                iy,
+                wy * ok,
+                ix,
+                wx,
+                dtype,
+                min_row_length=int(ws.min()),
+            )
         bb, oo, rr = b[:, None, None], off[:, None, None], row_len[:, None, None]
 
         def reader(rows, cols):
-            pos = oo + rows * rr + cols
-            return f[bb, pos] if layout is DataFormat.NHWC else f[bb, :, pos]
+            return _contract.read_flat(f, layout, bb, oo + rows * rr + cols)
 
         return _contract.contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
 

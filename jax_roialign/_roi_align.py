@@ -76,8 +76,12 @@ def roi_align(
         interpolated sample; an empty grid gives 0).
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default, as Flax) or ``"NCHW"`` (as torchvision).
-      method: ``"auto"``, ``"gather"`` (per-tap reads, best on CPU/GPU) or
-        ``"matmul"`` (dense interpolation matrices, gather-free; the TPU path).
+      method: ``"auto"`` (``"matmul"`` on TPU, else ``"gather"``), ``"gather"``
+        (per-tap reads; the feature gradient is added box by box into row
+        windows, deterministic, reverse-mode autodiff only), ``"scatter"`` (the
+        same reads, gradient by autodiff's scatter-add of every tap: slower, but
+        forward-mode ``jax.jvp``/``jacfwd`` work) or ``"matmul"`` (dense
+        interpolation matrices, no gather or scatter; the TPU path; any autodiff).
         All give the same numbers.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
@@ -197,8 +201,8 @@ def aggregate_avg(
     ``n`` (the ``[N, R, 4]`` form). The work is then vmapped over images, so a
     batch-sharded map and batch-sharded boxes need no data from other devices.
     """
-    if method is Method.AUTO:
-        method = Method.MATMUL if jax.default_backend() == "tpu" else Method.GATHER
+    method = method.resolve()
+    row_vjp = method is Method.GATHER
 
     def dense(f, b, gy, gx, ok):
         wy = _sampling.dense_weights(gy) * ok
@@ -209,7 +213,9 @@ def aggregate_avg(
         def fn(f, b, gy, gx, ok):
             iy, wy = _sampling.axis_taps(gy, ty)
             ix, wx = _sampling.axis_taps(gx, tx)
-            return _contract.contract_taps(f, layout, b, iy, wy * ok, ix, wx, dtype)
+            return _contract.contract_taps(
+                f, layout, b, iy, wy * ok, ix, wx, dtype, row_vjp=row_vjp
+            )
 
         return fn
 

@@ -52,8 +52,16 @@ class Mode(enum.Enum):
 
 
 class Method(enum.Enum):
+    """How an op runs: ``GATHER`` reads taps and accumulates its feature gradient
+    box by box in row windows (custom VJP, deterministic); ``SCATTER`` reads the
+    same taps and leaves the gradient to autodiff (a scatter-add of every tap;
+    supports forward-mode autodiff); ``MATMUL`` contracts dense interpolation
+    matrices (no gather, no scatter); ``AUTO`` is ``MATMUL`` on TPU, else ``GATHER``.
+    """
+
     AUTO = "auto"
     GATHER = "gather"
+    SCATTER = "scatter"
     MATMUL = "matmul"
 
     @classmethod
@@ -64,7 +72,13 @@ class Method(enum.Enum):
             for member in cls:
                 if value.lower() == member.value:
                     return member
-        raise ValueError(f"method must be 'auto', 'gather' or 'matmul', got {value!r}")
+        raise ValueError(f"method must be 'auto', 'gather', 'scatter' or 'matmul', got {value!r}")
+
+    def resolve(self) -> Method:
+        """``AUTO`` made concrete for the default backend."""
+        if self is Method.AUTO:
+            return Method.MATMUL if jax.default_backend() == "tpu" else Method.GATHER
+        return self
 
 
 def output_size_pair(output_size: Any, name: str = "output_size") -> tuple[int, int]:

@@ -84,6 +84,7 @@ class MultiScaleRoIAlign(nn.Module):
     canonical_level: int = 4
     level_mapper: str = "torchvision"
     data_format: str = "NHWC"
+    method: str = "auto"
 
     def __call__(
         self, features: Sequence[Array], boxes: Array, box_indices: Array | None = None
@@ -100,6 +101,7 @@ class MultiScaleRoIAlign(nn.Module):
             level_mapper=self.level_mapper,
             box_indices=box_indices,
             data_format=self.data_format,
+            method=self.method,
         )
 
 

@@ -107,6 +107,7 @@ class MultiScaleRoIAlign(nnx.Module):
         canonical_level: int = 4,
         level_mapper: str = "torchvision",
         data_format: str = "NHWC",
+        method: str = "auto",
     ):
         self.output_size = _static(output_size)
         self.spatial_scales = _static(spatial_scales)
@@ -116,6 +117,7 @@ class MultiScaleRoIAlign(nnx.Module):
         self.canonical_level = canonical_level
         self.level_mapper = level_mapper
         self.data_format = data_format
+        self.method = method
 
     def __call__(
         self, features: Sequence[Array], boxes: Array, box_indices: Array | None = None
@@ -132,6 +134,7 @@ class MultiScaleRoIAlign(nnx.Module):
             level_mapper=self.level_mapper,
             box_indices=box_indices,
             data_format=self.data_format,
+            method=self.method,
         )
 
 

@@ -338,13 +338,36 @@ def test_gradients_features_and_boxes(sampling_ratio, aligned):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((1, 8, 9, 2))
     boxes = _interior_boxes(rng, 4) + 0.013
-    f = jax.jit(
-        lambda x, b: jr.roi_align(
-            x, b, output_size=(2, 3), sampling_ratio=sampling_ratio, aligned=aligned
+
+    def f(method):
+        return jax.jit(
+            lambda x, b: jr.roi_align(
+                x,
+                b,
+                output_size=(2, 3),
+                sampling_ratio=sampling_ratio,
+                aligned=aligned,
+                method=method,
+            )
         )
+
+    # "gather" (the default): the row-window custom VJP, reverse mode to second order.
+    check_grads(f("gather"), (x, boxes), order=2, modes=["rev"], eps=1e-5, atol=1e-5, rtol=1e-5)
+    # "scatter" keeps plain autodiff, so forward mode works too.
+    check_grads(f("scatter"), (x, boxes), order=1, modes=["fwd"], eps=1e-5, atol=1e-5, rtol=1e-5)
+    check_grads(f("matmul"), (x, boxes), order=1, modes=["fwd"], eps=1e-5, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_mode_needs_scatter_or_matmul():
+    x = jnp.ones((1, 8, 9, 2))
+    boxes = jnp.asarray([[1.0, 1.0, 5.0, 6.0]])
+    f = lambda x: jr.roi_align(x, boxes, box_indices=jnp.zeros(1, int), output_size=2)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (x,))
+    g = lambda x: jr.roi_align(
+        x, boxes, box_indices=jnp.zeros(1, int), output_size=2, method="scatter"
     )
-    check_grads(f, (x, boxes), order=2, modes=["rev"], eps=1e-5, atol=1e-5, rtol=1e-5)
-    check_grads(f, (x, boxes), order=1, modes=["fwd"], eps=1e-5, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax.jvp(g, (x,), (x,))[1], g(x))
 
 
 def test_box_gradient_direction():
