@@ -178,7 +178,7 @@ def read_flat(flat: Array, layout: DataFormat, b: Array, pos: Array) -> Array:
 # Widest run of columns one step of the transpose adds at once.
 ROW_CHUNK = 32
 # Rows of a box unrolled in one step of the transpose; more loop over bins.
-ROW_UNROLL = 64
+ROW_UNROLL = 32
 
 
 def contract_rows(
@@ -404,19 +404,25 @@ def rows_transpose(
                     acc = add_row(acc, b, pos, wyk[p, a] * u[p])
                 return acc
 
-            if ph_n * a_n <= ROW_UNROLL:
-                for p in range(ph_n):
-                    acc = rows(p, acc, range(a_n))
+            if a_n > ROW_UNROLL:
+
+                def one_tap(i, acc):
+                    p, a = i // a_n, i % a_n
+                    pos = base + iyk[p, a] * rl + start
+                    return add_row(acc, b, pos, wyk[p, a] * u[p])
+
+                return jax.lax.fori_loop(0, ph_n * a_n, one_tap, acc)
+            # Bins in groups of ``group`` (a divisor of PH), each group's rows unrolled.
+            group = max(d for d in range(1, ph_n + 1) if ph_n % d == 0 and d * a_n <= ROW_UNROLL)
+
+            def bins(i, acc):
+                for p in range(group):
+                    acc = rows(i * group + p, acc, range(a_n))
                 return acc
-            if a_n <= ROW_UNROLL:
-                return jax.lax.fori_loop(0, ph_n, lambda p, acc: rows(p, acc, range(a_n)), acc)
 
-            def one_tap(i, acc):
-                p, a = i // a_n, i % a_n
-                pos = base + iyk[p, a] * rl + start
-                return add_row(acc, b, pos, wyk[p, a] * u[p])
-
-            return jax.lax.fori_loop(0, ph_n * a_n, one_tap, acc)
+            if group == ph_n:
+                return bins(0, acc)
+            return jax.lax.fori_loop(0, ph_n // group, bins, acc)
 
         return jax.lax.fori_loop(0, runs[k], run, acc)
 

@@ -209,10 +209,15 @@ def aggregate_avg(
         wx = _sampling.dense_weights(gx)
         return _contract.contract_dense(f, layout, b, wy, wx, dtype)
 
-    def gather(ty: int, tx: int):
+    def gather(ty: int, tx: int, taps=None):
         def fn(f, b, gy, gx, ok):
-            iy, wy = _sampling.axis_taps(gy, ty)
-            ix, wx = _sampling.axis_taps(gx, tx)
+            if taps is None:
+                iy, wy = _sampling.axis_taps(gy, ty)
+                ix, wx = _sampling.axis_taps(gx, tx)
+            else:  # the first rows of the widest window's taps (same first row)
+                (iy, wy), (ix, wx) = jax.tree.map(lambda a: a[..., :ty], taps[0]), jax.tree.map(
+                    lambda a: a[..., :tx], taps[1]
+                )
             return _contract.contract_taps(
                 f, layout, b, iy, wy * ok, ix, wx, dtype, row_vjp=row_vjp
             )
@@ -238,8 +243,12 @@ def aggregate_avg(
     count = max(len(wys), len(wxs))
     wys = wys + (wys[-1],) * (count - len(wys))
     wxs = wxs + (wxs[-1],) * (count - len(wxs))
+    # Taps of the widest window once; narrower windows take their first rows.
+    widest = None
+    if not per_image:
+        widest = (_sampling.axis_taps(gy, wys[-1]), _sampling.axis_taps(gx, wxs[-1]))
     branches: list[Callable[[], Array]] = [
-        functools.partial(run, gather(ty, tx)) for ty, tx in zip(wys, wxs, strict=True)
+        functools.partial(run, gather(ty, tx, widest)) for ty, tx in zip(wys, wxs, strict=True)
     ]
     branches.append(functools.partial(run, dense))
     live = ok[..., 0] > 0
