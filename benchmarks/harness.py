@@ -334,11 +334,14 @@ def naive_forward(wl: Workload, rois: np.ndarray) -> Callable[[tuple[Any, ...], 
 
 
 def forward_backward(fwd: Callable[[Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
-    """``g(features, boxes, cot)``: the gradient of ``sum(fwd(features) * cot)`` w.r.t. features."""
+    """``g(features, boxes, cot) -> (out, grad)``: the output and the gradient of
+    ``sum(fwd(features) * cot)`` w.r.t. the features, as in a training step (the
+    output is returned so that XLA cannot drop the forward: the feature gradient
+    of a linear op does not need it, and torchvision's timing includes it)."""
 
     def g(feats, boxes, cot):
-        _, vjp = jax.vjp(lambda f: fwd(f, boxes), feats)
-        return vjp(cot)[0]
+        out, vjp = jax.vjp(lambda f: fwd(f, boxes), feats)
+        return out, vjp(cot)[0]
 
     return g
 
@@ -496,7 +499,7 @@ def run_workload(
     for name, c in compiled.items():
         try:
             o = c["fwd"](feats, c["boxes"])
-            g = c["bwd"](feats, c["boxes"], cot)
+            _, g = c["bwd"](feats, c["boxes"], cot)
             outs[name] = ([np.asarray(o.astype(jnp.float32))], [np.asarray(x) for x in g])
         except Exception as e:
             result["impls"][name]["status"] = f"error: {type(e).__name__}: {e}"[:300]

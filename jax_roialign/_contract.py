@@ -426,5 +426,10 @@ def rows_transpose(
 
         return jax.lax.fori_loop(0, runs[k], run, acc)
 
-    acc = jnp.zeros(flat_shape, dtype)
+    # Zeros typed like the cotangent (inside shard_map: varying over the same mesh
+    # axes), so that the loop's carry keeps one type.
+    acc = jax.lax.full_like(g, 0, dtype, flat_shape)
+    vma = getattr(jax.typeof(g), "vma", frozenset()) | getattr(jax.typeof(wy), "vma", frozenset())
+    if vma and vma != getattr(jax.typeof(acc), "vma", frozenset()):
+        acc = jax.lax.pcast(acc, tuple(vma), to="varying")
     return jax.lax.fori_loop(0, k_total, box, acc)

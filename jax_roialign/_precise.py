@@ -21,6 +21,7 @@ from ._contract import contract_dense, contract_taps
 from ._roi_align import fast_window
 from ._validation import (
     Call,
+    Method,
     prepare,
 )
 
@@ -35,6 +36,7 @@ def precise_roi_pool(
     spatial_scale: float = 1.0,
     box_indices: Array | None = None,
     data_format: str = "NHWC",
+    method: str = "auto",
     checks: bool = False,
 ) -> Array:
     """Precise RoI Pooling: the exact average of the bilinear surface over each bin.
@@ -66,6 +68,9 @@ def precise_roi_pool(
       spatial_scale: map size over image size (1/stride), e.g. 0.0625 for stride 16.
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"``.
+      method: as :func:`jax_roialign.roi_align`: ``"auto"``, ``"gather"`` (row-window
+        gradient, reverse mode only), ``"scatter"`` (autodiff's scatter-add,
+        forward mode too) or ``"matmul"`` (dense integral weights, no gather).
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
@@ -76,6 +81,7 @@ def precise_roi_pool(
     Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
     zeros (and zero gradients).
     """
+    how = Method.parse(method).resolve()
     call = prepare(
         features,
         boxes,
@@ -85,7 +91,7 @@ def precise_roi_pool(
         data_format=data_format,
         checks=checks,
     )
-    return call.output(lambda: _precise_nhwc_out(call))
+    return call.output(lambda: _precise_nhwc_out(call, how))
 
 
 def tent_integral(u: Array) -> Array:
@@ -130,7 +136,7 @@ def integral_window(first: Array, bin_size: Array, length: int) -> tuple[Array, 
     return r0.astype(jnp.int32), (r1 - r0 + 1).astype(jnp.int32)
 
 
-def _precise_nhwc_out(call: Call) -> Array:
+def _precise_nhwc_out(call: Call, method: Method) -> Array:
     features, layout, rois = call.features, call.layout, call.rois
     pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
     coords = jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0)
@@ -153,7 +159,17 @@ def _precise_nhwc_out(call: Call) -> Array:
                 (jnp.minimum(rows, length - 1), integral_weights(first, bin_size, rows, length))
             )
         (iy, wy), (ix, wx) = taps
-        return contract_taps(features, layout, rois.batch, iy, wy * ok, ix, wx, dtype)
+        return contract_taps(
+            features,
+            layout,
+            rois.batch,
+            iy,
+            wy * ok,
+            ix,
+            wx,
+            dtype,
+            row_vjp=method is Method.GATHER,
+        )
 
     def dense():
         weights = []
@@ -168,6 +184,8 @@ def _precise_nhwc_out(call: Call) -> Array:
         for (first, bin_size, length), t in zip(axes, windows, strict=True)
         if t < length
     ]
+    if method is Method.MATMUL:
+        return dense()
     if not fits:
         return fast()
     return jax.lax.cond(jnp.all(jnp.stack(fits)), fast, dense)

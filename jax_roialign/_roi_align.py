@@ -76,9 +76,9 @@ def roi_align(
         interpolated sample; an empty grid gives 0).
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default, as Flax) or ``"NCHW"`` (as torchvision).
-      method: ``"auto"`` (``"matmul"`` on TPU, else ``"gather"``), ``"gather"``
-        (per-tap reads; the feature gradient is added box by box into row
-        windows, deterministic, reverse-mode autodiff only), ``"scatter"`` (the
+      method: ``"auto"`` (``"matmul"`` on TPU, ``"scatter"`` on GPU, else
+        ``"gather"``), ``"gather"`` (per-tap reads; the feature gradient is added
+        box by box into row windows, deterministic, reverse-mode autodiff only), ``"scatter"`` (the
         same reads, gradient by autodiff's scatter-add of every tap: slower, but
         forward-mode ``jax.jvp``/``jacfwd`` work) or ``"matmul"`` (dense
         interpolation matrices, no gather or scatter; the TPU path; any autodiff).
@@ -215,8 +215,9 @@ def aggregate_avg(
                 iy, wy = _sampling.axis_taps(gy, ty)
                 ix, wx = _sampling.axis_taps(gx, tx)
             else:  # the first rows of the widest window's taps (same first row)
-                (iy, wy), (ix, wx) = jax.tree.map(lambda a: a[..., :ty], taps[0]), jax.tree.map(
-                    lambda a: a[..., :tx], taps[1]
+                (iy, wy), (ix, wx) = (
+                    jax.tree.map(lambda a: a[..., :ty], taps[0]),
+                    jax.tree.map(lambda a: a[..., :tx], taps[1]),
                 )
             return _contract.contract_taps(
                 f, layout, b, iy, wy * ok, ix, wx, dtype, row_vjp=row_vjp
@@ -240,6 +241,10 @@ def aggregate_avg(
 
     # Adaptive: the smallest window that every bin fits, else the dense path.
     wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
+    if wys[-1] * wxs[-1] <= 4 * _contract.UNROLL_LIMIT:
+        # The window for any in-map box is small already (a small map): a second,
+        # narrower branch would save little reading and cost a compile.
+        wys, wxs = wys[-1:], wxs[-1:]
     count = max(len(wys), len(wxs))
     wys = wys + (wys[-1],) * (count - len(wys))
     wxs = wxs + (wxs[-1],) * (count - len(wxs))

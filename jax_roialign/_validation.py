@@ -56,7 +56,7 @@ class Method(enum.Enum):
     box by box in row windows (custom VJP, deterministic); ``SCATTER`` reads the
     same taps and leaves the gradient to autodiff (a scatter-add of every tap;
     supports forward-mode autodiff); ``MATMUL`` contracts dense interpolation
-    matrices (no gather, no scatter); ``AUTO`` is ``MATMUL`` on TPU, else ``GATHER``.
+    matrices (no gather, no scatter); ``AUTO``: see :meth:`resolve`.
     """
 
     AUTO = "auto"
@@ -75,9 +75,17 @@ class Method(enum.Enum):
         raise ValueError(f"method must be 'auto', 'gather', 'scatter' or 'matmul', got {value!r}")
 
     def resolve(self) -> Method:
-        """``AUTO`` made concrete for the default backend."""
+        """``AUTO`` made concrete for the default backend: ``MATMUL`` on TPU (MXU,
+        slow gathers), ``SCATTER`` on GPU (the row-window gradient is a loop of
+        small kernels over the boxes there, while a GPU scatter-add is one
+        kernel; XLA makes it deterministic with ``--xla_gpu_deterministic_ops``),
+        ``GATHER`` elsewhere (XLA:CPU runs a scatter-add serially, one tap at a time).
+        """
         if self is Method.AUTO:
-            return Method.MATMUL if jax.default_backend() == "tpu" else Method.GATHER
+            backend = jax.default_backend()
+            if backend == "tpu":
+                return Method.MATMUL
+            return Method.SCATTER if backend in ("gpu", "cuda", "rocm") else Method.GATHER
         return self
 
 

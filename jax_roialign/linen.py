@@ -129,6 +129,7 @@ class PreciseRoIPool(nn.Module):
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
     data_format: str = "NHWC"
+    method: str = "auto"
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return precise_roi_pool(
@@ -138,6 +139,7 @@ class PreciseRoIPool(nn.Module):
             spatial_scale=self.spatial_scale,
             box_indices=box_indices,
             data_format=self.data_format,
+            method=self.method,
         )
 
 

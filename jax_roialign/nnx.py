@@ -172,10 +172,12 @@ class PreciseRoIPool(nnx.Module):
         output_size: int | tuple[int, int],
         spatial_scale: float = 1.0,
         data_format: str = "NHWC",
+        method: str = "auto",
     ):
         self.output_size = _static(output_size)
         self.spatial_scale = spatial_scale
         self.data_format = data_format
+        self.method = method
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return precise_roi_pool(
@@ -185,6 +187,7 @@ class PreciseRoIPool(nnx.Module):
             spatial_scale=self.spatial_scale,
             box_indices=box_indices,
             data_format=self.data_format,
+            method=self.method,
         )
 
 

@@ -166,8 +166,10 @@ def test_multiscale_gradient():
             )
             return jax.jit(jax.grad(lambda m: jnp.sum(jnp.cos(f(m)))))(maps)
 
-        for g, s in zip(grad("gather"), grad("scatter"), strict=True):
-            np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
+        want = grad("scatter")
+        for method in ("gather", "matmul"):
+            for g, s in zip(grad(method), want, strict=True):
+                np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
         flat = boxes.reshape(-1, 4)
         idx = jnp.repeat(jnp.arange(2), 9)
         g_flat = jax.grad(
@@ -268,3 +270,41 @@ def test_low_precision_gradient(dtype):
     scale = float(np.abs(want).max())
     tol = {jnp.bfloat16: 2e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}[dtype]
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol * scale)
+
+
+def test_precise_roi_pool_methods_agree():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 12, 45, 2)))
+    boxes = jnp.asarray(
+        [[0.3, 0.2, 40.1, 9.7], [2.2, 3.1, 7.9, 8.4], [-4.0, -2.0, 60.0, 20.0], [5, 5, 4, 6]]
+    )
+    idx = jnp.asarray([0, 1, 1, 0])
+
+    def grads(method):
+        def loss(x, b):
+            out = jr.precise_roi_pool(x, b, box_indices=idx, output_size=(3, 4), method=method)
+            return jnp.sum(jnp.sin(out))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, boxes)
+
+    want = grads("scatter")
+    for method in ("gather", "matmul"):
+        for g, s in zip(grads(method), want, strict=True):
+            np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
+    f = lambda x: jr.precise_roi_pool(x, boxes, box_indices=idx, output_size=2, method="scatter")
+    np.testing.assert_allclose(jax.jvp(f, (x,), (x,))[1], f(x), rtol=0, atol=1e-12)
+
+
+def test_auto_method_by_backend(monkeypatch):
+    from jax_roialign._validation import Method
+
+    for backend, want in (
+        ("cpu", "gather"),
+        ("gpu", "scatter"),
+        ("cuda", "scatter"),
+        ("tpu", "matmul"),
+    ):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert Method.parse("auto").resolve() is Method.parse(want)
+    with pytest.raises(ValueError, match="'gather', 'scatter'"):
+        Method.parse("atomic")
