@@ -248,11 +248,12 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
     def op(flat, wy, wx, *ints):
         return forward(flat, wy, wx, *ints)
 
-    @jax.custom_vjp
-    def transpose(g, wy, wx, *ints):
+    def transpose_impl(g, wy, wx, *ints):
         return _batched_rows_transpose(layout, dtype, chunk, flat_shape)(g, wy, wx, *ints).astype(
             flat_dtype
         )
+
+    transpose = jax.custom_vjp(transpose_impl)
 
     def unpack(args):
         # symbolic_zeros: each argument says whether it is differentiated; the
@@ -260,36 +261,33 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
         values = tuple(a.value for a in args)
         return values, (args[0].perturbed, args[1].perturbed or args[2].perturbed)
 
-    def op_fwd(*args):
-        values, wanted = unpack(args)
-        return forward(*values), (values, wanted)
+    def rule(fn, partner, cot_is_map: bool):
+        """fwd/bwd of ``fn`` (``op`` or ``transpose``), whose VJP in its first
+        argument is ``partner``. ``<cot, fn(first, wy, wx)>`` pairs a map with an
+        output-shaped array; which is which decides the weights' gradient."""
 
-    def op_bwd(res, g):
-        (flat, wy, wx, *ints), (want_map, want_weights) = res
-        d_map = d_wy = d_wx = None
-        if not _is_zero(g):
-            if want_map:
-                d_map = transpose(g, wy, wx, *ints)
-            if want_weights:
-                d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
-        return (d_map, d_wy, d_wx) + (None,) * len(ints)
+        def fwd(*args):
+            values, wanted = unpack(args)
+            return fn(*values), (values, wanted)
 
-    def t_fwd(*args):
-        values, wanted = unpack(args)
-        return transpose(*values), (values, wanted)
+        def bwd(res, cot):
+            (first, wy, wx, *ints), (want_first, want_weights) = res
+            d_first = d_wy = d_wx = None
+            if not _is_zero(cot):
+                if cot_is_map:
+                    cot = jnp.asarray(cot, flat_dtype)
+                if want_first:
+                    d_first = partner(cot, wy, wx, *ints)
+                if want_weights:
+                    the_map, out_cot = (cot, first) if cot_is_map else (first, cot)
+                    d_wy, d_wx = weights_grad(the_map, wy, wx, ints, out_cot)
+            return (d_first, d_wy, d_wx) + (None,) * len(ints)
 
-    def t_bwd(res, ct):
-        (g, wy, wx, *ints), (want_g, want_weights) = res
-        d_g = d_wy = d_wx = None
-        if not _is_zero(ct):
-            ct = jnp.asarray(ct, flat_dtype)
-            if want_g:
-                d_g = op(ct, wy, wx, *ints)
-            if want_weights:
-                d_wy, d_wx = weights_grad(ct, wy, wx, ints, g)
-        return (d_g, d_wy, d_wx) + (None,) * len(ints)
+        return fwd, bwd
 
+    op_fwd, op_bwd = rule(forward, transpose, cot_is_map=False)
     op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
+    t_fwd, t_bwd = rule(transpose_impl, op, cot_is_map=True)
     transpose.defvjp(t_fwd, t_bwd, symbolic_zeros=True)
     return op, transpose
 
