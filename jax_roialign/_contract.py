@@ -194,6 +194,7 @@ def contract_rows(
     dtype,
     *,
     min_row_length: int,
+    row_vjp: bool = True,
 ) -> Array:
     """:func:`contract_taps` on a flat map: row ``r``, column ``c`` of box ``k`` is
     ``flat[batch[k], offset[k] + r * row_length[k] + c]`` (one map, or FPN levels
@@ -204,7 +205,10 @@ def contract_rows(
     contracted with the x-weights of a run of columns and added row by row with
     ``dynamic_update_slice``, in box order -- no scatter, so it is the same bits
     on every run and every backend, and nothing the size of the taps is stored.
+    ``row_vjp=False`` leaves the gradient to autodiff (a scatter-add of the taps).
     """
+    if not row_vjp:
+        return _rows_forward(layout, dtype, flat, wy, wx, batch, offset, row_length, iy, ix)
     op, _ = _rows_ops(
         layout,
         np.dtype(dtype),
@@ -402,14 +406,10 @@ def rows_transpose(
                     acc = add_row(acc, b, pos, wyk[p, a] * u[p])
                 return acc
 
-            if a_n > ROW_UNROLL:
-
-                def one_tap(i, acc):
-                    p, a = i // a_n, i % a_n
-                    pos = base + iyk[p, a] * rl + start
-                    return add_row(acc, b, pos, wyk[p, a] * u[p])
-
-                return jax.lax.fori_loop(0, ph_n * a_n, one_tap, acc)
+            if a_n > ROW_UNROLL:  # one y-tap per step
+                return jax.lax.fori_loop(
+                    0, ph_n * a_n, lambda i, acc: rows(i // a_n, acc, [i % a_n]), acc
+                )
             # Bins in groups of ``group`` (a divisor of PH), each group's rows unrolled.
             group = max(d for d in range(1, ph_n + 1) if ph_n % d == 0 and d * a_n <= ROW_UNROLL)
 

@@ -322,26 +322,20 @@ def _pool(
         off, row_len, _ = geo
         iy, wy = _sampling.axis_taps(gy, ty)
         ix, wx = _sampling.axis_taps(gx, tx)
-        if row_vjp:
-            return _contract.contract_rows(
-                f,
-                layout,
-                b,
-                off,
-                row_len,
-                iy,
-                wy * ok,
-                ix,
-                wx,
-                dtype,
-                min_row_length=int(ws.min()),
-            )
-        bb, oo, rr = b[:, None, None], off[:, None, None], row_len[:, None, None]
-
-        def reader(rows, cols):
-            return _contract.read_flat(f, layout, bb, oo + rows * rr + cols)
-
-        return _contract.contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
+        return _contract.contract_rows(
+            f,
+            layout,
+            b,
+            off,
+            row_len,
+            iy,
+            wy * ok,
+            ix,
+            wx,
+            dtype,
+            min_row_length=int(ws.min()),
+            row_vjp=row_vjp,
+        )
 
     def exact(f, m, b, gy, gx, ok, geo):
         # Dense weights over the largest level once (zero beyond each box's own

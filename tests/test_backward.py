@@ -308,3 +308,17 @@ def test_auto_method_by_backend(monkeypatch):
         assert Method.parse("auto").resolve() is Method.parse(want)
     with pytest.raises(ValueError, match="'gather', 'scatter'"):
         Method.parse("atomic")
+
+
+def test_tall_bins_add_one_row_per_step():
+    # Adaptive bins of ~100 rows: more y-taps per bin than ROW_UNROLL, so the
+    # transpose loops over single rows instead of unrolling them.
+    x = jnp.zeros((1, 200, 3, 2))
+    boxes = jnp.asarray([[0.0, 0.0, 2.5, 199.0], [0.3, 12.2, 2.0, 187.9]])
+    idx = jnp.zeros(2, jnp.int32)
+    kw = dict(output_size=(2, 1), sampling_ratio=0, aligned=False)
+    got = _grads("gather", x, boxes, idx, **kw)
+    want = _grads("scatter", x, boxes, idx, **kw)
+    for g, s in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
+    assert np.count_nonzero(np.asarray(got[0])[0, :, 0, 0]) > 2 * _contract.ROW_UNROLL
