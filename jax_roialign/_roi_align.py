@@ -201,8 +201,55 @@ def aggregate_avg(
     ``n`` (the ``[N, R, 4]`` form). The work is then vmapped over images, so a
     batch-sharded map and batch-sharded boxes need no data from other devices.
     """
-    method = method.resolve()
+    return method.run(
+        lambda how: functools.partial(
+            _aggregate_avg, features, layout, batch, ok, gy, gx, how, dtype, per_image
+        )
+    )
+
+
+def window_read(
+    maps: list[Array],
+    layout: DataFormat,
+    batch: Array,
+    level: Array,
+    live: Array,
+    gy: _sampling.AxisGrid,
+    gx: _sampling.AxisGrid,
+    ok: Array,
+    dtype: Any,
+    *,
+    per_image: bool,
+) -> Array:
+    """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``.
+
+    Dense weights (the matmul path's, one source of numbers), each box's tap span
+    per axis, and one window per box. ``per_image``: boxes are ``N`` equal groups,
+    group ``n`` reading image ``n`` (partitioned over a batch-sharded mesh).
+    """
+    from . import _window
+
+    wy = _sampling.dense_weights(gy) * ok
+    wx = _sampling.dense_weights(gx)
+    lo_y, need_y = _sampling.tap_span(gy, live)
+    lo_x, need_x = _sampling.tap_span(gx, live)
+    tables = (wy, wx, level, lo_y, need_y, lo_x, need_x)
+    if not per_image:
+        return _window.contract_window(maps, layout, *tables, dtype, batch=batch)
+    n = maps[0].shape[0]
+    grouped = [t.reshape((n, -1) + t.shape[1:]) for t in tables]
+    out = _window.contract_window(maps, layout, *grouped, dtype)
+    return out.reshape((-1,) + out.shape[2:])
+
+
+def _aggregate_avg(features, layout, batch, ok, gy, gx, method, dtype, per_image):
     row_vjp = method is Method.GATHER
+    if method is Method.WINDOW:
+        level = jnp.zeros(batch.shape, jnp.int32)
+        live = ok[:, 0, 0] > 0
+        return window_read(
+            [features], layout, batch, level, live, gy, gx, ok, dtype, per_image=per_image
+        )
 
     def dense(f, b, gy, gx, ok):
         wy = _sampling.dense_weights(gy) * ok

@@ -351,3 +351,35 @@ def taps_to_dense(idx: Array, w: Array, length: int, start: Array | None = None)
     rel = idx if start is None else idx - start[:, None, None]
     onehot = rel[..., None] == rows  # [K, P, T, length]
     return jnp.sum(jnp.where(onehot, w[..., None], 0.0), axis=-2)
+
+
+def tap_span(grid: AxisGrid, live: Array | None = None) -> tuple[Array, Array]:
+    """First row and number of rows ``[K]`` (int32) that hold every tap of each box.
+
+    Every row whose weight, or whose weight's derivative, can be nonzero lies in
+    ``[first, first + count)``: for a static grid the low and high neighbour of
+    every sample inside ``[-1, L]`` (a high neighbour of weight 0 still carries a
+    gradient), for an adaptive grid each bin's :func:`row_window`. ``live`` ``[K]``
+    masks boxes that read nothing (they get ``count = 0``).
+    """
+    big = jnp.iinfo(jnp.int32).max
+    if grid.static_count is not None:
+        dtype = grid.first.dtype
+        length = _limit3(grid, dtype)
+        y = sample_positions(grid, jnp.arange(grid.static_count, dtype=dtype))
+        valid = (y >= -1.0) & (y <= length)
+        low = jnp.floor(jnp.maximum(jnp.where(valid, y, 0.0), 0.0))
+        low = jnp.minimum(low, length - 1.0)
+        high = jnp.minimum(low + 1.0, length - 1.0)
+        first = jnp.min(jnp.where(valid, low.astype(jnp.int32), big), axis=(1, 2))
+        last = jnp.max(jnp.where(valid, high.astype(jnp.int32), -1), axis=(1, 2))
+    else:
+        rows, need = row_window(grid)
+        used = need > 0
+        first = jnp.min(jnp.where(used, rows, big), axis=1)
+        last = jnp.max(jnp.where(used, rows + need - 1, -1), axis=1)
+    count = jnp.maximum(last - first + 1, 0)
+    if live is not None:
+        count = jnp.where(live, count, 0)
+    first = jnp.where(count > 0, first, 0)
+    return first.astype(jnp.int32), count.astype(jnp.int32)

@@ -52,16 +52,24 @@ class Mode(enum.Enum):
 
 
 class Method(enum.Enum):
-    """How an op runs: ``GATHER`` reads taps and accumulates its feature gradient
-    box by box in row windows (custom VJP, deterministic); ``SCATTER`` reads the
-    same taps and leaves the gradient to autodiff (a scatter-add of every tap;
-    supports forward-mode autodiff); ``MATMUL`` contracts dense interpolation
-    matrices (no gather, no scatter); ``AUTO``: see :meth:`resolve`.
+    """How an op reads the map (all give the same numbers).
+
+    ``GATHER`` reads taps and accumulates its feature gradient box by box in row
+    windows (custom VJP, deterministic); ``SCATTER`` reads the same taps and
+    leaves the gradient to autodiff (a scatter-add of every tap; supports
+    forward-mode autodiff); ``WINDOW`` reads one window of the map per box by
+    ``dynamic_slice`` and contracts it with the box's interpolation weights (no
+    gather, no scatter, work per box proportional to its size: the TPU path);
+    ``MATMUL`` contracts dense interpolation matrices with the whole map (no
+    gather, no scatter, work proportional to the map for every box; any
+    autodiff); ``AUTO`` picks by the platform the program is lowered for
+    (:meth:`run`).
     """
 
     AUTO = "auto"
     GATHER = "gather"
     SCATTER = "scatter"
+    WINDOW = "window"
     MATMUL = "matmul"
 
     @classmethod
@@ -72,21 +80,28 @@ class Method(enum.Enum):
             for member in cls:
                 if value.lower() == member.value:
                     return member
-        raise ValueError(f"method must be 'auto', 'gather', 'scatter' or 'matmul', got {value!r}")
+        raise ValueError(
+            "method must be 'auto', 'gather', 'scatter', 'window' or 'matmul', "
+            f"got {value!r}"
+        )
 
-    def resolve(self) -> Method:
-        """``AUTO`` made concrete for the default backend: ``MATMUL`` on TPU (MXU,
-        slow gathers), ``SCATTER`` on GPU (the row-window gradient is a loop of
-        small kernels over the boxes there, while a GPU scatter-add is one
-        kernel; XLA makes it deterministic with ``--xla_gpu_deterministic_ops``),
-        ``GATHER`` elsewhere (XLA:CPU runs a scatter-add serially, one tap at a time).
+    def run(self, build: Callable[[Method], Callable[[], Any]]) -> Any:
+        """Runs ``build(method)()`` for a concrete method.
+
+        ``AUTO`` is decided by ``jax.lax.platform_dependent`` when the program is
+        lowered, so a program compiled ahead of time for a TPU, or exported for
+        several platforms, gets each platform's path: ``WINDOW`` on TPU (no gather
+        or scatter, box-local work on the MXU), ``SCATTER`` on GPU (one scatter-add
+        kernel where the row-window gradient would be a loop of small kernels;
+        deterministic with ``--xla_gpu_deterministic_ops``), ``GATHER`` elsewhere
+        (XLA:CPU runs a scatter-add serially, one tap at a time).
         """
-        if self is Method.AUTO:
-            backend = jax.default_backend()
-            if backend == "tpu":
-                return Method.MATMUL
-            return Method.SCATTER if backend in ("gpu", "cuda", "rocm") else Method.GATHER
-        return self
+        if self is not Method.AUTO:
+            return build(self)()
+        scatter = build(Method.SCATTER)
+        return jax.lax.platform_dependent(
+            tpu=build(Method.WINDOW), cuda=scatter, rocm=scatter, default=build(Method.GATHER)
+        )
 
 
 def output_size_pair(output_size: Any, name: str = "output_size") -> tuple[int, int]:

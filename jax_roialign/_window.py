@@ -1,0 +1,546 @@
+"""How to read, box-locally and without gathers: each box reads one window of its map.
+
+The dense reader (:func:`jax_roialign._contract.contract_dense`) contracts the
+interpolation weights of a box with the whole map, ``Wy . F . Wx^T``: no gather,
+but work proportional to the map for every box. This reader uses the same dense
+weights ``wy [K, PH, H]`` and ``wx [K, PW, W]`` (one source of numbers) and reads
+only the rows and columns a box's taps touch: a loop over the boxes in which box
+``k`` takes one window ``F[b, y0 : y0 + h, x0 : x0 + w, :]`` by ``dynamic_slice``
+(a plain slice with a scalar start, never a gather), slices its weights to the
+window the same way, and contracts ``wy[k, :, y0:y0+h] . window . wx[k, :, x0:x0+w]^T``
+(two small matmuls, the MXU's work on a TPU).
+
+Windows come in a few static sizes (tiers: 8, 16, 32, ... cells, up to the whole
+map), and each box takes the smallest tier that holds its taps (a ``lax.switch``
+per box, inside the loop), so the work per box follows its own size, a box
+larger than the map reads the whole map and nothing is ever truncated. Several
+maps (FPN levels) are read by the same loop, a box switching to its own level's
+tiers.
+
+The feature gradient is the transpose, box by box: ``wy^T . g[k] . wx`` added into
+the box's window of a zero map with ``dynamic_update_slice``. The boxes go in
+order, so it is the same bits on every run. The weights' gradient reads the
+window again. The three functions (forward, transpose, weights' gradient) are
+``custom_vjp`` pairs, so reverse-mode autodiff of any order takes these loops
+and never stores a window per box.
+
+With per-image boxes (``[N, R, ...]``) the loops run inside
+``jax.experimental.custom_partitioning``: under a plain ``jit`` whose features
+and boxes are sharded on the batch axis, each device runs the loop on its own
+images and the program has no collective.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._validation import DataFormat
+
+Array = jax.Array
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# Smallest window side; each further tier doubles it (at most TIERS of them).
+# A box larger than the largest tier reads the whole map in tiles of that size.
+BASE_WINDOW = 16
+TIERS = 3
+
+
+def tier_sizes(
+    height: int, width: int, base: int = BASE_WINDOW, tiers: int = TIERS
+) -> tuple[tuple[int, int, int, int], ...]:
+    """The windows of one map, smallest first: ``(h, w, tiles_y, tiles_x)``.
+
+    Every tier but the last is one ``h x w`` window at the box; the last covers
+    the whole map, in one window if it is no larger than the largest tier, else
+    in ``tiles_y x tiles_x`` tiles of that tier's size (so no window, and no
+    compiled contraction, is larger than the largest tier).
+    """
+    sizes: list[tuple[int, int]] = []
+    s = base
+    while s < max(height, width) and len(sizes) < tiers:
+        sizes.append((min(s, height), min(s, width)))
+        s *= 2
+    out = [(h, w, 1, 1) for h, w in dict.fromkeys(sizes)]
+    if sizes and sizes[-1] != (height, width):
+        th, tw = sizes[-1]
+        whole = (th, tw, -(-height // th), -(-width // tw))
+    else:
+        whole = (height, width, 1, 1)
+    if not out or out[-1][:2] != (height, width):
+        out.append(whole)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(layout: DataFormat, shapes: tuple[tuple[int, ...], ...]):
+    """``(heights, widths, channels)`` of the maps in either layout."""
+    if layout is DataFormat.NHWC:
+        return tuple(s[1] for s in shapes), tuple(s[2] for s in shapes), shapes[0][3]
+    return tuple(s[2] for s in shapes), tuple(s[3] for s in shapes), shapes[0][1]
+
+
+class Plan:
+    """Static description of a window read: layouts, map sizes, tiers, dtypes."""
+
+    def __init__(self, layout: DataFormat, shapes, map_dtypes, dtype):
+        self.layout = layout
+        self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        self.map_dtypes = tuple(np.dtype(d) for d in map_dtypes)
+        self.dtype = np.dtype(dtype)
+        self.heights, self.widths, self.channels = _layout(layout, self.shapes)
+        self.tiers = [tier_sizes(h, w) for h, w in zip(self.heights, self.widths, strict=True)]
+        self.branch_offset = list(np.cumsum([0] + [len(t) for t in self.tiers])[:-1])
+
+    def key(self):
+        return (self.layout, self.shapes, self.map_dtypes, self.dtype)
+
+    @property
+    def nhwc(self) -> bool:
+        return self.layout is DataFormat.NHWC
+
+
+def branch_index(plan: Plan, level: Array, need_y: Array, need_x: Array) -> Array:
+    """Per box, the branch (level and tier) whose window holds ``need_y x need_x`` cells."""
+    index = jnp.zeros_like(need_y)
+    for lv, tiers in enumerate(plan.tiers):
+        hs = jnp.asarray([h for h, *_ in tiers[:-1]] + [plan.heights[lv]], jnp.int32)
+        ws = jnp.asarray([w for _, w, *_ in tiers[:-1]] + [plan.widths[lv]], jnp.int32)
+        tier = jnp.sum((need_y[:, None] > hs) | (need_x[:, None] > ws), axis=1)
+        tier = jnp.minimum(tier, len(tiers) - 1)  # the whole map holds any box
+        index = jnp.where(level == lv, plan.branch_offset[lv] + tier, index)
+    return index.astype(jnp.int32)
+
+
+def _window(plan: Plan, m: Array, b, y0, x0, h: int, w: int) -> Array:
+    """``[h, w, C]`` window of one map at ``(b, y0, x0)``, widened to the compute dtype."""
+    z = jnp.zeros((), jnp.int32)
+    if plan.nhwc:
+        win = jax.lax.dynamic_slice(m, (b, y0, x0, z), (1, h, w, plan.channels))[0]
+    else:
+        win = jax.lax.dynamic_slice(m, (b, z, y0, x0), (1, plan.channels, h, w))[0]
+        win = jnp.moveaxis(win, 0, -1)
+    return win.astype(plan.dtype)
+
+
+def _add_window(plan: Plan, acc: Array, value: Array, b, y0, x0) -> Array:
+    """``acc[b, y0:y0+h, x0:x0+w] += value`` (``value`` ``[h, w, C]``), by slices."""
+    z = jnp.zeros((), jnp.int32)
+    h, w = value.shape[:2]
+    if plan.nhwc:
+        start = (b, y0, x0, z)
+        cur = jax.lax.dynamic_slice(acc, start, (1, h, w, plan.channels))
+        return jax.lax.dynamic_update_slice(acc, cur + value[None].astype(acc.dtype), start)
+    start = (b, z, y0, x0)
+    cur = jax.lax.dynamic_slice(acc, start, (1, plan.channels, h, w))
+    upd = jnp.moveaxis(value, -1, 0)[None].astype(acc.dtype)
+    return jax.lax.dynamic_update_slice(acc, cur + upd, start)
+
+
+def _row(a: Array, k) -> Array:
+    """``a[k]`` by a dynamic slice."""
+    return jax.lax.dynamic_index_in_dim(a, k, axis=0, keepdims=False)
+
+
+def _set_row(a: Array, k, value: Array) -> Array:
+    return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), k, axis=0)
+
+
+def _switch(index, branches):
+    return branches[0]() if len(branches) == 1 else jax.lax.switch(index, branches)
+
+
+def _per_tile(plan: Plan, lv: int, tier, lo_y, lo_x, wyk, wxk, fn, init):
+    """Runs ``fn(carry, y0, x0, wy_window, wx_window, own)`` over the windows of one tier.
+
+    A plain tier is one window at the box's first row and column (kept inside the
+    map). The whole-map tier of a large map is a static loop over tiles that
+    cover the map exactly once: a tile clipped at the far edge overlaps the one
+    before it, and the overlapped rows (columns) get zero weight in it (``own``:
+    the ``[h]``, ``[w]`` masks of the rows and columns a tile owns; ``None`` for
+    a single window).
+    """
+    h, w, ny, nx = tier
+    height, width = plan.heights[lv], plan.widths[lv]
+
+    def window(carry, y0, x0, from_y, from_x):
+        y0, x0 = jnp.asarray(y0, jnp.int32), jnp.asarray(x0, jnp.int32)
+        wyw = jax.lax.dynamic_slice_in_dim(wyk, y0, h, axis=1).astype(plan.dtype)
+        wxw = jax.lax.dynamic_slice_in_dim(wxk, x0, w, axis=1).astype(plan.dtype)
+        own = None
+        if from_y is not None:
+            own = (y0 + jnp.arange(h) >= from_y, x0 + jnp.arange(w) >= from_x)
+            wyw = jnp.where(own[0], wyw, 0.0)
+            wxw = jnp.where(own[1], wxw, 0.0)
+        return fn(carry, y0, x0, wyw, wxw, own)
+
+    if ny * nx == 1:
+        y0 = jnp.clip(lo_y, 0, height - h)
+        x0 = jnp.clip(lo_x, 0, width - w)
+        return window(init, y0, x0, None, None)
+
+    def tile(i, carry):
+        i = jnp.asarray(i, jnp.int32)
+        from_y, from_x = (i // nx) * h, (i % nx) * w
+        y0, x0 = jnp.minimum(from_y, height - h), jnp.minimum(from_x, width - w)
+        return window(carry, y0, x0, from_y, from_x)
+
+    return jax.lax.fori_loop(0, ny * nx, tile, init)
+
+
+def _branches(plan: Plan, body):
+    """``body(level, tier)`` for every branch, in :func:`branch_index` order."""
+    return [
+        functools.partial(body, lv, tier) for lv, tiers in enumerate(plan.tiers) for tier in tiers
+    ]
+
+
+def _loop(k_total: int, fn, init):
+    return jax.lax.fori_loop(0, k_total, fn, init)
+
+
+def _forward(plan: Plan, maps, wy, wx, batch, branch, lo_y, lo_x):
+    """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``.
+
+    A scan over the boxes whose per-box results are the stacked output (written
+    in place; no carry the size of the output).
+    """
+    ph, pw = wy.shape[1], wx.shape[1]
+
+    def box(_, row):
+        b, br, ly, lx, wyk, wxk = row
+
+        def body(lv, tier):
+            def read(acc, y0, x0, wyw, wxw, own):
+                win = _window(plan, maps[lv], b, y0, x0, tier[0], tier[1])
+                z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
+                return acc + jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
+
+            zero = jnp.zeros((ph, pw, plan.channels), plan.dtype)
+            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero)
+
+        return None, _switch(br, _branches(plan, body))
+
+    _, out = jax.lax.scan(box, None, (batch, branch, lo_y, lo_x, wy, wx))
+    return out
+
+
+def _transpose(plan: Plan, g, wy, wx, batch, branch, lo_y, lo_x, images: int | None = None):
+    """The feature gradient: per map, ``sum_k`` of ``wy[k]^T . g[k] . wx[k]`` in its window.
+
+    ``images`` overrides the maps' batch size (a vmapped call folded into the images).
+    """
+    k_total = wy.shape[0]
+    shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
+    acc0 = tuple(jnp.zeros(s, plan.dtype) for s in shapes)
+    g = g.astype(plan.dtype)
+
+    def box(k, acc):
+        b, ly, lx = _row(batch, k), _row(lo_y, k), _row(lo_x, k)
+        wyk, wxk, gk = _row(wy, k), _row(wx, k), _row(g, k)
+
+        def body(lv, tier, acc):
+            def add(acc, y0, x0, wyw, wxw, own):
+                u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
+                val = jnp.einsum("ph,pwc->hwc", wyw, u, precision=_HIGHEST)
+                acc = list(acc)
+                acc[lv] = _add_window(plan, acc[lv], val, b, y0, x0)
+                return tuple(acc)
+
+            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc)
+
+        branches = [functools.partial(f, acc) for f in _branches(plan, body)]
+        return _switch(_row(branch, k), branches)
+
+    out = _loop(k_total, box, acc0)
+    return tuple(a.astype(d) for a, d in zip(out, plan.map_dtypes, strict=True))
+
+
+def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, lo_y, lo_x):
+    """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them)."""
+    g = g.astype(plan.dtype)
+
+    def box(_, row):
+        b, br, ly, lx, wyk, wxk, gk = row
+        wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
+
+        def body(lv, tier):
+            h, w = tier[:2]
+
+            def grad(rows, y0, x0, wyw, wxw, own):
+                win = _window(plan, maps[lv], b, y0, x0, h, w)
+                # Contract the window over its minor axes only (w, c), with rows
+                # as a batch axis, so it is read in the map's own layout.
+                z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
+                d_wy = jnp.einsum("pqc,hqc->ph", gk, z, precision=_HIGHEST)
+                t = jnp.einsum("ph,pqc->hqc", wyw, gk, precision=_HIGHEST)
+                d_wx = jnp.einsum("hwc,hqc->hqw", win, t, precision=_HIGHEST).sum(0)
+                if own is not None:  # rows and columns a tile does not own get nothing
+                    d_wy = jnp.where(own[0], d_wy, 0.0)
+                    d_wx = jnp.where(own[1], d_wx, 0.0)
+                ry, rx = rows
+                ry = jax.lax.dynamic_update_slice_in_dim(
+                    ry, jax.lax.dynamic_slice_in_dim(ry, y0, h, axis=1) + d_wy, y0, axis=1
+                )
+                rx = jax.lax.dynamic_update_slice_in_dim(
+                    rx, jax.lax.dynamic_slice_in_dim(rx, x0, w, axis=1) + d_wx, x0, axis=1
+                )
+                return ry, rx
+
+            zeros = (jnp.zeros_like(wyk), jnp.zeros_like(wxk))
+            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros)
+
+        return None, _switch(br, _branches(plan, body))
+
+    _, (d_wy, d_wx) = jax.lax.scan(box, None, (batch, branch, lo_y, lo_x, wy, wx, g))
+    return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Per-image form: the box loop runs per device under custom_partitioning.
+# ---------------------------------------------------------------------------
+
+
+def _flat(per_image: bool, maps, *box_args):
+    """Box tables ``[N, R, ...]`` flattened to ``[N * R, ...]``, with each box's image."""
+    if not per_image:
+        return box_args
+    n, r = box_args[0].shape[:2]
+    flat = [a.reshape((n * r,) + a.shape[2:]) for a in box_args]
+    batch = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+    return flat, batch
+
+
+def _impls(plan: Plan, per_image: bool):
+    """The three loops as functions of ``(maps..., tables...)``, per-image shaped or flat."""
+    nmaps = len(plan.shapes)
+
+    def unpack(args):
+        return list(args[:nmaps]), args[nmaps:]
+
+    def forward(*args):
+        maps, (wy, wx, *rest) = unpack(args)
+        if per_image:
+            n, r = wy.shape[:2]
+            (wy, wx, *idx), batch = _flat(True, maps, wy, wx, *rest)
+            out = _forward(plan, maps, wy, wx, batch, *idx)
+            return out.reshape((n, r) + out.shape[1:])
+        return _forward(plan, maps, wy, wx, *rest)
+
+    def transpose(g, wy, wx, *rest):
+        if per_image:
+            n, r = wy.shape[:2]
+            g = g.reshape((n * r,) + g.shape[2:])
+            (wy, wx, *idx), batch = _flat(True, None, wy, wx, *rest)
+            return _transpose(plan, g, wy, wx, batch, *idx, images=n)
+        return _transpose(plan, g, wy, wx, *rest)
+
+    def weights_grad(*args):
+        maps, (g, wy, wx, *rest) = unpack(args)
+        if per_image:
+            n, r = wy.shape[:2]
+            g = g.reshape((n * r,) + g.shape[2:])
+            shapes = (wy.shape, wx.shape)
+            (wy, wx, *idx), batch = _flat(True, maps, wy, wx, *rest)
+            d_wy, d_wx = _weights_grad(plan, maps, g, wy, wx, batch, *idx)
+            return d_wy.reshape(shapes[0]), d_wx.reshape(shapes[1])
+        return _weights_grad(plan, maps, g, wy, wx, *rest)
+
+    return forward, transpose, weights_grad
+
+
+def _batch_partitioned(fn):
+    """``fn`` under ``custom_partitioning``: every argument and result split on axis 0
+    (images), each device running ``fn`` on its own images. Only the batch axis
+    may be sharded; the partitioner replicates any other axis first."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    wrapped = custom_partitioning(fn)
+
+    def batch_axis(arg_shapes):
+        for a in jax.tree.leaves(arg_shapes):
+            spec = getattr(getattr(a, "sharding", None), "spec", None)
+            if spec is not None and len(spec) and spec[0] is not None:
+                return spec[0]
+        return None
+
+    def on_batch(mesh, axis, shapes):
+        return jax.tree.map(
+            lambda s: NamedSharding(mesh, P(axis, *([None] * (len(s.shape) - 1)))), shapes
+        )
+
+    def infer(mesh, arg_shapes, result_shape):
+        return on_batch(mesh, batch_axis(arg_shapes), result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        axis = batch_axis(arg_shapes)
+        return mesh, fn, on_batch(mesh, axis, result_shape), on_batch(mesh, axis, arg_shapes)
+
+    wrapped.def_partition(
+        partition=partition, infer_sharding_from_operands=infer, sharding_rule=_batch_rule
+    )
+    return wrapped
+
+
+def _batch_rule(mesh, value_types, result_types):
+    """Shardy rule: axis 0 of every operand and result is one factor (the images);
+    every other axis is its own factor, kept whole."""
+    del mesh
+    factors: list[str] = []
+
+    def spec(prefix: str, i: int, t) -> str:
+        names = [f"{prefix}{i}d{d}" for d in range(1, len(t.shape))]
+        factors.extend(names)
+        return " ".join(["images"] + names)
+
+    ops = ", ".join(spec("a", i, t) for i, t in enumerate(value_types))
+    res = ", ".join(spec("r", i, t) for i, t in enumerate(result_types))
+    return f"{ops} -> {res}", {"need_replication_factors": tuple(factors)}
+
+
+def _fold_vmap(fn, kind: str):
+    """A ``custom_vmap`` rule folding a vmapped axis into the images: ``B`` calls on
+    ``N`` images are one call on ``B * N`` images (per-image tables ``[N, R, ...]``
+    become ``[B * N, R, ...]``), so vmap adds no gather or scatter."""
+
+    @jax.custom_batching.custom_vmap
+    def wrapped(*args):
+        return fn(*args)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [
+            a if batched else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+            for a, batched in zip(args, in_batched, strict=True)
+        ]
+        folded = [a.reshape((-1,) + a.shape[2:]) for a in args]
+        out = wrapped(*folded)
+        if kind == "maps":
+            out = tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in out)
+            return out, tuple(True for _ in out)
+        if kind == "pair":
+            out = tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in out)
+            return out, (True, True)
+        return out.reshape((axis_size, -1) + out.shape[1:]), True
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=128)
+def _ops(key, per_image: bool):
+    """``(op, transpose)`` custom-VJP pair (each the other's VJP in its first argument)."""
+    plan = Plan(*key)
+    fwd_impl, t_impl, wg_impl = _impls(plan, per_image)
+    if per_image:
+        fwd_impl = _fold_vmap(_batch_partitioned(fwd_impl), "out")
+        t_impl = _fold_vmap(_batch_partitioned(t_impl), "maps")
+        wg_impl = _fold_vmap(_batch_partitioned(wg_impl), "pair")
+
+    def is_zero(x: Any) -> bool:
+        return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+    @jax.custom_vjp
+    def op(maps, wy, wx, idx):
+        return fwd_impl(*maps, wy, wx, *idx)
+
+    @jax.custom_vjp
+    def transpose(g, wy, wx, idx):
+        return t_impl(g, wy, wx, *idx)
+
+    def op_fwd(maps, wy, wx, idx):
+        vals = (tuple(m.value for m in maps), wy.value, wx.value, jax.tree.map(lambda a: a.value, idx))
+        want_maps = any(m.perturbed for m in maps)
+        want_w = wy.perturbed or wx.perturbed
+        return op(*vals), (vals, want_maps, want_w)
+
+    def op_bwd(res, cot):
+        (maps, wy, wx, idx), want_maps, want_w = res
+        d_maps = tuple(None for _ in maps)
+        d_wy = d_wx = None
+        if not is_zero(cot):
+            cot = jnp.asarray(cot)
+            if want_maps:
+                d_maps = transpose(cot, wy, wx, idx)
+            if want_w:
+                d_wy, d_wx = wg_impl(*maps, cot, wy, wx, *idx)
+        return d_maps, d_wy, d_wx, jax.tree.map(lambda _: None, idx)
+
+    def t_fwd(g, wy, wx, idx):
+        vals = (g.value, wy.value, wx.value, jax.tree.map(lambda a: a.value, idx))
+        return transpose(*vals), (vals, g.perturbed, wy.perturbed or wx.perturbed)
+
+    def t_bwd(res, cot):
+        (g, wy, wx, idx), want_g, want_w = res
+        d_g = d_wy = d_wx = None
+        if not all(is_zero(c) for c in cot):
+            cot = tuple(
+                jnp.zeros(s, d) if is_zero(c) else jnp.asarray(c, d)
+                for c, s, d in zip(cot, plan.shapes, plan.map_dtypes, strict=True)
+            )
+            if want_g:
+                d_g = op(cot, wy, wx, idx).astype(g.dtype)
+            if want_w:
+                d_wy, d_wx = wg_impl(*cot, g, wy, wx, *idx)
+        return d_g, d_wy, d_wx, jax.tree.map(lambda _: None, idx)
+
+    op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
+    transpose.defvjp(t_fwd, t_bwd, symbolic_zeros=True)
+    return op, transpose
+
+
+def contract_window(
+    maps: Sequence[Array],
+    layout: DataFormat,
+    wy: Array,
+    wx: Array,
+    level: Array,
+    lo_y: Array,
+    need_y: Array,
+    lo_x: Array,
+    need_x: Array,
+    dtype,
+    *,
+    batch: Array | None = None,
+) -> Array:
+    """``out[k] = sum_hw wy[k, :, h] wx[k, :, w] F_level[k][batch[k], h, w, :]``, box-locally.
+
+    Args:
+      maps: one or more feature maps ``[N, H_l, W_l, C]`` (or NCHW); box ``k`` reads
+        ``maps[level[k]]``.
+      wy, wx: dense weights ``[K, PH, H]``, ``[K, PW, W]`` (``H, W`` at least the
+        largest map's; columns past a map's size must be zero), or per image
+        ``[N, R, PH, H]`` / ``[N, R, PW, W]`` (box ``(n, r)`` reads image ``n``).
+      level: ``[K]`` (or ``[N, R]``) int32 map of each box.
+      lo_y, need_y, lo_x, need_x: ``[K]`` (or ``[N, R]``) int32, the first row and
+        the number of rows (columns) that hold every tap of the box; a box whose
+        weights are zero may say 0. Rows outside are never read, so they must be
+        exact (:func:`jax_roialign._sampling.tap_span`).
+      dtype: the compute dtype; the windows are widened to it as they are read.
+      batch: ``[K]`` image of each box (flat tables only).
+
+    Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``) in ``dtype``.
+    """
+    maps = tuple(maps)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype)
+    per_image = batch is None
+    heights, widths = max(plan.heights), max(plan.widths)
+    wy = wy[..., :heights].astype(dtype)
+    wx = wx[..., :widths].astype(dtype)
+    if wy.shape[-1] < heights or wx.shape[-1] < widths:
+        raise ValueError("window weights must cover the largest map")
+    branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
+    branch = branch.reshape(level.shape)
+    idx: tuple[Array, ...] = (branch, lo_y.astype(jnp.int32), lo_x.astype(jnp.int32))
+    if not per_image:
+        assert batch is not None
+        idx = (batch.astype(jnp.int32),) + idx
+    op, _ = _ops(plan.key(), per_image)
+    return op(maps, wy, wx, idx)
