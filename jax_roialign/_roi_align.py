@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _contract, _sampling
+from . import _contract, _sampling, _shard
 from ._validation import (  # noqa: F401 - finish_output, runtime_checks: re-exported
     Call,
     DataFormat,
@@ -201,6 +201,22 @@ def aggregate_avg(
     ``n`` (the ``[N, R, 4]`` form). The work is then vmapped over images, so a
     batch-sharded map and batch-sharded boxes need no data from other devices.
     """
+    if per_image:
+        # Boxes image-major: on batch-sharded features each device pools its own.
+        return _shard.by_image(
+            lambda f, b, ok, gy, gx: _aggregate_avg_any(
+                f, layout, b, ok, gy, gx, method, dtype, True
+            ),
+            features,
+            batch,
+            ok,
+            gy,
+            gx,
+        )
+    return _aggregate_avg_any(features, layout, batch, ok, gy, gx, method, dtype, False)
+
+
+def _aggregate_avg_any(features, layout, batch, ok, gy, gx, method, dtype, per_image):
     return method.run(
         lambda how: functools.partial(
             _aggregate_avg, features, layout, batch, ok, gy, gx, how, dtype, per_image

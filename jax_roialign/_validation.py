@@ -81,8 +81,7 @@ class Method(enum.Enum):
                 if value.lower() == member.value:
                     return member
         raise ValueError(
-            "method must be 'auto', 'gather', 'scatter', 'window' or 'matmul', "
-            f"got {value!r}"
+            f"method must be 'auto', 'gather', 'scatter', 'window' or 'matmul', got {value!r}"
         )
 
     def run(self, build: Callable[[Method], Callable[[], Any]]) -> Any:

@@ -24,10 +24,10 @@ window again. The three functions (forward, transpose, weights' gradient) are
 ``custom_vjp`` pairs, so reverse-mode autodiff of any order takes these loops
 and never stores a window per box.
 
-With per-image boxes (``[N, R, ...]``) the loops run inside
-``jax.experimental.custom_partitioning``: under a plain ``jit`` whose features
-and boxes are sharded on the batch axis, each device runs the loop on its own
-images and the program has no collective.
+On batch-sharded features the ops run this reader per device
+(:mod:`jax_roialign._shard`). (``jax.experimental.custom_partitioning`` would
+let XLA split the loops under automatic sharding too, but the TPU compiler does
+not run its partitioning callbacks: jax-ml/jax#38196.)
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, lo_y, lo_x):
 
 
 # ---------------------------------------------------------------------------
-# Per-image form: the box loop runs per device under custom_partitioning.
+# Per-image form: image of each box from its position; vmap folded into the images.
 # ---------------------------------------------------------------------------
 
 
@@ -355,57 +355,6 @@ def _impls(plan: Plan, per_image: bool):
     return forward, transpose, weights_grad
 
 
-def _batch_partitioned(fn):
-    """``fn`` under ``custom_partitioning``: every argument and result split on axis 0
-    (images), each device running ``fn`` on its own images. Only the batch axis
-    may be sharded; the partitioner replicates any other axis first."""
-    from jax.experimental.custom_partitioning import custom_partitioning
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    wrapped = custom_partitioning(fn)
-
-    def batch_axis(arg_shapes):
-        for a in jax.tree.leaves(arg_shapes):
-            spec = getattr(getattr(a, "sharding", None), "spec", None)
-            if spec is not None and len(spec) and spec[0] is not None:
-                return spec[0]
-        return None
-
-    def on_batch(mesh, axis, shapes):
-        return jax.tree.map(
-            lambda s: NamedSharding(mesh, P(axis, *([None] * (len(s.shape) - 1)))), shapes
-        )
-
-    def infer(mesh, arg_shapes, result_shape):
-        return on_batch(mesh, batch_axis(arg_shapes), result_shape)
-
-    def partition(mesh, arg_shapes, result_shape):
-        axis = batch_axis(arg_shapes)
-        return mesh, fn, on_batch(mesh, axis, result_shape), on_batch(mesh, axis, arg_shapes)
-
-    wrapped.def_partition(
-        partition=partition, infer_sharding_from_operands=infer, sharding_rule=_batch_rule
-    )
-    return wrapped
-
-
-def _batch_rule(mesh, value_types, result_types):
-    """Shardy rule: axis 0 of every operand and result is one factor (the images);
-    every other axis is its own factor, kept whole."""
-    del mesh
-    factors: list[str] = []
-
-    def spec(prefix: str, i: int, t) -> str:
-        names = [f"{prefix}{i}d{d}" for d in range(1, len(t.shape))]
-        factors.extend(names)
-        return " ".join(["images"] + names)
-
-    ops = ", ".join(spec("a", i, t) for i, t in enumerate(value_types))
-    res = ", ".join(spec("r", i, t) for i, t in enumerate(result_types))
-    return f"{ops} -> {res}", {"need_replication_factors": tuple(factors)}
-
-
 def _fold_vmap(fn, kind: str):
     """A ``custom_vmap`` rule folding a vmapped axis into the images: ``B`` calls on
     ``N`` images are one call on ``B * N`` images (per-image tables ``[N, R, ...]``
@@ -440,9 +389,9 @@ def _ops(key, per_image: bool):
     plan = Plan(*key)
     fwd_impl, t_impl, wg_impl = _impls(plan, per_image)
     if per_image:
-        fwd_impl = _fold_vmap(_batch_partitioned(fwd_impl), "out")
-        t_impl = _fold_vmap(_batch_partitioned(t_impl), "maps")
-        wg_impl = _fold_vmap(_batch_partitioned(wg_impl), "pair")
+        fwd_impl = _fold_vmap(fwd_impl, "out")
+        t_impl = _fold_vmap(t_impl, "maps")
+        wg_impl = _fold_vmap(wg_impl, "pair")
 
     def is_zero(x: Any) -> bool:
         return isinstance(x, jax.custom_derivatives.SymbolicZero)
@@ -456,7 +405,12 @@ def _ops(key, per_image: bool):
         return t_impl(g, wy, wx, *idx)
 
     def op_fwd(maps, wy, wx, idx):
-        vals = (tuple(m.value for m in maps), wy.value, wx.value, jax.tree.map(lambda a: a.value, idx))
+        vals = (
+            tuple(m.value for m in maps),
+            wy.value,
+            wx.value,
+            jax.tree.map(lambda a: a.value, idx),
+        )
         want_maps = any(m.perturbed for m in maps)
         want_w = wy.perturbed or wx.perturbed
         return op(*vals), (vals, want_maps, want_w)
@@ -532,15 +486,14 @@ def contract_window(
     plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype)
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
-    wy = wy[..., :heights].astype(dtype)
-    wx = wx[..., :widths].astype(dtype)
     if wy.shape[-1] < heights or wx.shape[-1] < widths:
         raise ValueError("window weights must cover the largest map")
+    wy = wy[..., :heights].astype(dtype)
+    wx = wx[..., :widths].astype(dtype)
     branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
     branch = branch.reshape(level.shape)
     idx: tuple[Array, ...] = (branch, lo_y.astype(jnp.int32), lo_x.astype(jnp.int32))
     if not per_image:
-        assert batch is not None
         idx = (batch.astype(jnp.int32),) + idx
     op, _ = _ops(plan.key(), per_image)
     return op(maps, wy, wx, idx)

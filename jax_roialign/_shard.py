@@ -1,0 +1,53 @@
+"""Pods: per-image work on batch-sharded features runs on each device's own images.
+
+With per-image boxes ``[N, R, 4]`` every op's work is independent per image. When
+the features' type says that their batch axis is sharded (explicit sharding: a
+mesh with ``jax.sharding.AxisType.Explicit`` axes, set with ``jax.set_mesh``),
+:func:`by_image` runs the op's body under ``jax.shard_map`` over those mesh
+axes, so a plain ``jax.jit`` program has no collective, whatever reader the
+platform uses (a loop over boxes is not something XLA's partitioner can split
+by itself). Under automatic sharding the body runs as written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+
+
+def batch_axes(features: Any):
+    """The mesh axes sharding axis 0 of ``features`` according to its type, or ``None``."""
+    try:
+        sharding = jax.typeof(features).sharding
+        spec, mesh = sharding.spec, sharding.mesh
+    except (AttributeError, TypeError):  # pragma: no cover - concrete arrays of old jax
+        return None
+    if mesh is None or getattr(mesh, "empty", True) or not len(spec) or spec[0] is None:
+        return None
+    return spec[0]
+
+
+def by_image(fn: Callable[..., Any], features: Any, *args: Any) -> Any:
+    """``fn(features, *args)``, per device when ``features`` is batch-sharded.
+
+    Every array leaf of ``features`` and ``args`` must have the images (or the
+    image-major boxes ``N * R``) on axis 0; the result likewise.
+    """
+    leaves = jax.tree.leaves(features)
+    axes = batch_axes(leaves[0]) if leaves else None
+    if axes is None:
+        return fn(features, *args)
+
+    def on_batch(x):
+        return jax.reshard(x, P(axes, *([None] * (jax.numpy.ndim(x) - 1))))
+
+    features, args = jax.tree.map(on_batch, (features, args))
+    spec = P(axes)
+    return jax.shard_map(
+        lambda f, a: fn(f, *a), in_specs=(spec, spec), out_specs=spec, check_vma=False
+    )(features, args)
