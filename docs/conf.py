@@ -86,7 +86,7 @@ def readme_fragments() -> list[str]:
             opened.remove(name)
     for name in opened:
         logger.warning("README.md: <!-- docs:start %s --> without its end", name)
-    return names
+    return [name for name in names if name not in opened]
 
 
 def copy_notebooks() -> None:
