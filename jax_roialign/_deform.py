@@ -91,6 +91,25 @@ def deform_roi_align(
     Differentiable with respect to the features, the boxes, the offsets and the
     mask. Boxes that are not finite or whose batch index is outside ``[0, N)``
     give zeros, as do bins whose offset is not finite.
+
+    Examples:
+      On the ramp ``8 * h + w``, the box ``(1, 1, 5, 5)`` is 4 cells wide; with
+      ``gamma=0.5`` the offset ``dx = 0.5`` moves every bin right by
+      ``0.5 * 4 * 0.5 = 1`` cell, which adds 1 to each bin of ``roi_align``'s
+      ``[[13.5, 15.5], [29.5, 31.5]]``:
+
+      >>> import jax.numpy as jnp
+      >>> import jax_roialign as jr
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> offsets = jnp.zeros((1, 2, 2, 2)).at[..., 0].set(0.5)  # [K, PH, PW, (dx, dy)]
+      >>> out = jr.deform_roi_align(
+      ...     features, boxes, offsets, output_size=2, sampling_ratio=2, gamma=0.5
+      ... )
+      >>> out.shape
+      (1, 2, 2, 1)
+      >>> out[0, :, :, 0].tolist()
+      [[14.5, 16.5], [30.5, 32.5]]
     """
     ratio = sampling_ratio_int(sampling_ratio)
     gamma = _finite_number(gamma, "gamma")

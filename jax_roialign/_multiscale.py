@@ -130,6 +130,25 @@ def multiscale_roi_align(
     Returns:
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
       per-image boxes, in the maps' dtype (computed in float32 or wider).
+
+    Examples:
+      Two levels of a 128 x 128 image, P2 (stride 4) filled with 1 and P3
+      (stride 8) with 2. A box 56 pixels a side has level
+      ``floor(4 + log2(56 / 224)) = 2``, one of 112 pixels level 3:
+
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jax_roialign as jr
+      >>> p2 = jnp.ones((1, 32, 32, 1), jnp.float32)
+      >>> p3 = jnp.full((1, 16, 16, 1), 2.0, jnp.float32)
+      >>> boxes = jnp.array([[0, 4.0, 4.0, 60.0, 60.0], [0, 8.0, 8.0, 120.0, 120.0]])
+      >>> out = jr.multiscale_roi_align(
+      ...     [p2, p3], boxes, output_size=2, spatial_scales=(1 / 4, 1 / 8)
+      ... )
+      >>> out.shape
+      (2, 2, 2, 1)
+      >>> np.round(out[:, 0, 0, 0], 4).tolist()  # the level each box was read from
+      [1.0, 2.0]
     """
     layout = DataFormat.parse(data_format)
     how = Method.parse(method).resolve()

@@ -85,6 +85,22 @@ def roi_pool(
     Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
     zeros. As in torchvision, a non-empty bin whose values are all NaN or below
     ``-FLT_MAX`` gives ``-FLT_MAX`` (NaN never wins the max).
+
+    Examples:
+      On the ramp ``8 * h + w``, the box ``(1, 1, 5, 5)`` covers the cells 1 to 5
+      on each axis; with ``output_size=2`` the bins are the cells ``[1, 4)`` and
+      ``[3, 6)`` (2.5 cells each, widened to whole cells), and each takes the
+      largest value, at its bottom-right cell:
+
+      >>> import jax.numpy as jnp
+      >>> import jax_roialign as jr
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> out = jr.roi_pool(features, boxes, output_size=2)
+      >>> out.shape
+      (1, 2, 2, 1)
+      >>> out[0, :, :, 0].tolist()
+      [[27.0, 29.0], [43.0, 45.0]]
     """
     call = prepare(
         features,

@@ -80,6 +80,25 @@ def precise_roi_pool(
 
     Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
     zeros (and zero gradients).
+
+    Examples:
+      The average of a linear ramp (``8 * h + w``) over a bin is its value at the
+      bin's centre. The box ``(1, 1, 5, 5)`` is not shifted, so the bins are
+      centred at rows and columns 2 and 4; the box gets a gradient:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import jax_roialign as jr
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> out = jr.precise_roi_pool(features, boxes, output_size=2)
+      >>> out.shape
+      (1, 2, 2, 1)
+      >>> out[0, :, :, 0].tolist()
+      [[18.0, 20.0], [34.0, 36.0]]
+      >>> loss = lambda b: jr.precise_roi_pool(features, b, output_size=2).sum()
+      >>> jax.grad(loss)(boxes).tolist()
+      [[0.0, 2.0, 16.0, 2.0, 16.0]]
     """
     how = Method.parse(method).resolve()
     call = prepare(

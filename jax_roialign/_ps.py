@@ -79,6 +79,21 @@ def ps_roi_align(
 
     Boxes with a non-finite coordinate or a batch index outside ``[0, N)`` give
     zeros (and zero gradients).
+
+    Examples:
+      A 2 x 2 output with ``C_out = 1`` reads ``C = 4`` channels, bin ``(ph, pw)``
+      channel ``2 * ph + pw``. With channel ``c`` filled with the value ``c``, each
+      bin shows which channel it read:
+
+      >>> import jax.numpy as jnp
+      >>> import jax_roialign as jr
+      >>> features = jnp.broadcast_to(jnp.arange(4, dtype=jnp.float32), (1, 8, 8, 4))
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> out = jr.ps_roi_align(features, boxes, output_size=2)
+      >>> out.shape
+      (1, 2, 2, 1)
+      >>> out[0, :, :, 0].tolist()
+      [[0.0, 1.0], [2.0, 3.0]]
     """
     ratio = sampling_ratio_int(sampling_ratio)
     call = prepare(

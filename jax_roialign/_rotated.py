@@ -125,6 +125,22 @@ def roi_align_rotated(
     angle). Boxes whose parameters are not finite, or whose batch index is
     outside ``[0, N)``, give zeros. Negative sizes follow the formula
     (detectron2 and mmcv reject them): an adaptive grid is then empty and gives 0.
+
+    Examples:
+      The square of side 4 centred at ``(3, 3)``, unrotated and turned by 90
+      degrees, on the ramp ``8 * h + w``. Unrotated it equals ``roi_align`` of the
+      corner box ``(1, 1, 5, 5)``; turned, the same four bin values move round:
+
+      >>> import jax.numpy as jnp
+      >>> import jax_roialign as jr
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
+      >>> boxes = jnp.array([[0, 3.0, 3.0, 4.0, 4.0, 0.0],  # (batch_index, cx, cy, w, h, angle)
+      ...                    [0, 3.0, 3.0, 4.0, 4.0, 90.0]])
+      >>> out = jr.roi_align_rotated(features, boxes, output_size=2, sampling_ratio=2)
+      >>> out.shape
+      (2, 2, 2, 1)
+      >>> out[..., 0].tolist()
+      [[[13.5, 15.5], [29.5, 31.5]], [[29.5, 13.5], [31.5, 15.5]]]
     """
     ratio = sampling_ratio_int(sampling_ratio)
     aligned = check_bool(aligned, "aligned")

@@ -6,16 +6,23 @@ numbers (see the functions in :mod:`jax_roialign` for the semantics). Only
 :class:`DeformableRoIAlign` has parameters (its offset predictor); the others
 can be called without ``init``/``apply`` inside a parent module.
 
-Example::
+Example:
+    A mask head on a stride-16 map (a 64 x 64 image, 8 channels):
 
-    import flax.linen as nn
-    from jax_roialign.linen import RoIAlign
-
-    class MaskHead(nn.Module):
-        @nn.compact
-        def __call__(self, features, boxes):
-            x = RoIAlign(output_size=14, spatial_scale=1 / 16)(features, boxes)
-            return nn.Conv(1, (1, 1))(nn.relu(nn.Conv(64, (3, 3))(x)))
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> from jax_roialign.linen import RoIAlign
+    >>> class MaskHead(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, features, boxes):
+    ...         x = RoIAlign(output_size=14, spatial_scale=1 / 16)(features, boxes)
+    ...         return nn.Conv(1, (1, 1))(nn.relu(nn.Conv(16, (3, 3))(x)))
+    >>> features = jnp.ones((1, 4, 4, 8))
+    >>> boxes = jnp.array([[0, 8.0, 8.0, 56.0, 40.0]])
+    >>> variables = MaskHead().init(jax.random.key(0), features, boxes)
+    >>> MaskHead().apply(variables, features, boxes).shape
+    (1, 14, 14, 1)
 """
 
 from __future__ import annotations
@@ -47,7 +54,20 @@ __all__ = [
 
 
 class RoIAlign(nn.Module):
-    """:func:`jax_roialign.roi_align` as a Linen module (no parameters)."""
+    """:func:`jax_roialign.roi_align` as a Linen module (no parameters).
+
+    Counterpart of torchvision's ``RoIAlign(output_size, spatial_scale, sampling_ratio,
+    aligned)`` and detectron2's ``ROIAlign``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.linen import RoIAlign
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = RoIAlign(output_size=2, sampling_ratio=2)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool.apply({}, features, boxes)[0, :, :, 0].tolist()
+      [[13.5, 15.5], [29.5, 31.5]]
+    """
 
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
@@ -74,7 +94,21 @@ class RoIAlign(nn.Module):
 
 class MultiScaleRoIAlign(nn.Module):
     """:func:`jax_roialign.multiscale_roi_align` as a Linen module (no parameters);
-    ``features`` is the sequence of maps, finest first."""
+    ``features`` is the sequence of maps, finest first.
+
+    Counterpart of torchvision's ``MultiScaleRoIAlign(featmap_names, output_size,
+    sampling_ratio)`` (``aligned=False``) and detectron2's ``ROIPooler``
+    (``level_mapper="detectron2"``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.linen import MultiScaleRoIAlign
+      >>> pool = MultiScaleRoIAlign(output_size=7, spatial_scales=(1 / 4, 1 / 8))
+      >>> maps = [jnp.ones((2, 32, 32, 16)), jnp.ones((2, 16, 16, 16))]  # P2, P3
+      >>> boxes = jnp.tile(jnp.array([4.0, 4.0, 60.0, 60.0]), (2, 3, 1))  # [N, R, 4]
+      >>> pool.apply({}, maps, boxes).shape
+      (2, 3, 7, 7, 16)
+    """
 
     output_size: int | tuple[int, int]
     spatial_scales: Sequence[float]
@@ -106,7 +140,19 @@ class MultiScaleRoIAlign(nn.Module):
 
 
 class RoIPool(nn.Module):
-    """:func:`jax_roialign.roi_pool` as a Linen module (no parameters)."""
+    """:func:`jax_roialign.roi_pool` as a Linen module (no parameters).
+
+    Counterpart of torchvision's ``RoIPool(output_size, spatial_scale)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.linen import RoIPool
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = RoIPool(output_size=2)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool.apply({}, features, boxes)[0, :, :, 0].tolist()
+      [[27.0, 29.0], [43.0, 45.0]]
+    """
 
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
@@ -124,7 +170,20 @@ class RoIPool(nn.Module):
 
 
 class PreciseRoIPool(nn.Module):
-    """:func:`jax_roialign.precise_roi_pool` as a Linen module (no parameters)."""
+    """:func:`jax_roialign.precise_roi_pool` as a Linen module (no parameters).
+
+    Counterpart of ``PrRoIPool2D(PH, PW, spatial_scale)`` from the PreciseRoIPooling
+    reference implementation.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.linen import PreciseRoIPool
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = PreciseRoIPool(output_size=2)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool.apply({}, features, boxes)[0, :, :, 0].tolist()
+      [[18.0, 20.0], [34.0, 36.0]]
+    """
 
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
@@ -144,7 +203,20 @@ class PreciseRoIPool(nn.Module):
 
 
 class RoIAlignRotated(nn.Module):
-    """:func:`jax_roialign.roi_align_rotated` as a Linen module (no parameters)."""
+    """:func:`jax_roialign.roi_align_rotated` as a Linen module (no parameters).
+
+    Counterpart of detectron2's ``ROIAlignRotated(output_size, spatial_scale,
+    sampling_ratio)`` and mmcv's ``RoIAlignRotated``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.linen import RoIAlignRotated
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = RoIAlignRotated(output_size=2, sampling_ratio=2)
+      >>> boxes = jnp.array([[0, 3.0, 3.0, 4.0, 4.0, 90.0]])  # (b, cx, cy, w, h, degrees)
+      >>> pool.apply({}, features, boxes)[0, :, :, 0].tolist()
+      [[29.5, 13.5], [31.5, 15.5]]
+    """
 
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
@@ -178,6 +250,21 @@ class DeformableRoIAlign(nn.Module):
     (``offset_fc``) to per-bin offsets ``[PH, PW, 2]``, and
     :func:`jax_roialign.deform_roi_align` pools again with them. An untrained
     module is plain RoI Align.
+
+    Examples:
+      A new module is plain RoI Align (its offset predictor starts at zero):
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.linen import DeformableRoIAlign
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool = DeformableRoIAlign(output_size=2, sampling_ratio=2)
+      >>> variables = pool.init(jax.random.key(0), features, boxes)
+      >>> variables['params']['offset_fc']['kernel'].shape  # PH * PW * C -> PH * PW * 2
+      (4, 8)
+      >>> pool.apply(variables, features, boxes)[0, :, :, 0].tolist()
+      [[13.5, 15.5], [29.5, 31.5]]
     """
 
     output_size: int | tuple[int, int]

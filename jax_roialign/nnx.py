@@ -5,13 +5,26 @@ Each module holds its function's settings as plain attributes and its
 numbers (see the functions in :mod:`jax_roialign` for the semantics). Only
 :class:`DeformableRoIAlign` has parameters (its offset predictor).
 
-Example::
+Example:
+    A box head on two FPN levels (P2, P3 of a 128 x 128 image, 8 channels), with
+    three boxes per image:
 
-    from flax import nnx
-    from jax_roialign.nnx import MultiScaleRoIAlign
-
-    pool = MultiScaleRoIAlign(output_size=7, spatial_scales=(1/4, 1/8, 1/16, 1/32))
-    crops = pool([p2, p3, p4, p5], boxes)  # boxes [N, R, 4] -> [N, R, 7, 7, C]
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jax_roialign.nnx import MultiScaleRoIAlign
+    >>> class BoxHead(nnx.Module):
+    ...     def __init__(self, channels, rngs):
+    ...         self.pool = MultiScaleRoIAlign(output_size=7, spatial_scales=(1 / 4, 1 / 8))
+    ...         self.fc = nnx.Linear(7 * 7 * channels, 32, rngs=rngs)
+    ...
+    ...     def __call__(self, maps, boxes):
+    ...         x = self.pool(maps, boxes)  # [N, R, 7, 7, C]
+    ...         return self.fc(x.reshape(x.shape[:2] + (-1,)))
+    >>> head = BoxHead(8, nnx.Rngs(0))
+    >>> maps = [jnp.ones((2, 32, 32, 8)), jnp.ones((2, 16, 16, 8))]
+    >>> boxes = jnp.tile(jnp.array([4.0, 4.0, 60.0, 60.0]), (2, 3, 1))  # [N, R, 4]
+    >>> head(maps, boxes).shape
+    (2, 3, 32)
 """
 
 from __future__ import annotations
@@ -53,6 +66,18 @@ class RoIAlign(nnx.Module):
     """:func:`jax_roialign.roi_align` as an NNX module (no parameters).
 
     ``RoIAlign(output_size=7, spatial_scale=1/16)(features, boxes, box_indices=None)``.
+
+    Counterpart of torchvision's ``RoIAlign(output_size, spatial_scale, sampling_ratio,
+    aligned)`` and detectron2's ``ROIAlign``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.nnx import RoIAlign
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = RoIAlign(output_size=2, sampling_ratio=2)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool(features, boxes)[0, :, :, 0].tolist()
+      [[13.5, 15.5], [29.5, 31.5]]
     """
 
     def __init__(
@@ -94,6 +119,19 @@ class MultiScaleRoIAlign(nnx.Module):
 
     ``MultiScaleRoIAlign(output_size=7, spatial_scales=(1/4, 1/8, 1/16, 1/32))(
     [p2, p3, p4, p5], boxes, box_indices=None)``.
+
+    Counterpart of torchvision's ``MultiScaleRoIAlign(featmap_names, output_size,
+    sampling_ratio)`` (``aligned=False``) and detectron2's ``ROIPooler``
+    (``level_mapper="detectron2"``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.nnx import MultiScaleRoIAlign
+      >>> pool = MultiScaleRoIAlign(output_size=7, spatial_scales=(1 / 4, 1 / 8))
+      >>> maps = [jnp.ones((2, 32, 32, 16)), jnp.ones((2, 16, 16, 16))]  # P2, P3
+      >>> boxes = jnp.tile(jnp.array([4.0, 4.0, 60.0, 60.0]), (2, 3, 1))  # [N, R, 4]
+      >>> pool(maps, boxes).shape
+      (2, 3, 7, 7, 16)
     """
 
     def __init__(
@@ -139,7 +177,19 @@ class MultiScaleRoIAlign(nnx.Module):
 
 
 class RoIPool(nnx.Module):
-    """:func:`jax_roialign.roi_pool` as an NNX module (no parameters)."""
+    """:func:`jax_roialign.roi_pool` as an NNX module (no parameters).
+
+    Counterpart of torchvision's ``RoIPool(output_size, spatial_scale)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.nnx import RoIPool
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = RoIPool(output_size=2)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool(features, boxes)[0, :, :, 0].tolist()
+      [[27.0, 29.0], [43.0, 45.0]]
+    """
 
     def __init__(
         self,
@@ -164,7 +214,20 @@ class RoIPool(nnx.Module):
 
 
 class PreciseRoIPool(nnx.Module):
-    """:func:`jax_roialign.precise_roi_pool` as an NNX module (no parameters)."""
+    """:func:`jax_roialign.precise_roi_pool` as an NNX module (no parameters).
+
+    Counterpart of ``PrRoIPool2D(PH, PW, spatial_scale)`` from the PreciseRoIPooling
+    reference implementation.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.nnx import PreciseRoIPool
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = PreciseRoIPool(output_size=2)
+      >>> boxes = jnp.array([[0, 1.0, 1.0, 5.0, 5.0]])
+      >>> pool(features, boxes)[0, :, :, 0].tolist()
+      [[18.0, 20.0], [34.0, 36.0]]
+    """
 
     def __init__(
         self,
@@ -192,7 +255,20 @@ class PreciseRoIPool(nnx.Module):
 
 
 class RoIAlignRotated(nnx.Module):
-    """:func:`jax_roialign.roi_align_rotated` as an NNX module (no parameters)."""
+    """:func:`jax_roialign.roi_align_rotated` as an NNX module (no parameters).
+
+    Counterpart of detectron2's ``ROIAlignRotated(output_size, spatial_scale,
+    sampling_ratio)`` and mmcv's ``RoIAlignRotated``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_roialign.nnx import RoIAlignRotated
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = RoIAlignRotated(output_size=2, sampling_ratio=2)
+      >>> boxes = jnp.array([[0, 3.0, 3.0, 4.0, 4.0, 90.0]])  # (b, cx, cy, w, h, degrees)
+      >>> pool(features, boxes)[0, :, :, 0].tolist()
+      [[29.5, 13.5], [31.5, 15.5]]
+    """
 
     def __init__(
         self,
@@ -240,6 +316,19 @@ class DeformableRoIAlign(nnx.Module):
 
     Attributes:
       offset_fc: the ``nnx.Linear(PH * PW * C, PH * PW * 2)`` offset predictor.
+
+    Examples:
+      A new module is plain RoI Align (its offset predictor starts at zero):
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jax_roialign.nnx import DeformableRoIAlign
+      >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
+      >>> pool = DeformableRoIAlign(1, output_size=2, sampling_ratio=2, rngs=nnx.Rngs(0))
+      >>> pool.offset_fc.kernel[...].shape  # PH * PW * C -> PH * PW * 2
+      (4, 8)
+      >>> pool(features, jnp.array([[0, 1.0, 1.0, 5.0, 5.0]]))[0, :, :, 0].tolist()
+      [[13.5, 15.5], [29.5, 31.5]]
     """
 
     def __init__(
