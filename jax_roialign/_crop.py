@@ -119,7 +119,7 @@ def crop_and_resize(
     image: Array,
     boxes: Array,
     box_indices: Array,
-    crop_size: Sequence[int],
+    crop_size: int | Sequence[int],
     *,
     method: str = "bilinear",
     extrapolation_value: float | Array = 0.0,
@@ -346,7 +346,7 @@ def _method(method: Any) -> bool:
 # Model Garden's multilevel_crop_and_resize
 # ---------------------------------------------------------------------------
 
-_LOG2 = np.float32(np.log(2.0))
+_LOG2 = float(np.float32(np.log(2.0)))  # log(2) rounded to float32, as TensorFlow's
 
 
 def model_garden_levels(boxes: Array, min_level: int, max_level: int) -> Array:

@@ -222,8 +222,9 @@ def main() -> None:
     for i, cfg in enumerate(MG_CONFIGS):
         batch, channels = 2, 3
         maps = {
-            str(level): (np.round(rng.standard_normal((batch, h, w, channels)) * 1024) / 1024)
-            .astype(np.float32)
+            str(level): (
+                np.round(rng.standard_normal((batch, h, w, channels)) * 1024) / 1024
+            ).astype(np.float32)
             for level, (h, w) in zip(cfg["levels"], cfg["sizes"], strict=True)
         }
         b = mg_boxes(rng, cfg["image"], batch)
