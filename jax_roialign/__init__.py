@@ -5,6 +5,7 @@ differentiable with respect to features and boxes, with Flax modules in
 :mod:`jax_roialign.nnx` and :mod:`jax_roialign.linen`.
 """
 
+from ._crop import crop_and_resize, multilevel_crop_and_resize
 from ._deform import deform_roi_align
 from ._multiscale import multiscale_roi_align
 from ._pool import roi_pool
@@ -24,4 +25,6 @@ __all__ = [
     "ps_roi_align",
     "precise_roi_pool",
     "multiscale_roi_align",
+    "crop_and_resize",
+    "multilevel_crop_and_resize",
 ]

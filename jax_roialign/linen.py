@@ -310,3 +310,45 @@ class DeformableRoIAlign(nn.Module):
             box_indices=box_indices,
             data_format=self.data_format,
         )
+
+
+# TensorFlow's crops (tf.image.crop_and_resize, TF Model Garden's multilevel_crop_and_resize).
+from ._crop import crop_and_resize, multilevel_crop_and_resize  # noqa: E402
+
+__all__ += ["CropAndResize", "MultilevelCropAndResize"]
+
+
+class CropAndResize(nn.Module):
+    """:func:`jax_roialign.crop_and_resize` as a Linen module (no parameters).
+
+    ``CropAndResize(crop_size=(14, 14)).apply({}, image, boxes, box_indices)``.
+    """
+
+    crop_size: int | tuple[int, int]
+    method: str = "bilinear"
+    extrapolation_value: float = 0.0
+
+    def __call__(self, image: Array, boxes: Array, box_indices: Array) -> Array:
+        return crop_and_resize(
+            image,
+            boxes,
+            box_indices,
+            self.crop_size,
+            method=self.method,
+            extrapolation_value=self.extrapolation_value,
+        )
+
+
+class MultilevelCropAndResize(nn.Module):
+    """:func:`jax_roialign.multilevel_crop_and_resize` as a Linen module (no parameters).
+
+    ``MultilevelCropAndResize(output_size=7).apply({}, features, boxes)``.
+    """
+
+    output_size: int = 7
+    sample_offset: float = 0.5
+
+    def __call__(self, features: Any, boxes: Array) -> Array:
+        return multilevel_crop_and_resize(
+            features, boxes, output_size=self.output_size, sample_offset=self.sample_offset
+        )

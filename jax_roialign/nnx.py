@@ -395,3 +395,55 @@ def _offsets(layer, pooled: Array, output_size: Any, box_ndim: int) -> Array:
     ph, pw = _pair(output_size)
     flat = pooled.reshape(lead + (-1,))
     return layer(flat).reshape(lead + (ph, pw, 2))
+
+
+# TensorFlow's crops (tf.image.crop_and_resize, TF Model Garden's multilevel_crop_and_resize).
+from ._crop import crop_and_resize, multilevel_crop_and_resize  # noqa: E402
+
+__all__ += ["CropAndResize", "MultilevelCropAndResize"]
+
+
+class CropAndResize(nnx.Module):
+    """:func:`jax_roialign.crop_and_resize` as an NNX module (no parameters).
+
+    ``CropAndResize(crop_size=(14, 14))(image, boxes, box_indices)``, boxes
+    normalised ``(y1, x1, y2, x2)``.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | tuple[int, int],
+        *,
+        method: str = "bilinear",
+        extrapolation_value: float = 0.0,
+    ):
+        self.crop_size = _static(crop_size)
+        self.method = method
+        self.extrapolation_value = extrapolation_value
+
+    def __call__(self, image: Array, boxes: Array, box_indices: Array) -> Array:
+        return crop_and_resize(
+            image,
+            boxes,
+            box_indices,
+            self.crop_size,
+            method=self.method,
+            extrapolation_value=self.extrapolation_value,
+        )
+
+
+class MultilevelCropAndResize(nnx.Module):
+    """:func:`jax_roialign.multilevel_crop_and_resize` as an NNX module (no parameters).
+
+    ``MultilevelCropAndResize(output_size=7)(features, boxes)``: ``features`` a dict
+    level -> ``[B, H_l, W_l, C]``, boxes ``[B, N, 4]`` ``(y1, x1, y2, x2)`` in pixels.
+    """
+
+    def __init__(self, output_size: int = 7, *, sample_offset: float = 0.5):
+        self.output_size = output_size
+        self.sample_offset = sample_offset
+
+    def __call__(self, features: Any, boxes: Array) -> Array:
+        return multilevel_crop_and_resize(
+            features, boxes, output_size=self.output_size, sample_offset=self.sample_offset
+        )

@@ -1,0 +1,334 @@
+"""crop_and_resize and multilevel_crop_and_resize: TensorFlow's numbers (golden file from
+tools/make_golden_tf.py, and live when TensorFlow is importable), float64 NumPy loop
+references, gradients, transformations, bad input, Flax modules."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+from reference_tf import crop_and_resize_ref, multilevel_crop_and_resize_ref
+
+from jax_roialign import crop_and_resize, multilevel_crop_and_resize
+from jax_roialign import linen as jlinen
+from jax_roialign import nnx as jnnx
+from jax_roialign._crop import model_garden_levels
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "tf_crop.npz"
+TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    z = np.load(GOLDEN)
+    return z, json.loads(str(z["configs"]))
+
+
+def _grad_close(got, want):
+    # Gradients sum the same products in another order: float32 rounding only.
+    scale = max(float(np.abs(want).max()), 1.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * scale)
+
+
+# ---------------------------------------------------------------- golden: TensorFlow
+
+
+@pytest.mark.parametrize("i", range(14))
+def test_crop_and_resize_golden(golden, i):
+    z, meta = golden
+    cfg = meta["crop"][i]
+    image = z[f"image_{cfg['image']}"]
+    idx = z[f"crop_indices_{cfg['image']}"]
+    boxes = z["crop_boxes"]
+
+    def f(im, b):
+        return crop_and_resize(
+            im,
+            b,
+            idx,
+            tuple(cfg["crop"]),
+            method=cfg["method"],
+            extrapolation_value=cfg["extrapolation"],
+        )
+
+    out = jax.jit(f)(image, boxes)
+    assert out.dtype == jnp.float32
+    # float32: TensorFlow's bits, extrapolation masks included.
+    np.testing.assert_array_equal(np.asarray(out), z[f"c{i}_output"])
+    g = jnp.asarray(z[f"c{i}_grad_output"])
+    if image.dtype == np.float32:
+        _, vjp = jax.vjp(jax.jit(f), image, boxes)
+        grad_image, grad_boxes = vjp(g)
+        _grad_close(grad_image, z[f"c{i}_grad_image"])
+    else:
+        _, vjp = jax.vjp(jax.jit(lambda b: f(image, b)), boxes)
+        (grad_boxes,) = vjp(g)
+    if cfg["method"] == "bilinear":
+        _grad_close(grad_boxes, z[f"c{i}_grad_boxes"])
+    else:  # nearest: zero (TensorFlow returns the bilinear box gradient there)
+        assert not np.any(np.asarray(grad_boxes))
+    if cfg["method"] == "bilinear":
+        # The float64 loop reference agrees with TensorFlow up to float32 rounding
+        # (nearest is discontinuous at half-cells, where the rounding decides).
+        ref = crop_and_resize_ref(
+            image, boxes, idx, cfg["crop"], cfg["method"], cfg["extrapolation"]
+        )
+        scale = max(float(np.abs(image).max()), 1.0)
+        np.testing.assert_allclose(z[f"c{i}_output"], ref, rtol=0, atol=2e-6 * scale)
+
+
+def _mg_inputs(z, cfg, i):
+    feats = {str(level): z[f"m{i}_l{level}"] for level in cfg["levels"]}
+    return feats, z[f"m{i}_boxes"]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_multilevel_golden(golden, i):
+    z, meta = golden
+    cfg = meta["model_garden"][i]
+    feats, boxes = _mg_inputs(z, cfg, i)
+
+    def f(fe, b):
+        return multilevel_crop_and_resize(fe, b, cfg["output_size"], cfg["sample_offset"])
+
+    out, vjp = jax.vjp(jax.jit(f), feats, boxes)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), z[f"m{i}_output"])
+    levels = model_garden_levels(jnp.asarray(boxes), cfg["levels"][0], cfg["levels"][-1])
+    np.testing.assert_array_equal(np.asarray(levels), z[f"m{i}_levels"])
+    grad_feats, grad_boxes = vjp(jnp.asarray(z[f"m{i}_grad_output"]))
+    for key in feats:
+        _grad_close(grad_feats[key], z[f"m{i}_grad_l{key}"])
+    _grad_close(grad_boxes, z[f"m{i}_grad_boxes"])
+    # The TensorFlow-ops reproduction in tools/ agrees with the float64 loop reference.
+    ref = multilevel_crop_and_resize_ref(feats, boxes, cfg["output_size"], cfg["sample_offset"])
+    scale = max(float(np.abs(ref).max()), 1.0)
+    np.testing.assert_allclose(z[f"m{i}_output"], ref, rtol=0, atol=1e-6 * scale)
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def _boxes(rng, k, lo=-0.3, hi=1.3):
+    return rng.uniform(lo, hi, (k, 4))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "nearest"])
+@pytest.mark.parametrize("crop", [(1, 1), (1, 3), (4, 1), (6, 5)])
+def test_crop_matches_reference_float64(method, crop):
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((3, 7, 5, 2))
+    boxes = _boxes(rng, 25)
+    idx = rng.integers(0, 3, 25)
+    out = jax.jit(
+        lambda x, b: crop_and_resize(x, b, idx, crop, method=method, extrapolation_value=-3.0)
+    )(image, boxes)
+    assert out.dtype == jnp.float64
+    ref = crop_and_resize_ref(image, boxes, idx, crop, method, -3.0)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-12)
+
+
+def test_multilevel_matches_reference_float64():
+    rng = np.random.default_rng(2)
+    feats = {lv: rng.standard_normal((2, 32 >> (lv - 2), 40 >> (lv - 2), 3)) for lv in (2, 3, 4)}
+    size = np.exp(rng.uniform(np.log(3.0), np.log(600.0), (2, 20)))
+    cy, cx = rng.uniform(-20, 150, (2, 2, 20))
+    boxes = np.stack([cy - size / 2, cx - size / 3, cy + size / 2, cx + size / 3], axis=-1)
+    out = multilevel_crop_and_resize(feats, boxes, output_size=5, sample_offset=0.3)
+    assert out.shape == (2, 20, 5, 5, 3) and out.dtype == jnp.float64
+    ref = multilevel_crop_and_resize_ref(feats, boxes, 5, 0.3)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-10)
+
+
+def test_zero_area_and_reversed_boxes_take_the_lowest_level():
+    boxes = jnp.asarray([[3.0, 4.0, 3.0, 90.0], [50.0, 10.0, 10.0, 900.0], [0, 0, 448.0, 448.0]])
+    np.testing.assert_array_equal(np.asarray(model_garden_levels(boxes, 2, 6)), [2, 2, 5])
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def test_crop_gradients_float64():
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((2, 6, 7, 2))
+    boxes = rng.uniform(0.05, 0.95, (6, 4))
+    # Partly outside, flipped (no sample on an integer: a kink, where the gradient
+    # is TensorFlow's one-sided choice).
+    boxes[1] = [1.23, 0.93, 0.41, 0.1]
+    idx = jnp.asarray([0, 1, 1, 0, 1, 0])
+    for crop in [(1, 1), (3, 4)]:
+        f = jax.jit(lambda x, b, crop=crop: crop_and_resize(x, b, idx, crop))
+        check_grads(f, (image, boxes), order=2, modes=["rev"], eps=1e-6)
+        g = jax.jit(lambda x, crop=crop: crop_and_resize(x, boxes, idx, crop, method="nearest"))
+        check_grads(g, (image,), order=2, modes=["rev"], eps=1e-6)
+
+
+def test_multilevel_gradients_float64():
+    rng = np.random.default_rng(4)
+    feats = {str(lv): rng.standard_normal((1, 16 >> (lv - 2), 12 >> (lv - 2), 2)) for lv in (2, 3)}
+    boxes = np.asarray(
+        [[[-5.0, 3.3, 20.7, 30.1], [10.2, 7.1, 80.3, 50.6], [40.1, 30.2, 90.6, 70.4]]]
+    )
+    f = jax.jit(lambda fe, b: multilevel_crop_and_resize(fe, b, output_size=3))
+    check_grads(f, (feats, boxes), order=2, modes=["rev"], eps=1e-6)
+
+
+def test_integer_image_box_gradient():
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (1, 5, 6, 2)).astype(np.uint8)
+    boxes = jnp.asarray(rng.uniform(0.1, 0.9, (3, 4)), jnp.float32)
+    idx = jnp.zeros(3, jnp.int32)
+    g = jax.jit(jax.grad(lambda b: crop_and_resize(image, b, idx, (3, 3)).sum()))(boxes)
+    want = jax.jit(
+        jax.grad(lambda b: crop_and_resize(image.astype(np.float64), b, idx, (3, 3)).sum())
+    )(boxes.astype(jnp.float64))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4, atol=1e-3)
+    assert crop_and_resize(image, boxes, jnp.zeros(3, jnp.int32), (3, 3)).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- transformations
+
+
+def test_vmap_and_no_retrace():
+    rng = np.random.default_rng(6)
+    image = jnp.asarray(rng.standard_normal((2, 5, 6, 3)), jnp.float32)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(b, i):
+        return crop_and_resize(image, b, i, (3, 2))
+
+    for seed in range(3):
+        r = np.random.default_rng(seed)
+        f(jnp.asarray(_boxes(r, 8), jnp.float32), jnp.asarray(r.integers(0, 2, 8), jnp.int32))
+    boxes = jnp.asarray(_boxes(rng, 12), jnp.float32).reshape(3, 4, 4)
+    idx = jnp.zeros((3, 4), jnp.int32)
+    out = jax.jit(jax.vmap(lambda b, i: crop_and_resize(image, b, i, (3, 2))))(boxes, idx)
+    ref = crop_and_resize(image, boxes.reshape(12, 4), idx.reshape(12), (3, 2))
+    np.testing.assert_array_equal(np.asarray(out).reshape(ref.shape), np.asarray(ref))
+    # vmap of the gradient (the row-window transpose's batching rule).
+    gv = jax.jit(jax.vmap(jax.grad(lambda x, b: crop_and_resize(x, b, idx[0], (3, 2)).sum())))(
+        jnp.stack([image, image * 2]), jnp.stack([boxes[0], boxes[1]])
+    )
+    g0 = jax.jit(jax.grad(lambda x: crop_and_resize(x, boxes[0], idx[0], (3, 2)).sum()))(image)
+    np.testing.assert_allclose(np.asarray(gv[0]), np.asarray(g0), atol=1e-6)
+
+
+def test_empty():
+    image = jnp.ones((1, 4, 4, 3))
+    out = crop_and_resize(image, jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32), (2, 5))
+    assert out.shape == (0, 2, 5, 3)
+    feats = {"2": jnp.ones((2, 8, 8, 3)), "3": jnp.ones((2, 4, 4, 3))}
+    assert multilevel_crop_and_resize(feats, jnp.zeros((2, 0, 4))).shape == (2, 0, 7, 7, 3)
+
+
+def test_bad_input():
+    image = jnp.ones((1, 4, 4, 3))
+    b = jnp.zeros((2, 4))
+    i = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="crop_size must be at least 1"):
+        crop_and_resize(image, b, i, (0, 3))
+    with pytest.raises(TypeError, match="crop_size"):
+        crop_and_resize(image, b, i, (2.0, 3))
+    with pytest.raises(ValueError, match="method must be 'bilinear' or 'nearest'"):
+        crop_and_resize(image, b, i, (2, 2), method="bicubic")
+    with pytest.raises(ValueError, match=r"image must be 4-D"):
+        crop_and_resize(jnp.ones((4, 4, 3)), b, i, (2, 2))
+    with pytest.raises(TypeError, match="image must be a real"):
+        crop_and_resize(image.astype(bool), b, i, (2, 2))
+    with pytest.raises(ValueError, match=r"boxes must be \[K, 4\]"):
+        crop_and_resize(image, jnp.zeros((2, 5)), i, (2, 2))
+    with pytest.raises(TypeError, match="boxes must be floating"):
+        crop_and_resize(image, jnp.zeros((2, 4), jnp.int32), i, (2, 2))
+    with pytest.raises(ValueError, match=r"box_indices must have shape \[K\]"):
+        crop_and_resize(image, b, jnp.zeros((3,), jnp.int32), (2, 2))
+    with pytest.raises(TypeError, match="box_indices must be integers"):
+        crop_and_resize(image, b, jnp.zeros((2,)), (2, 2))
+    with pytest.raises(ValueError, match="box_indices must lie in"):
+        crop_and_resize(image, b, jnp.asarray([0, 1]), (2, 2))
+    with pytest.raises(ValueError, match="extrapolation_value must be a scalar"):
+        crop_and_resize(image, b, i, (2, 2), extrapolation_value=jnp.zeros(2))
+    feats = {"2": jnp.ones((1, 8, 8, 3)), "3": jnp.ones((1, 4, 4, 3))}
+    mb = jnp.zeros((1, 2, 4))
+    with pytest.raises(TypeError, match="features must be a non-empty dict"):
+        multilevel_crop_and_resize([feats["2"]], mb)
+    with pytest.raises(ValueError, match="consecutive levels"):
+        multilevel_crop_and_resize({"2": feats["2"], "4": feats["3"]}, mb)
+    with pytest.raises(ValueError, match="pyramid levels"):
+        multilevel_crop_and_resize({"p2": feats["2"]}, mb)
+    with pytest.raises(ValueError, match=r"boxes must be \[B, N, 4\]"):
+        multilevel_crop_and_resize(feats, jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        multilevel_crop_and_resize(feats, mb, output_size=0)
+    with pytest.raises(ValueError, match="batch size and channels"):
+        multilevel_crop_and_resize({"2": feats["2"], "3": jnp.ones((1, 4, 4, 2))}, mb)
+
+
+def test_traced_out_of_range_index_gives_zeros():
+    image = jnp.ones((1, 4, 4, 1))
+    b = jnp.asarray([[0.0, 0.0, 1.0, 1.0]] * 2)
+    out = jax.jit(lambda i: crop_and_resize(image, b, i, (2, 2)))(jnp.asarray([0, 3]))
+    np.testing.assert_array_equal(np.asarray(out[:, :, :, 0]), [[[1, 1], [1, 1]], [[0, 0], [0, 0]]])
+
+
+# ---------------------------------------------------------------- Flax
+
+
+def test_modules_equal_functions():
+    rng = np.random.default_rng(7)
+    image = jnp.asarray(rng.standard_normal((2, 5, 6, 3)))
+    boxes = jnp.asarray(_boxes(rng, 4))
+    idx = jnp.asarray([0, 1, 1, 0])
+    want = crop_and_resize(image, boxes, idx, (3, 2), method="nearest", extrapolation_value=2.0)
+    m = jnnx.CropAndResize((3, 2), method="nearest", extrapolation_value=2.0)
+    got = nnx.jit(lambda m, *a: m(*a))(m, image, boxes, idx)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    lm = jlinen.CropAndResize((3, 2), method="nearest", extrapolation_value=2.0)
+    got = jax.jit(lambda *a: lm.apply({}, *a))(image, boxes, idx)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    feats = {"2": jnp.asarray(rng.standard_normal((1, 8, 8, 2))), "3": jnp.ones((1, 4, 4, 2))}
+    mb = jnp.asarray([[[0.0, 0.0, 30.0, 30.0], [1.0, 2.0, 300.0, 200.0]]])
+    want = multilevel_crop_and_resize(feats, mb, 3, 0.25)
+    got = jnnx.MultilevelCropAndResize(3, sample_offset=0.25)(feats, mb)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    got = jlinen.MultilevelCropAndResize(3, 0.25).apply({}, feats, mb)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert isinstance(lm, nn.Module)
+
+
+# ---------------------------------------------------------------- live TensorFlow
+
+
+def test_live_tensorflow():
+    tf = pytest.importorskip("tensorflow")
+    sys.path.insert(0, str(TOOLS))
+    from make_golden_tf import model_garden_tf
+
+    rng = np.random.default_rng(8)
+    image = (rng.standard_normal((2, 9, 11, 3)) * 10).astype(np.float32)
+    boxes = rng.uniform(-0.5, 1.5, (40, 4)).astype(np.float32)
+    idx = rng.integers(0, 2, 40).astype(np.int32)
+    for crop, method in [((1, 1), "bilinear"), ((7, 5), "bilinear"), ((6, 4), "nearest")]:
+        want = tf.image.crop_and_resize(image, boxes, idx, crop, method=method).numpy()
+        got = crop_and_resize(image, boxes, idx, crop, method=method)
+        np.testing.assert_array_equal(np.asarray(got), want)
+    feats = {str(lv): rng.standard_normal((2, 40 >> (lv - 2), 24 >> (lv - 2), 2)).astype(np.float32)
+             for lv in (2, 3, 4, 5)}  # fmt: skip
+    size = np.exp(rng.uniform(np.log(4.0), np.log(800.0), (2, 25)))
+    cy, cx = rng.uniform(-20, 170, (2, 2, 25))
+    mb = np.stack([cy - size / 2, cx - size / 3, cy + size / 2, cx + size / 3], -1)
+    mb = mb.astype(np.float32)
+    want, _ = model_garden_tf(
+        {k: tf.constant(v) for k, v in feats.items()}, tf.constant(mb), 7, 0.5
+    )
+    got = multilevel_crop_and_resize(feats, mb)
+    np.testing.assert_array_equal(np.asarray(got), want.numpy())
