@@ -219,13 +219,17 @@ def crop_and_resize(
     batch = jnp.clip(raw, 0, n - 1)
     iy, wy, vy = corner_aligned_taps(coords[:, 0], coords[:, 2], crop=ch, length=h, nearest=nearest)
     ix, wx, vx = corner_aligned_taps(coords[:, 1], coords[:, 3], crop=cw, length=w, nearest=nearest)
-    row_vjp = Method.AUTO.resolve() is Method.GATHER
-    if nearest:
-        out = _contract.contract_taps(
-            image, DataFormat.NHWC, batch, iy, wy, ix, wx, dtype, row_vjp=row_vjp
-        )
-    else:
-        out = _lerp_op(np.dtype(dtype), row_vjp)(image, wy, wx, batch, iy, ix)
+
+    def read(how: Method):
+        # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
+        row_vjp = how is Method.GATHER
+        if nearest:
+            return lambda: _contract.contract_taps(
+                image, DataFormat.NHWC, batch, iy, wy, ix, wx, dtype, row_vjp=row_vjp
+            )
+        return lambda: _lerp_op(np.dtype(dtype), row_vjp)(image, wy, wx, batch, iy, ix)
+
+    out = Method.AUTO.run(read)
     out = jnp.where(ok[:, None, None, None], out, 0.0)
     inside = (vy[:, :, None] & vx[:, None, :])[..., None]
     return jnp.where(inside, out, extra.astype(dtype))
@@ -499,15 +503,18 @@ def multilevel_crop_and_resize(
     iy, wy = clamped_bin_taps(y1, h, bound_y, pooled=pooled, sample_offset=sample_offset)
     ix, wx = clamped_bin_taps(x1, w, bound_x, pooled=pooled, sample_offset=sample_offset)
     flat = jnp.concatenate([m.reshape(b, -1, c) for m in maps], axis=1)
-    op = _rows_sum_op(np.dtype(dtype), Method.AUTO.resolve() is Method.GATHER, int(widths.min()))
-    out = op(
-        flat,
-        wy,
-        wx,
+    ints = (
         jnp.repeat(jnp.arange(b, dtype=jnp.int32), num),
         jnp.asarray(offsets, jnp.int32)[level],
         jnp.asarray(widths, jnp.int32)[level],
         iy,
         ix,
     )
+
+    def read(how: Method):
+        # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
+        op = _rows_sum_op(np.dtype(dtype), how is Method.GATHER, int(widths.min()))
+        return lambda: op(flat, wy, wx, *ints)
+
+    out = Method.AUTO.run(read)
     return out.reshape(b, num, pooled, pooled, c).astype(out_dtype)

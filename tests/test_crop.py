@@ -318,17 +318,49 @@ def test_live_tensorflow():
     boxes = rng.uniform(-0.5, 1.5, (40, 4)).astype(np.float32)
     idx = rng.integers(0, 2, 40).astype(np.int32)
     for crop, method in [((1, 1), "bilinear"), ((7, 5), "bilinear"), ((6, 4), "nearest")]:
-        want = tf.image.crop_and_resize(image, boxes, idx, crop, method=method).numpy()
-        got = crop_and_resize(image, boxes, idx, crop, method=method)
-        np.testing.assert_array_equal(np.asarray(got), want)
+        g = rng.integers(-3, 4, (40, *crop, 3)).astype(np.float32)
+        ti, tb = tf.constant(image), tf.constant(boxes)
+        with tf.GradientTape() as tape:
+            tape.watch([ti, tb])
+            want = tf.image.crop_and_resize(ti, tb, idx, crop, method=method)
+        want_gi, want_gb = tape.gradient(want, [ti, tb], output_gradients=tf.constant(g))
+        got, vjp = jax.vjp(
+            lambda im, b, crop=crop, method=method: crop_and_resize(
+                im, b, idx, crop, method=method
+            ),
+            image,
+            boxes,
+        )
+        np.testing.assert_array_equal(np.asarray(got), want.numpy())
+        got_gi, got_gb = vjp(jnp.asarray(g))
+        _grad_close(got_gi, want_gi.numpy())
+        if method == "bilinear":  # nearest: 0 here, the bilinear one in TensorFlow
+            _grad_close(got_gb, want_gb.numpy())
     feats = {str(lv): rng.standard_normal((2, 40 >> (lv - 2), 24 >> (lv - 2), 2)).astype(np.float32)
              for lv in (2, 3, 4, 5)}  # fmt: skip
     size = np.exp(rng.uniform(np.log(4.0), np.log(800.0), (2, 25)))
     cy, cx = rng.uniform(-20, 170, (2, 2, 25))
     mb = np.stack([cy - size / 2, cx - size / 3, cy + size / 2, cx + size / 3], -1)
     mb = mb.astype(np.float32)
-    want, _ = model_garden_tf(
-        {k: tf.constant(v) for k, v in feats.items()}, tf.constant(mb), 7, 0.5
-    )
-    got = multilevel_crop_and_resize(feats, mb)
+    tfeats, tmb = {k: tf.constant(v) for k, v in feats.items()}, tf.constant(mb)
+    g = rng.integers(-3, 4, (2, 25, 7, 7, 2)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([*tfeats.values(), tmb])
+        want, _ = model_garden_tf(tfeats, tmb, 7, 0.5)
+    want_g = tape.gradient(want, [*tfeats.values(), tmb], output_gradients=tf.constant(g))
+    got, vjp = jax.vjp(lambda fe, b: multilevel_crop_and_resize(fe, b), feats, mb)
     np.testing.assert_array_equal(np.asarray(got), want.numpy())
+    got_g = jax.tree.leaves(vjp(jnp.asarray(g)))
+    # Far past the boundary the two weights 1 - t, t (|t| >> 1) of one edge cell
+    # cancel, and TensorFlow's float32 sum of them can be off by more than 2e-6 of
+    # the largest gradient (a cell whose exact gradient is 3.0 gets 3.00015): ours
+    # is checked against the float64 gradient, and may differ from TensorFlow's
+    # by no more than TensorFlow's own error.
+    f64 = {k: v.astype(np.float64) for k, v in feats.items()}
+    _, vjp64 = jax.vjp(lambda fe, b: multilevel_crop_and_resize(fe, b), f64, mb.astype(np.float64))
+    exact = jax.tree.leaves(vjp64(jnp.asarray(g, jnp.float64)))
+    for ours, theirs, ex in zip(got_g, want_g, exact, strict=True):
+        ours, theirs, ex = np.asarray(ours), theirs.numpy(), np.asarray(ex)
+        _grad_close(ours, ex)
+        tol = 2e-6 * max(float(np.abs(ex).max()), 1.0)
+        assert np.all(np.abs(ours - theirs) <= np.abs(theirs - ex) + tol)
