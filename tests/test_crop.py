@@ -18,7 +18,7 @@ from flax import nnx
 from jax.test_util import check_grads
 from reference_tf import crop_and_resize_ref, multilevel_crop_and_resize_ref
 
-from jax_roialign import crop_and_resize, multilevel_crop_and_resize
+from jax_roialign import crop_and_resize, multilevel_crop_and_resize, roi_align
 from jax_roialign import linen as jlinen
 from jax_roialign import nnx as jnnx
 from jax_roialign._crop import model_garden_levels
@@ -152,6 +152,37 @@ def test_multilevel_matches_reference_float64():
 def test_zero_area_and_reversed_boxes_take_the_lowest_level():
     boxes = jnp.asarray([[3.0, 4.0, 3.0, 90.0], [50.0, 10.0, 10.0, 900.0], [0, 0, 448.0, 448.0]])
     np.testing.assert_array_equal(np.asarray(model_garden_levels(boxes, 2, 6)), [2, 2, 5])
+
+
+def test_crop_and_resize_is_roi_align_with_one_centred_sample():
+    # README, Coming from TensorFlow: roi_align(sampling_ratio=1, aligned=True) on
+    # boxes in map cells equals crop_and_resize on the box grown by half a bin,
+    # y1_tf = (y1 + s/2 - 1/2) / (H - 1), y2_tf = (y2 - s/2 - 1/2) / (H - 1), s = (y2 - y1) / P,
+    # while every sample lies inside the map.
+    rng = np.random.default_rng(9)
+    h, w, k = 9, 11, 16
+    f = rng.standard_normal((2, h, w, 2))
+    y1, x1 = rng.uniform(0.5, h / 2, k), rng.uniform(0.5, w / 2, k)
+    y2, x2 = y1 + rng.uniform(0.5, h / 2 - 0.5, k), x1 + rng.uniform(0.5, w / 2 - 0.5, k)
+    idx = rng.integers(0, 2, k)
+    for p, q in [(1, 1), (4, 3)]:
+        want = jax.jit(
+            lambda f, b, p=p, q=q: roi_align(
+                f, b, output_size=(p, q), sampling_ratio=1, aligned=True, box_indices=idx
+            )
+        )(f, np.stack([x1, y1, x2, y2], 1))
+        sy, sx = (y2 - y1) / p, (x2 - x1) / q
+        tf_boxes = np.stack(
+            [
+                (y1 + 0.5 * sy - 0.5) / (h - 1),
+                (x1 + 0.5 * sx - 0.5) / (w - 1),
+                (y2 - 0.5 * sy - 0.5) / (h - 1),
+                (x2 - 0.5 * sx - 0.5) / (w - 1),
+            ],
+            1,
+        )
+        got = jax.jit(lambda f, b, p=p, q=q: crop_and_resize(f, b, idx, (p, q)))(f, tf_boxes)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- gradients
