@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _sampling
+from . import _contract, _sampling, _shard
 from ._roi_align import finish_output
 from ._validation import (
     DataFormat,
@@ -41,6 +41,15 @@ Array = jax.Array
 # 4:1 at the top of a level's range), clamped levels' boxes larger than that
 # take the exact dense path.
 _FAST_SPAN = 56
+
+
+# Reader of each method: taps (window switch, dense fallback), dense only, windows.
+_PATHS = {
+    Method.GATHER: "auto",
+    Method.SCATTER: "auto",
+    Method.MATMUL: "exact",
+    Method.WINDOW: "window",
+}
 
 
 class LevelMapper(enum.Enum):
@@ -151,7 +160,7 @@ def multiscale_roi_align(
       [1.0, 2.0]
     """
     layout = DataFormat.parse(data_format)
-    how = Method.parse(method).resolve()
+    how = Method.parse(method)
     mapper = LevelMapper.parse(level_mapper)
     ph, pw = output_size_pair(output_size)
     ratio = sampling_ratio_int(sampling_ratio)
@@ -176,22 +185,42 @@ def multiscale_roi_align(
     if rois.coords.shape[0] == 0:
         out = jnp.zeros((0, ph, pw, c), dtype)
     else:
-        out = _pool(
-            maps,
-            layout,
-            rois,
-            level,
-            has_level,
-            [(h, w) for (_, h, w, _) in shapes],
-            scales,
-            (ph, pw),
-            sampling_ratio=ratio,
-            aligned=aligned,
-            dtype=dtype,
-            path="exact" if how is Method.MATMUL else "auto",
-            row_vjp=how is Method.GATHER,
-        )
+        sizes = [(h, w) for (_, h, w, _) in shapes]
+
+        def pool(maps, coords, batch, ok, level, has_level, how):
+            boxes = Rois(coords, batch, ok, rois.lead_shape, batch)
+            return _pool(
+                maps,
+                layout,
+                boxes,
+                level,
+                has_level,
+                sizes,
+                scales,
+                (ph, pw),
+                sampling_ratio=ratio,
+                aligned=aligned,
+                dtype=dtype,
+                path=_PATHS[how],
+                row_vjp=how is Method.GATHER,
+            )
+
+        def run(how):
+            args = (rois.coords, rois.batch, rois.ok, level, has_level)
+            if len(rois.lead_shape) == 2:  # per image: per device when batch-sharded
+                return lambda: _shard.by_image(lambda m, *a: pool(m, *a, how), maps, *args)
+            return lambda: pool(maps, *args, how)
+
+        out = how.run(run)
     return finish_output(out, rois, layout, out_dtype)
+
+
+def _pick(values: Sequence[Any], level: Array, dtype: Any) -> Array:
+    """``values[level]`` for a short static table, by selects (no gather)."""
+    out = jnp.zeros(level.shape, dtype)
+    for i, v in enumerate(values):
+        out = jnp.where(level == i, jnp.asarray(v, dtype), out)
+    return out
 
 
 def _check_maps(features: Any, layout: DataFormat) -> tuple[list[Array], list[tuple]]:
@@ -313,9 +342,9 @@ def _pool(
     ws = np.array([w for _, w in sizes])
     offsets = np.concatenate([[0], np.cumsum(hs * ws)[:-1]])
     ok = rois.ok & has_level
-    scale = jnp.asarray(scales, dtype)[level]
-    ext_h = jnp.asarray(hs, jnp.int32)[level]
-    ext_w = jnp.asarray(ws, jnp.int32)[level]
+    scale = _pick(scales, level, dtype)
+    ext_h = _pick(hs, level, jnp.int32)
+    ext_w = _pick(ws, level, jnp.int32)
     coords = jnp.where(ok[:, None], rois.coords.astype(dtype), 0.0)
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     common: dict[str, Any] = dict(
@@ -326,8 +355,15 @@ def _pool(
     )
     gy = _sampling.axis_grid(y1, y2, pooled=pooled[0], length=int(hs.max()), extent=ext_h, **common)
     gx = _sampling.axis_grid(x1, x2, pooled=pooled[1], length=int(ws.max()), extent=ext_w, **common)
-    geo = (jnp.asarray(offsets, jnp.int32)[level], ext_w, level)
+    geo = (_pick(offsets, level, jnp.int32), ext_w, level)
     okf = ok.astype(dtype)[:, None, None]
+    per_image = len(rois.lead_shape) == 2
+    if path == "window":
+        from ._roi_align import window_read
+
+        return window_read(
+            list(maps), layout, rois.batch, level, ok, gy, gx, okf, dtype, per_image=per_image
+        )
 
     if layout is DataFormat.NHWC:
         flat = jnp.concatenate([m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
@@ -369,8 +405,6 @@ def _pool(
             )
             out = part if out is None else out + part
         return out
-
-    per_image = len(rois.lead_shape) == 2
 
     def run(fn):
         args = (gy, gx, okf, geo)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import _shard, _window
 from ._contract import contract_dense, contract_taps
 from ._roi_align import fast_window
 from ._validation import (
@@ -100,7 +101,7 @@ def precise_roi_pool(
       >>> jax.grad(loss)(boxes).tolist()
       [[0.0, 2.0, 16.0, 2.0, 16.0]]
     """
-    how = Method.parse(method).resolve()
+    how = Method.parse(method)
     call = prepare(
         features,
         boxes,
@@ -110,7 +111,30 @@ def precise_roi_pool(
         data_format=data_format,
         checks=checks,
     )
-    return call.output(lambda: _precise_nhwc_out(call, how))
+    def body():
+        rois = call.rois
+
+        def pool(features, coords, batch, ok, how):
+            return _precise_nhwc_out(call, features, coords, batch, ok, how)
+
+        if len(rois.lead_shape) == 2:  # per image: per device when batch-sharded
+            r = rois.lead_shape[1]
+
+            def local(features, coords, ok, how):
+                n = features.shape[0]
+                batch = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+                return pool(features, coords, batch, ok, how)
+
+            return how.run(
+                lambda m: lambda: _shard.by_image(
+                    lambda f, c, o: local(f, c, o, m), call.features, rois.coords, rois.ok
+                )
+            )
+        return how.run(
+            lambda m: lambda: pool(call.features, rois.coords, rois.batch, rois.ok, m)
+        )
+
+    return call.output(body)
 
 
 def tent_integral(u: Array) -> Array:
@@ -155,14 +179,16 @@ def integral_window(first: Array, bin_size: Array, length: int) -> tuple[Array, 
     return r0.astype(jnp.int32), (r1 - r0 + 1).astype(jnp.int32)
 
 
-def _precise_nhwc_out(call: Call, method: Method) -> Array:
-    features, layout, rois = call.features, call.layout, call.rois
+def _precise_nhwc_out(
+    call: Call, features: Array, coords: Array, batch: Array, ok_box: Array, method: Method
+) -> Array:
+    layout = call.layout
     pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
-    coords = jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0)
+    coords = jnp.where(ok_box[:, None], coords.astype(dtype), 0.0)
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     fy, by = bin_edges(y1, y2, pooled=pooled[0], spatial_scale=spatial_scale)
     fx, bx = bin_edges(x1, x2, pooled=pooled[1], spatial_scale=spatial_scale)
-    ok = rois.ok.astype(dtype)[:, None, None]
+    ok = ok_box.astype(dtype)[:, None, None]
     axes = ((fy, by, size[0]), (fx, bx, size[1]))
     # A bin of b cells meets at most ceil(b) + 2 rows.
     windows = [
@@ -181,7 +207,7 @@ def _precise_nhwc_out(call: Call, method: Method) -> Array:
         return contract_taps(
             features,
             layout,
-            rois.batch,
+            batch,
             iy,
             wy * ok,
             ix,
@@ -196,7 +222,26 @@ def _precise_nhwc_out(call: Call, method: Method) -> Array:
             rows = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), first.shape + (length,))
             weights.append(integral_weights(first, bin_size, rows, length))
         wy, wx = weights
-        return contract_dense(features, layout, rois.batch, wy * ok, wx, dtype)
+        return contract_dense(features, layout, batch, wy * ok, wx, dtype)
+
+    def window():
+        weights, spans = [], []
+        for first, bin_size, length in axes:
+            rows = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), first.shape + (length,))
+            weights.append(integral_weights(first, bin_size, rows, length))
+            r0, need = integral_window(first, bin_size, length)
+            used = (need > 0) & (ok_box[:, None])
+            lo = jnp.min(jnp.where(used, r0, length), axis=1)
+            hi = jnp.max(jnp.where(used, r0 + need, 0), axis=1)
+            spans.append((jnp.where(hi > lo, lo, 0), jnp.maximum(hi - lo, 0)))
+        (wy, wx), ((ly, ny), (lx, nx)) = weights, spans
+        level = jnp.zeros(batch.shape, jnp.int32)
+        return _window.contract_window(
+            [features], layout, wy * ok, wx, level, ly, ny, lx, nx, dtype, batch=batch
+        )
+
+    if method is Method.WINDOW:
+        return window()
 
     fits = [
         jnp.all(jnp.where(ok[..., 0] > 0, integral_window(first, bin_size, length)[1], 0) <= t)
