@@ -180,18 +180,27 @@ def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool)
         if not sel.any():
             continue
         h, w, stride = LEVELS[name]
-        rois = Rois(flat[sel], jnp.zeros(int(sel.sum()), jnp.int32), jnp.ones(int(sel.sum()), bool),
-                    (int(sel.sum()),), jnp.zeros(int(sel.sum()), jnp.int32))
-        gy, gx = box_grids(rois, (p, p), (h, w), spatial_scale=1.0 / stride,
-                           sampling_ratio=wl.sampling_ratio, aligned=wl.aligned,
-                           dtype=jnp.float32)
+        rois = Rois(
+            flat[sel],
+            jnp.zeros(int(sel.sum()), jnp.int32),
+            jnp.ones(int(sel.sum()), bool),
+            (int(sel.sum()),),
+            jnp.zeros(int(sel.sum()), jnp.int32),
+        )
+        gy, gx = box_grids(
+            rois,
+            (p, p),
+            (h, w),
+            spatial_scale=1.0 / stride,
+            sampling_ratio=wl.sampling_ratio,
+            aligned=wl.aligned,
+            dtype=jnp.float32,
+        )
         _, need_y = _sampling.tap_span(gy)
         _, need_x = _sampling.tap_span(gx)
         tiers = _window.tier_sizes(h, w)
         for ny, nx in zip(np.asarray(need_y), np.asarray(need_x), strict=True):
-            th, tw, ty, tx = next(
-                (t for t in tiers[:-1] if ny <= t[0] and nx <= t[1]), tiers[-1]
-            )
+            th, tw, ty, tx = next((t for t in tiers[:-1] if ny <= t[0] and nx <= t[1]), tiers[-1])
             window = th * tw * ty * tx * c
             out = p * p * c
             if backward:
@@ -225,7 +234,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             dtype = jnp.dtype(dtype_name)
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
-                targets = [("chip", "auto", wl, one, None), ("pod", "auto", pod_workload(wl), batch, mesh)]
+                targets = [
+                    ("chip", "auto", wl, one, None),
+                    ("pod", "auto", pod_workload(wl), batch, mesh),
+                ]
                 if args.matmul and dtype_name == "float32":
                     targets.insert(1, ("chip", "matmul", wl, one, None))
                 for target, method, w, sharding, m in targets:
@@ -233,9 +245,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     fn = with_backward(fn) if backward else fn
                     stats = compile_for(fn, specs_for(w, dtype, sharding), m)
                     row = {
-                        "workload": name, "dtype": dtype_name, "mode": mode, "target": target,
-                        "method": method, **stats,
-                        "roofline_s": roofline_bytes(wl, dtype.itemsize, backward) / HBM_BYTES_PER_S,
+                        "workload": name,
+                        "dtype": dtype_name,
+                        "mode": mode,
+                        "target": target,
+                        "method": method,
+                        **stats,
+                        "roofline_s": roofline_bytes(wl, dtype.itemsize, backward)
+                        / HBM_BYTES_PER_S,
                         "output_bytes": int(np.prod(wl.output_shape())) * dtype.itemsize,
                         "features_bytes": sum(int(np.prod(s)) for s in wl.feature_shapes())
                         * dtype.itemsize,
@@ -356,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tpu", description=__doc__)
     ap.add_argument("--workloads", default=names)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--no-matmul", dest="matmul", action="store_false",
-                    help="skip the dense matmul path (the 'before' column)")
+    ap.add_argument(
+        "--no-matmul",
+        dest="matmul",
+        action="store_false",
+        help="skip the dense matmul path (the 'before' column)",
+    )
     ap.add_argument("--no-cpu", dest="cpu", action="store_false", help="skip the CPU timings")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="write the Markdown section here")

@@ -215,7 +215,7 @@ def multiscale_roi_align(
     return finish_output(out, rois, layout, out_dtype)
 
 
-def _pick(values: Sequence[Any], level: Array, dtype: Any) -> Array:
+def _pick(values: Any, level: Array, dtype: Any) -> Array:
     """``values[level]`` for a short static table, by selects (no gather)."""
     out = jnp.zeros(level.shape, dtype)
     for i, v in enumerate(values):

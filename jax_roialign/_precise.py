@@ -111,6 +111,7 @@ def precise_roi_pool(
         data_format=data_format,
         checks=checks,
     )
+
     def body():
         rois = call.rois
 
@@ -126,13 +127,13 @@ def precise_roi_pool(
                 return pool(features, coords, batch, ok, how)
 
             return how.run(
-                lambda m: lambda: _shard.by_image(
-                    lambda f, c, o: local(f, c, o, m), call.features, rois.coords, rois.ok
+                lambda m: (
+                    lambda: _shard.by_image(
+                        lambda f, c, o: local(f, c, o, m), call.features, rois.coords, rois.ok
+                    )
                 )
             )
-        return how.run(
-            lambda m: lambda: pool(call.features, rois.coords, rois.batch, rois.ok, m)
-        )
+        return how.run(lambda m: lambda: pool(call.features, rois.coords, rois.batch, rois.ok, m))
 
     return call.output(body)
 

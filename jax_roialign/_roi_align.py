@@ -276,12 +276,18 @@ def window_read(
     wx = _sampling.dense_weights(gx)
     lo_y, need_y = _sampling.tap_span(gy, live)
     lo_x, need_x = _sampling.tap_span(gx, live)
-    tables = (wy, wx, level, lo_y, need_y, lo_x, need_x)
     if not per_image:
-        return _window.contract_window(maps, layout, *tables, dtype, batch=batch)
+        return _window.contract_window(
+            maps, layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+        )
     n = maps[0].shape[0]
-    grouped = [t.reshape((n, -1) + t.shape[1:]) for t in tables]
-    out = _window.contract_window(maps, layout, *grouped, dtype)
+
+    def g(t: Array) -> Array:
+        return t.reshape((n, -1) + t.shape[1:])
+
+    out = _window.contract_window(
+        maps, layout, g(wy), g(wx), g(level), g(lo_y), g(need_y), g(lo_x), g(need_x), dtype
+    )
     return out.reshape((-1,) + out.shape[2:])
 
 

@@ -493,7 +493,7 @@ def contract_window(
     branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
     branch = branch.reshape(level.shape)
     idx: tuple[Array, ...] = (branch, lo_y.astype(jnp.int32), lo_x.astype(jnp.int32))
-    if not per_image:
+    if batch is not None:
         idx = (batch.astype(jnp.int32),) + idx
     op, _ = _ops(plan.key(), per_image)
     return op(maps, wy, wx, idx)

@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With the tpu extra, libtpu is installed to compile for TPU topologies (test_tpu.py);
+# the tests run on the CPU, and xdist workers may load libtpu side by side.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

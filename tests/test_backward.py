@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 
 import jax_roialign as jr
 from jax_roialign import _contract
+from jax_roialign._validation import Method
 
 SCATTER = re.compile(r"\bscatter\(")
 
@@ -295,18 +296,29 @@ def test_precise_roi_pool_methods_agree():
     np.testing.assert_allclose(jax.jvp(f, (x,), (x,))[1], f(x), rtol=0, atol=1e-12)
 
 
-def test_auto_method_by_backend(monkeypatch):
-    from jax_roialign._validation import Method
+def test_auto_method_by_lowering_platform():
+    # "auto" is decided when the program is lowered: the window reader (no gather)
+    # for TPU, per-tap gathers for CPU, autodiff's scatter-add for GPU.
+    x = jnp.ones((1, 16, 20, 8), jnp.float32)
+    boxes = jnp.asarray([[0, 1.0, 2.0, 9.0, 11.0]], jnp.float32)
 
-    for backend, want in (
-        ("cpu", "gather"),
-        ("gpu", "scatter"),
-        ("cuda", "scatter"),
-        ("tpu", "matmul"),
-    ):
-        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-        assert Method.parse("auto").resolve() is Method.parse(want)
-    with pytest.raises(ValueError, match="'gather', 'scatter'"):
+    def loss(x, b):
+        return jnp.sum(jr.roi_align(x, b, output_size=2, sampling_ratio=2) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+
+    def text(platform):
+        return grad.trace(x, boxes).lower(lowering_platforms=(platform,)).as_text()
+
+    def count(t, op):
+        return len(re.findall(rf"stablehlo\.{op}\b|\b{op}\(", t))
+
+    tpu, cpu, cuda = text("tpu"), text("cpu"), text("cuda")
+    assert count(tpu, "gather") == 0 and count(tpu, "scatter") == 0
+    assert "dynamic_slice" in tpu
+    assert count(cpu, "gather") > 0 and count(cpu, "scatter") == 0
+    assert count(cuda, "scatter") > 0
+    with pytest.raises(ValueError, match="'gather', 'scatter', 'window'"):
         Method.parse("atomic")
 
 
