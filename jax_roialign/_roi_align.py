@@ -76,13 +76,16 @@ def roi_align(
         interpolated sample; an empty grid gives 0).
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default, as Flax) or ``"NCHW"`` (as torchvision).
-      method: ``"auto"`` (``"matmul"`` on TPU, ``"scatter"`` on GPU, else
-        ``"gather"``), ``"gather"`` (per-tap reads; the feature gradient is added
-        box by box into row windows, deterministic, reverse-mode autodiff only), ``"scatter"`` (the
+      method: ``"auto"`` (chosen for the platform the program is lowered for:
+        ``"window"`` on TPU, ``"scatter"`` on GPU, else ``"gather"``), ``"gather"``
+        (per-tap reads; the feature gradient is added box by box into row
+        windows, deterministic, reverse-mode autodiff only), ``"scatter"`` (the
         same reads, gradient by autodiff's scatter-add of every tap: slower, but
-        forward-mode ``jax.jvp``/``jacfwd`` work) or ``"matmul"`` (dense
-        interpolation matrices, no gather or scatter; the TPU path; any autodiff).
-        All give the same numbers.
+        forward-mode ``jax.jvp``/``jacfwd`` work), ``"window"`` (one window of the
+        map per box by ``dynamic_slice``, contracted with the box's weights: no
+        gather or scatter, box-local work; reverse-mode autodiff) or ``"matmul"``
+        (dense interpolation matrices over the whole map, no gather or scatter;
+        any autodiff). All give the same numbers.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 

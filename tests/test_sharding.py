@@ -164,3 +164,46 @@ def test_export_round_trip(data):
     restored = jax.export.deserialize(blob)
     assert restored.in_avals == exported.in_avals
     np.testing.assert_array_equal(restored.call(f32, b32), fn(f32, b32))
+
+
+@pytest.mark.parametrize("method", ["auto", "window", "scatter"])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_explicit_batch_sharding_runs_per_device(data, method, sampling_ratio):
+    # The pod recipe: a mesh with explicit axes, features and per-image boxes put on
+    # the batch axis, plain jit. Each device pools its own images (the op's body
+    # under shard_map), so the program has no collective even with adaptive
+    # sampling and in the backward, and the numbers are those of one device.
+    from jax.sharding import AxisType
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    f, boxes = data
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(AxisType.Explicit,))
+
+    def ops(f, b):
+        out = jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=sampling_ratio, method=method)
+        ms = jr.multiscale_roi_align(
+            [f, f[:, ::2, ::2]],
+            b * 2,
+            output_size=2,
+            spatial_scales=(1 / 2, 1 / 4),
+            sampling_ratio=sampling_ratio,
+            method=method,
+        )
+        pr = jr.precise_roi_pool(f, b, output_size=2, method=method)
+        return out, ms, pr
+
+    def fwd_bwd(f, b):  # outputs and their VJP (a loss would reduce across devices)
+        outs, vjp = jax.vjp(ops, f, b)
+        return outs, vjp(outs)
+
+    fn = jax.jit(fwd_bwd)
+    want = fn(f, boxes)
+    with jax.set_mesh(mesh):
+        fs = jax.device_put(f, P("b"))
+        bs = jax.device_put(boxes, P("b"))
+        got = fn(fs, bs)
+        text = fn.lower(fs, bs).compile().as_text()
+    assert collectives(text) == []
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-11)

@@ -32,7 +32,7 @@ import jax_roialign as jr  # noqa: E402
 
 pytestmark = pytest.mark.tpu
 
-N, H, W, C, R = 2, 32, 48, 128, 8  # per chip: 2 images, 8 boxes each
+N, H, W, C, R = 2, 32, 48, 128, 32  # per chip: 2 images, 32 boxes each
 POD_CHIPS = 16
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
