@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Times jax_roialign (jit), torchvision.ops.roi_align (CPU, float32) and a "
         "naive JAX port side by side on Mask R-CNN FPN workloads, after checking that they "
         "agree; reports forward and forward+backward times, first compile time and XLA temp "
-        "memory against the targets of issue 3.",
+        "memory, and the op inside a loss, against the targets of issue 12.",
     )
     ap.add_argument(
         "--quick", action="store_true", help="fewer boxes and C=32 (1-3 min, mostly compiling)"

@@ -10,6 +10,10 @@ Boxes are realistic for their level: FPN assigns a box to level
 14-28 feature cells (``sqrt(area)`` uniform in that range, in cells), with an
 aspect ratio log-uniform in [0.5, 2], placed uniformly inside the image, from a
 fixed seed. Boxes are split evenly between the images (``rois_per_image`` each).
+
+Besides FPN: detectron2's R50-C4 head pools 14 x 14 from res4 (stride 16,
+C = 1024) with ``ROIAlignV2`` (adaptive sampling, aligned), every box on that
+one map, so boxes span 2-50 cells (32-800 pixels).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ LEVELS = {
     "P3": (100, 168, 8),
     "P4": (50, 84, 16),
     "P5": (25, 42, 32),
+    "res4": (50, 84, 16),  # ResNet C4 (detectron2 R50-C4), no FPN
 }
 
 
@@ -47,6 +52,7 @@ class Workload:
       aligned: the half-pixel offset (detectron2 ``ROIAlignV2``) or not (torchvision).
       channels: feature channels C.
       images: batch size N.
+      cells: range of ``sqrt(area)`` of the boxes, in cells of their level.
     """
 
     name: str
@@ -58,6 +64,7 @@ class Workload:
     aligned: bool
     channels: int = CHANNELS
     images: int = IMAGES
+    cells: tuple[float, float] = (14.0, 28.0)
 
     @property
     def multiscale(self) -> bool:
@@ -85,7 +92,8 @@ class Workload:
         return (
             f"N={self.images}, {maps}, C={self.channels}, K={self.num_boxes} "
             f"({self.rois_per_image}/image), {self.output_size}x{self.output_size}, "
-            f"sampling {sr}, aligned={self.aligned}"
+            f"sampling {sr}, aligned={self.aligned}, "
+            f"boxes {self.cells[0]:g}-{self.cells[1]:g} cells"
         )
 
 
@@ -135,6 +143,17 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
             aligned=False,
             channels=c,
         ),
+        Workload(
+            "r50_c4",
+            "detectron2 R50-C4 head on res4, 14x14, ROIAlignV2 (adaptive)",
+            ("res4",),
+            box_rois,
+            14,
+            sampling_ratio=0,
+            aligned=True,
+            channels=4 * c,
+            cells=(2.0, 50.0),
+        ),
     ]
     return {w.name: w for w in cases}
 
@@ -181,7 +200,7 @@ def make_boxes(wl: Workload, seed: int = 0) -> np.ndarray:
     k = wl.num_boxes
     strides = np.array([LEVELS[n][2] for n in wl.levels], np.float64)
     stride = strides[rng.integers(0, len(strides), k)] if wl.multiscale else strides[0]
-    return level_boxes(rng, k, stride).reshape(wl.images, wl.rois_per_image, 4)
+    return level_boxes(rng, k, stride, cells=wl.cells).reshape(wl.images, wl.rois_per_image, 4)
 
 
 def rois_from_boxes(boxes: np.ndarray) -> np.ndarray:

@@ -219,13 +219,31 @@ def contract_rows(
     return op(flat, wy, wx, batch, offset, row_length, iy, ix)
 
 
-def _rows_forward(layout, dtype, flat, wy, wx, batch, offset, row_length, iy, ix):
+def _widen_bf16(bits: Array) -> Array:
+    """bfloat16 values stored as ``uint16`` -> float32 (exact: the high half of the word)."""
+    wide = jax.lax.shift_left(bits.astype(jnp.uint32), jnp.uint32(16))
+    return jax.lax.bitcast_convert_type(wide, jnp.float32)
+
+
+def _rows_forward(layout, dtype, flat, wy, wx, batch, offset, row_length, iy, ix, narrow=False):
     b = batch[:, None, None]
     base = offset[:, None, None]
     rl = row_length[:, None, None]
+    if narrow and flat.dtype == jnp.bfloat16 and np.dtype(dtype).itemsize >= 4:
+        # Gather the 16-bit words and widen only what was read: XLA:CPU gathers
+        # bfloat16 in float32, i.e. from a float32 copy of the whole map (2x its
+        # bytes); the integer view costs one 16-bit copy at most. No derivative
+        # in ``flat`` (``narrow`` is for the custom-VJP op, whose map gradient
+        # is the transpose).
+        bits = jax.lax.bitcast_convert_type(flat, jnp.uint16)
 
-    def reader(rows, cols):
-        return read_flat(flat, layout, b, base + rows * rl + cols)
+        def reader(rows, cols):
+            return _widen_bf16(read_flat(bits, layout, b, base + rows * rl + cols))
+
+    else:
+
+        def reader(rows, cols):
+            return read_flat(flat, layout, b, base + rows * rl + cols)
 
     return contract_taps_with(reader, iy, wy, ix, wx, dtype)
 
@@ -240,7 +258,7 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
     ``custom_vjp`` functions that differentiate into each other, so reverse-mode
     autodiff of any order runs the fast pair (``op`` is bilinear in the map and
     the weights; so is ``transpose`` in the cotangent and the weights)."""
-    forward = functools.partial(_rows_forward, layout, dtype)
+    forward = functools.partial(_rows_forward, layout, dtype, narrow=True)
 
     def weights_grad(flat, wy, wx, ints, g):
         # <g, op(flat, wy, wx)> is linear in wy and in wx: autodiff of the

@@ -339,6 +339,8 @@ def _aggregate_avg(features, layout, batch, ok, gy, gx, method, dtype, per_image
         return run(gather(0, 0))
 
     # Adaptive: the smallest window that every bin fits, else the dense path.
+    # Each bin's sample range once, for the taps, the choice and the dense weights.
+    gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
     wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
     if wys[-1] * wxs[-1] <= 4 * _contract.UNROLL_LIMIT:
         # The window for any in-map box is small already (a small map): a second,

@@ -67,6 +67,9 @@ class AxisGrid:
         it is the largest length any box sees (it sizes dense weights).
       extent: optional ``[K, 1]`` per-box map length (boxes pooled from maps of
         different sizes, e.g. FPN levels); ``None`` means ``length`` for all.
+      valid: optional ``(lo, hi)``, :func:`valid_range` computed once
+        (:func:`with_valid_range`) and reused by the taps, the window choice
+        and the dense weights, instead of being traced and compiled for each.
     """
 
     first: Array
@@ -75,6 +78,7 @@ class AxisGrid:
     static_count: int | None
     length: int
     extent: Array | None = None
+    valid: tuple[Array, Array] | None = None
 
     @property
     def limit(self) -> Array | int:
@@ -84,7 +88,7 @@ class AxisGrid:
 
 jax.tree_util.register_dataclass(
     AxisGrid,
-    data_fields=["first", "bin", "count", "extent"],
+    data_fields=["first", "bin", "count", "extent", "valid"],
     meta_fields=["static_count", "length"],
 )
 
@@ -211,6 +215,8 @@ def _exact_count(grid: AxisGrid, x: Array | float, strict: bool) -> Array:
 
 def valid_range(grid: AxisGrid) -> tuple[Array, Array]:
     """Index range ``[lo, hi)`` of the samples inside ``[-1, L]``, exact, ``[K, P]``."""
+    if grid.valid is not None:
+        return grid.valid
     limit = grid.limit if grid.extent is not None else float(grid.length)
     lo = _exact_count(grid, -1.0, strict=True)
     hi = _exact_count(grid, limit, strict=False)
@@ -222,6 +228,32 @@ def _partial_sum(grid: AxisGrid, n0: Array, n1: Array, c: Array) -> Array:
     step = grid.bin / jnp.maximum(grid.count, 1.0)
     mean_offset = (grid.first - c) + step * ((n0 + n1) * 0.5)
     return (n1 - n0) * mean_offset
+
+
+def _with_samples(grid: AxisGrid) -> tuple[AxisGrid, Array]:
+    """The grid with a harmless step in bins without samples (``count < 1``), and
+    the mask of bins with samples. Nothing changes in the other bins."""
+    has_samples = grid.count >= 1.0
+    safe = AxisGrid(
+        jnp.where(has_samples, grid.first, 0.0),
+        jnp.where(has_samples, grid.bin, 1.0),
+        grid.count,
+        None,
+        grid.length,
+        grid.extent,
+        grid.valid,
+    )
+    return safe, has_samples
+
+
+def with_valid_range(grid: AxisGrid) -> AxisGrid:
+    """``grid`` carrying its :func:`valid_range` (of the bins with samples; a bin
+    without samples gets an empty range), so that every later use shares one
+    computation. A static grid is returned as it is."""
+    if grid.static_count is not None or grid.valid is not None:
+        return grid
+    safe, _ = _with_samples(grid)
+    return dataclasses.replace(grid, valid=valid_range(safe))
 
 
 def grid_row_weights(grid: AxisGrid, rows: Array) -> Array:
@@ -241,15 +273,7 @@ def grid_row_weights(grid: AxisGrid, rows: Array) -> Array:
     length = _limit3(grid, dtype)
     # A bin without samples (count < 1) gets weight 0; give it a harmless step
     # so that no inf/NaN reaches the gradient through the unselected branch.
-    has_samples = grid.count >= 1.0
-    grid = AxisGrid(
-        jnp.where(has_samples, grid.first, 0.0),
-        jnp.where(has_samples, grid.bin, 1.0),
-        grid.count,
-        None,
-        grid.length,
-        grid.extent,
-    )
+    grid, has_samples = _with_samples(grid)
     lo, hi = valid_range(grid)
     lo, hi = lo[..., None], hi[..., None]
     r = rows.astype(dtype)

@@ -300,12 +300,33 @@ def runtime_checks(rois: Rois, num_images: int) -> None:
     )
 
 
+@jax.custom_jvp
+def fence(x: Array) -> Array:
+    """The identity, as an op that XLA:CPU's YNNPACK fusion does not absorb.
+
+    A reduction after the op (any loss: ``jnp.sum(out * w)``) becomes a YNNPACK
+    fusion that pulls in every elementwise producer it supports -- the whole sum
+    of gathered terms, but not the gathers -- so each tap's term would be
+    materialised (16x the output and 10x the time for 16 taps). A select is not
+    supported there: the sum stays in one loop with its gathers, and only the
+    output is stored. ``x + x`` equals ``x`` wherever it is selected (NaN), so
+    no value changes; the derivative is the identity. (An optimization barrier
+    does not help: XLA:CPU removes it before fusion.)
+    """
+    return jnp.where(x == x, x, x + x)
+
+
+@fence.defjvp
+def _fence_jvp(primals, tangents):
+    return fence(primals[0]), tangents[0]
+
+
 def finish_output(out: Array, rois: Rois, layout: DataFormat, dtype: Any) -> Array:
     """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``."""
     out = out.astype(dtype)
     if layout is DataFormat.NCHW:
         out = jnp.moveaxis(out, -1, 1)
-    return out.reshape(rois.lead_shape + out.shape[1:])
+    return fence(out.reshape(rois.lead_shape + out.shape[1:]))
 
 
 @dataclasses.dataclass(frozen=True)

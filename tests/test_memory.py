@@ -1,0 +1,103 @@
+"""Compiled memory of the op inside a program: a loss on the output must not
+change how the op itself is computed (XLA:CPU's reduction fusion once pulled
+the sum of gathered terms into itself and stored every tap's term)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_roialign as jr
+
+
+def _temp(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _boxes(k: int, size: float, extent: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    side = rng.uniform(0.5, 1.0, (k, 2)) * size
+    lo = rng.uniform(0.0, extent - size, (k, 2))
+    xy = np.concatenate([lo, lo + side], axis=1)
+    return np.concatenate([(np.arange(k) % 2)[:, None], xy], axis=1).astype(np.float32)
+
+
+def _programs(op, x, g):
+    """The op alone, a reducing loss of its output, and value_and_grad of that loss."""
+
+    def loss(x):
+        return jnp.sum(op(x).astype(jnp.float32) * g)
+
+    def with_grad(x):
+        out, vjp = jax.vjp(op, x)
+        return out, vjp(g.astype(out.dtype))
+
+    return {
+        "alone": op,
+        "loss": loss,
+        "sum": lambda x: op(x).sum(),
+        "mean_sq": lambda x: jnp.mean(op(x).astype(jnp.float32) ** 2),
+        "with_grad": with_grad,
+        "value_and_grad": jax.value_and_grad(loss),
+    }
+
+
+def _check(op, x, out_shape, dtype):
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), jnp.float32)
+    out_bytes = int(np.prod(out_shape)) * jnp.dtype(dtype).itemsize
+    temps = {name: _temp(fn, x) for name, fn in _programs(op, x, g).items()}
+    slack = 64 * 1024
+    # A loss stores at most the output it reads (plus the cast of it), never the taps.
+    # float32 cotangent: the loss's own cast of a 16-bit output is up to 2x its bytes.
+    cast = 2 if jnp.dtype(dtype).itemsize < 4 else 1
+    for name in ("loss", "sum", "mean_sq"):
+        assert temps[name] <= temps["alone"] + cast * out_bytes + slack, (name, temps)
+    assert temps["value_and_grad"] <= temps["with_grad"] + cast * out_bytes + slack, temps
+    return temps, out_bytes
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_roi_align_loss_stores_no_taps(sampling_ratio, data_format):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 48, 64, 32)), jnp.float32)
+    if data_format == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    rois = jnp.asarray(_boxes(64, 20.0, 48.0))
+
+    def op(x):
+        return jr.roi_align(
+            x, rois, output_size=7, sampling_ratio=sampling_ratio, data_format=data_format
+        )
+
+    shape = jax.eval_shape(op, x).shape
+    temps, out_bytes = _check(op, x, shape, jnp.float32)
+    if sampling_ratio > 0 and data_format == "NHWC":
+        # One gather loop: the loss's temporaries are its input.
+        assert temps["loss"] <= 1.1 * out_bytes, temps
+        assert temps["value_and_grad"] <= 1.1 * out_bytes + 0.1 * x.nbytes, temps
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16])
+def test_roi_align_loss_stores_no_taps_16bit(dtype):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 48, 64, 32)), dtype)
+    rois = jnp.asarray(_boxes(64, 20.0, 48.0))
+
+    def op(x):
+        return jr.roi_align(x, rois, output_size=7, sampling_ratio=2)
+
+    _check(op, x, jax.eval_shape(op, x).shape, dtype)
+
+
+def test_multiscale_loss_stores_no_taps():
+    rng = np.random.default_rng(0)
+    feats = [
+        jnp.asarray(rng.standard_normal((2, 64 // s, 96 // s, 16)), jnp.float32) for s in (1, 2)
+    ]
+    rois = jnp.asarray(_boxes(64, 48.0, 64.0))
+
+    def op(feats):
+        return jr.multiscale_roi_align(
+            feats, rois, output_size=7, spatial_scales=(1.0, 0.5), sampling_ratio=2
+        )
+
+    _check(op, feats, jax.eval_shape(op, feats).shape, jnp.float32)
