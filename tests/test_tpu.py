@@ -145,11 +145,14 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
     assert _count(text, "scatter") == 0, "scatter in the TPU program"
     for op in COLLECTIVES:
         assert _count(text, op) == 0, f"{op} in the TPU program"
-    # Per-chip temporaries: at most the output (forward), features + output (backward).
+    # Per-chip temporaries: at most the output (forward), features + output (backward),
+    # plus the one window being read (float32; here the whole 32 x 48 map, which a
+    # workload's output dwarfs: see benchmarks.tpu).
     item = jnp.dtype(dtype).itemsize
     out_bytes = N * R * 7 * 7 * C * item
     feat_bytes = sum(int(np.prod(s)) for s in shapes) * item
-    bound = out_bytes + (feat_bytes + out_bytes if backward else 0)
+    window = H * W * C * 4
+    bound = out_bytes + (feat_bytes + out_bytes if backward else 0) + window
     assert compiled.memory_analysis().temp_size_in_bytes <= bound
 
 
