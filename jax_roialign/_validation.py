@@ -323,10 +323,10 @@ def _fence_jvp(primals, tangents):
 
 def finish_output(out: Array, rois: Rois, layout: DataFormat, dtype: Any) -> Array:
     """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``."""
-    out = out.astype(dtype)
+    out = fence(out.astype(dtype))
     if layout is DataFormat.NCHW:
         out = jnp.moveaxis(out, -1, 1)
-    return fence(out.reshape(rois.lead_shape + out.shape[1:]))
+    return out.reshape(rois.lead_shape + out.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
