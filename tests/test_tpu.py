@@ -24,27 +24,17 @@ import pytest
 pytest.importorskip("libtpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_roialign as jr  # noqa: E402
+from benchmarks.tpu import topology as _topology  # noqa: E402
 
 pytestmark = pytest.mark.tpu
 
 N, H, W, C, R = 2, 32, 48, 128, 32  # per chip: 2 images, 32 boxes each
 POD_CHIPS = 16
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-
-
-def _topology(name):
-    return topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=name,
-        chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-    )
 
 
 @pytest.fixture(scope="module")
