@@ -317,7 +317,7 @@ def test_gather_count_independent_of_levels():
         maps = [jnp.zeros((2, h, w, 4)) for h, w in sizes]
         scales = [2.0 ** -(2 + i) for i in range(n_levels)]
         fn = lambda m, b: multiscale_roi_align(
-            m, b, output_size=3, spatial_scales=scales, sampling_ratio=2
+            m, b, output_size=3, spatial_scales=scales, sampling_ratio=2, method="gather"
         )  # noqa: E731
         jaxpr = jax.make_jaxpr(fn)(maps, jnp.zeros((2, 6, 4)))
         return str(jaxpr).count("gather[")
