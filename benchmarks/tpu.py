@@ -61,13 +61,9 @@ def topology(name: str):
     )
 
 
-def hlo_counts(text: str) -> dict[str, int]:
-    """Gathers, scatters and collectives among the compiled program's instructions."""
-    return {op: len(re.findall(rf"= [^ ]+ {op}(-start)?\(", text)) for op in OPS}
-
-
 def count_ops(text: str) -> dict[str, int]:
-    """:func:`hlo_counts` that also sees tuple-shaped results (``= (f32[..], ..) op(``)."""
+    """Gathers, scatters and collectives among the compiled program's instructions
+    (any result shape, tuples included)."""
     return {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in OPS}
 
 
