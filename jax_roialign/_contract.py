@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _shard
 from ._validation import DataFormat
 
 Array = jax.Array
@@ -444,8 +445,5 @@ def rows_transpose(
 
     # Zeros typed like the cotangent (inside shard_map: varying over the same mesh
     # axes), so that the loop's carry keeps one type.
-    acc = jax.lax.full_like(g, 0, dtype, flat_shape)
-    vma = getattr(jax.typeof(g), "vma", frozenset()) | getattr(jax.typeof(wy), "vma", frozenset())
-    if vma and vma != getattr(jax.typeof(acc), "vma", frozenset()):
-        acc = jax.lax.pcast(acc, tuple(vma), to="varying")
+    acc = _shard.varying(jax.lax.full_like(g, 0, dtype, flat_shape), g, wy)
     return jax.lax.fori_loop(0, k_total, box, acc)

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _sampling
+from . import _sampling, _shard
 from ._validation import DataFormat
 
 Array = jax.Array
@@ -189,6 +189,7 @@ def aggregate_max(
         jnp.zeros(shape, dtype),
         jnp.zeros(shape, dtype),
     )
+    init = _shard.varying(init, features, batch, ok, gy, gx)
     zero = jnp.zeros((), dtype)
     if static:
         best, bi, bj = scan_tile(init, zero, zero)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _shard
 from ._contract import read
 from ._sampling import exact_divide
 from ._validation import (
@@ -194,6 +195,7 @@ def window_argmax(
         jnp.full((k, ph, pw, c), -FLT_MAX, dtype),
         jnp.full((k, ph, pw, c), -1, jnp.int32),
     )
+    init = _shard.varying(init, features, ys, xs, ye, xe, batch)
     steps = ty * tx
     return jax.lax.fori_loop(0, steps, body, init, unroll=steps if steps <= 16 else 1)
 

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _sampling
+from . import _sampling, _shard
 from ._max import bilinear_2d, point_taps
 from ._validation import (
     DataFormat,
@@ -257,6 +257,7 @@ def aggregate_rotated(
     cx = geo.cx[:, None, None]
     count = jnp.maximum(gy.count[:, :, None] * gx.count[:, None, :], 1.0)[..., None]  # [K,1,1,1]
     zeros = jnp.zeros((k, ph, pw, c), dtype)
+    zeros = _shard.varying(zeros, features, batch, ok, gy, gx, geo.cy, geo.cx, geo.cos, geo.sin)
 
     def sample(yy: Array, xx: Array, weight: Array | None) -> Array:
         """The bilinear value at box coordinates ``yy [K,PH,1]``, ``xx [K,1,PW]``."""

@@ -51,3 +51,27 @@ def by_image(fn: Callable[..., Any], features: Any, *args: Any) -> Any:
     return jax.shard_map(
         lambda f, a: fn(f, *a), in_specs=(spec, spec), out_specs=spec, check_vma=False
     )(features, args)
+
+
+def _vma(x: Any) -> frozenset:
+    """The manual mesh axes ``x`` varies over (``aval.mat.varying``; ``.vma`` before)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def varying(tree: Any, *refs: Any) -> Any:
+    """``tree`` cast to vary over every manual mesh axis that ``refs`` vary over.
+
+    Inside ``jax.shard_map`` (with its default ``check_vma=True``) a loop's carry
+    must keep one type: zeros made inside the body are invariant, while what is
+    added to them (from sharded features, boxes or a cotangent) varies. Outside
+    ``shard_map`` nothing varies and ``tree`` comes back as it is.
+    """
+    axes = frozenset().union(*(_vma(r) for r in jax.tree.leaves(refs)))
+
+    def cast(x):
+        missing = tuple(sorted(axes - _vma(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree) if axes else tree

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _shard
 from ._validation import DataFormat
 
 Array = jax.Array
@@ -212,6 +213,7 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, lo_y, lo_x):
     in place; no carry the size of the output).
     """
     ph, pw = wy.shape[1], wx.shape[1]
+    refs = (maps, wy, wx, batch, lo_y, lo_x)  # what the loop's carry varies with
 
     def box(_, row):
         b, br, ly, lx, wyk, wxk = row
@@ -222,7 +224,7 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, lo_y, lo_x):
                 z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
                 return acc + jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
 
-            zero = jnp.zeros((ph, pw, plan.channels), plan.dtype)
+            zero = _shard.varying(jnp.zeros((ph, pw, plan.channels), plan.dtype), *refs)
             return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero)
 
         return None, _switch(br, _branches(plan, body))
@@ -238,7 +240,9 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, lo_y, lo_x, images: int | N
     """
     k_total = wy.shape[0]
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
-    acc0 = tuple(jnp.zeros(s, plan.dtype) for s in shapes)
+    acc0 = _shard.varying(
+        tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, lo_y, lo_x
+    )
     g = g.astype(plan.dtype)
 
     def box(k, acc):
@@ -265,6 +269,7 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, lo_y, lo_x, images: int | N
 def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, lo_y, lo_x):
     """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them)."""
     g = g.astype(plan.dtype)
+    refs = (maps, g, wy, wx, batch, lo_y, lo_x)
 
     def box(_, row):
         b, br, ly, lx, wyk, wxk, gk = row
@@ -293,7 +298,7 @@ def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, lo_y, lo_x):
                 )
                 return ry, rx
 
-            zeros = (jnp.zeros_like(wyk), jnp.zeros_like(wxk))
+            zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
             return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros)
 
         return None, _switch(br, _branches(plan, body))
