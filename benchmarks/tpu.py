@@ -148,7 +148,7 @@ def pod_workload(wl: Workload) -> Workload:
 def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool) -> float:
     """Bytes the window reader moves for these boxes (per chip, the workload's images).
 
-    Per box: its windows (the tier its taps need, or the whole map in tiles),
+    Per box: its windows (the tier its taps need, or the tiles covering its span),
     read in the map's dtype, and its output row; the backward adds the
     cotangent, a read-modify-write of the window in the float32 gradient, and
     one more read of the window for the weights' gradient.
@@ -196,8 +196,8 @@ def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool)
         _, need_x = _sampling.tap_span(gx)
         tiers = _window.tier_sizes(h, w)
         for ny, nx in zip(np.asarray(need_y), np.asarray(need_x), strict=True):
-            th, tw, ty, tx = next((t for t in tiers[:-1] if ny <= t[0] and nx <= t[1]), tiers[-1])
-            window = th * tw * ty * tx * c
+            tier = next((t for t in tiers[:-1] if ny <= t[0] and nx <= t[1]), tiers[-1])
+            window = tier[0] * tier[1] * _window.tiles_read(tier, int(ny), int(nx)) * c
             out = p * p * c
             if backward:
                 total += window * itemsize + out * 4 + out * 4 + 2 * window * 4 + window * itemsize

@@ -10,12 +10,16 @@ only the rows and columns a box's taps touch: a loop over the boxes in which box
 window the same way, and contracts ``wy[k, :, y0:y0+h] . window . wx[k, :, x0:x0+w]^T``
 (two small matmuls, the MXU's work on a TPU).
 
-Windows come in a few static sizes (tiers: 8, 16, 32, ... cells, up to the whole
-map), and each box takes the smallest tier that holds its taps (a ``lax.switch``
-per box, inside the loop), so the work per box follows its own size, a box
-larger than the map reads the whole map and nothing is ever truncated. Several
-maps (FPN levels) are read by the same loop, a box switching to its own level's
-tiers.
+Windows come in a few static sizes (tiers: 16, 32, 64 cells, each clipped to
+the map), and each box takes the smallest tier that holds its taps, so the
+work per box follows its own size. Each tier is a loop of its own over its
+boxes (boxes grouped by tier with a stable sort): a ``lax.switch`` per box
+would copy the array the loop updates (the output, the map's gradient) for
+every box. A box larger than the largest tier reads the rows and columns it spans in
+tiles of that size (a loop whose trip count is the box's own), so a box larger
+than the map reads the whole map once, a box of 65 cells four tiles, and
+nothing is ever truncated. Several maps (FPN levels) are read the same way, each
+level with tiers (and loops) of its own.
 
 The feature gradient is the transpose, box by box: ``wy^T . g[k] . wx`` added into
 the box's window of a zero map with ``dynamic_update_slice``. The boxes go in
@@ -47,8 +51,9 @@ Array = jax.Array
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Smallest window side; each further tier doubles it (at most TIERS of them).
-# A box larger than the largest tier reads the whole map in tiles of that size.
+# Smallest window side; each further tier doubles it (at most TIERS of them). A
+# box larger than the largest tier reads the rows and columns it spans in tiles
+# of that size.
 BASE_WINDOW = 16
 TIERS = 3
 
@@ -58,25 +63,33 @@ def tier_sizes(
 ) -> tuple[tuple[int, int, int, int], ...]:
     """The windows of one map, smallest first: ``(h, w, tiles_y, tiles_x)``.
 
-    Every tier but the last is one ``h x w`` window at the box; the last covers
-    the whole map, in one window if it is no larger than the largest tier, else
-    in ``tiles_y x tiles_x`` tiles of that tier's size (so no window, and no
-    compiled contraction, is larger than the largest tier).
+    Sides double from ``base`` (each clipped to the map) for at most ``tiers``
+    tiers. Every tier but the last is one ``h x w`` window at the box. The last
+    is one window too if it covers the whole map; otherwise it covers the box's
+    own span in as many ``h x w`` tiles as that needs, at most ``tiles_y x
+    tiles_x`` (those of the whole map). So no window, and no compiled
+    contraction, is larger than the largest tier, and a large box reads only
+    the cells it spans, rounded up to whole tiles.
     """
     sizes: list[tuple[int, int]] = []
     s = base
-    while s < max(height, width) and len(sizes) < tiers:
+    while len(sizes) < tiers:
         sizes.append((min(s, height), min(s, width)))
+        if s >= max(height, width):
+            break
         s *= 2
-    out = [(h, w, 1, 1) for h, w in dict.fromkeys(sizes)]
-    if sizes and sizes[-1] != (height, width):
-        th, tw = sizes[-1]
-        whole = (th, tw, -(-height // th), -(-width // tw))
-    else:
-        whole = (height, width, 1, 1)
-    if not out or out[-1][:2] != (height, width):
-        out.append(whole)
-    return tuple(out)
+    sizes = list(dict.fromkeys(sizes))
+    th, tw = sizes[-1]
+    last = (th, tw, -(-height // th), -(-width // tw))
+    return tuple((h, w, 1, 1) for h, w in sizes[:-1]) + (last,)
+
+
+def tiles_read(tier: tuple[int, int, int, int], need_y: int, need_x: int) -> int:
+    """How many ``h x w`` windows a box spanning ``need_y x need_x`` cells reads in ``tier``."""
+    h, w, ny, nx = tier
+    if ny * nx == 1:
+        return 1
+    return max(1, -(-need_y // h)) * max(1, -(-need_x // w))
 
 
 @functools.lru_cache(maxsize=64)
@@ -153,19 +166,19 @@ def _set_row(a: Array, k, value: Array) -> Array:
     return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), k, axis=0)
 
 
-def _switch(index, branches):
-    return branches[0]() if len(branches) == 1 else jax.lax.switch(index, branches)
-
-
-def _per_tile(plan: Plan, lv: int, tier, lo_y, lo_x, wyk, wxk, fn, init):
+def _per_tile(plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, whole=False):
     """Runs ``fn(carry, y0, x0, wy_window, wx_window, own)`` over the windows of one tier.
 
-    A plain tier is one window at the box's first row and column (kept inside the
-    map). The whole-map tier of a large map is a static loop over tiles that
-    cover the map exactly once: a tile clipped at the far edge overlaps the one
-    before it, and the overlapped rows (columns) get zero weight in it (``own``:
-    the ``[h]``, ``[w]`` masks of the rows and columns a tile owns; ``None`` for
-    a single window).
+    ``span_y``, ``span_x``: ``[2]`` int32, the box's first row (column) and how
+    many it needs. A one-window tier reads one window at the box's first row and
+    column (kept inside the map). The last tier of a large map loops over tiles
+    that cover the box's span exactly once, as many as the span needs: tile
+    ``(i, j)`` owns rows ``lo_y + i * h`` on (columns likewise); one clipped at
+    the map's far edge overlaps the one before it, and the overlapped rows
+    (columns) get zero weight in it (``own``: the ``[h]``, ``[w]`` masks of the
+    rows and columns a tile owns; ``None`` for a single window). ``whole``: the
+    tiles of the whole map instead (a static trip count, which reverse-mode
+    autodiff can go through).
     """
     h, w, ny, nx = tier
     height, width = plan.heights[lv], plan.widths[lv]
@@ -181,18 +194,26 @@ def _per_tile(plan: Plan, lv: int, tier, lo_y, lo_x, wyk, wxk, fn, init):
             wxw = jnp.where(own[1], wxw, 0.0)
         return fn(carry, y0, x0, wyw, wxw, own)
 
+    lo_y, lo_x = jnp.clip(span_y[0], 0, height - 1), jnp.clip(span_x[0], 0, width - 1)
     if ny * nx == 1:
-        y0 = jnp.clip(lo_y, 0, height - h)
-        x0 = jnp.clip(lo_x, 0, width - w)
+        y0 = jnp.minimum(lo_y, height - h)
+        x0 = jnp.minimum(lo_x, width - w)
         return window(init, y0, x0, None, None)
 
+    # Tiles along x for this box (at least one; a box with no taps reads zeros).
+    across = jnp.clip((span_x[1] + w - 1) // w, 1, nx)
+    down = jnp.clip((span_y[1] + h - 1) // h, 1, ny)
+    if whole:
+        lo_y = lo_x = jnp.zeros((), jnp.int32)
+        across, down = nx, ny
+
     def tile(i, carry):
-        i = jnp.asarray(i, jnp.int32)
-        from_y, from_x = (i // nx) * h, (i % nx) * w
+        from_y = lo_y + (i // across) * h
+        from_x = lo_x + (i % across) * w
         y0, x0 = jnp.minimum(from_y, height - h), jnp.minimum(from_x, width - w)
         return window(carry, y0, x0, from_y, from_x)
 
-    return jax.lax.fori_loop(0, ny * nx, tile, init)
+    return jax.lax.fori_loop(0, down * across, tile, init)
 
 
 def _branches(plan: Plan, body):
@@ -202,74 +223,84 @@ def _branches(plan: Plan, body):
     ]
 
 
-def _loop(k_total: int, fn, init):
-    return jax.lax.fori_loop(0, k_total, fn, init)
-
-
-def _forward(plan: Plan, maps, wy, wx, batch, branch, lo_y, lo_x):
-    """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``.
-
-    A scan over the boxes whose per-box results are the stacked output (written
-    in place; no carry the size of the output).
-    """
+def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x):
+    """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``,
+    each box's row written in place into the output."""
     ph, pw = wy.shape[1], wx.shape[1]
-    refs = (maps, wy, wx, batch, lo_y, lo_x)  # what the loop's carry varies with
+    refs = (maps, wy, wx, batch, span_y, span_x)  # what the loops' carries vary with
+    out = _shard.varying(jnp.zeros((wy.shape[0], ph, pw, plan.channels), plan.dtype), *refs)
 
-    def box(_, row):
-        b, br, ly, lx, wyk, wxk = row
+    def body(lv, tier, k, out):
+        b, ly, lx, wyk, wxk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx))
 
-        def body(lv, tier):
-            def read(acc, y0, x0, wyw, wxw, own):
-                win = _window(plan, maps[lv], b, y0, x0, tier[0], tier[1])
-                z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
-                return acc + jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
+        def read(acc, y0, x0, wyw, wxw, own):
+            win = _window(plan, maps[lv], b, y0, x0, tier[0], tier[1])
+            z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
+            return acc + jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
 
-            zero = _shard.varying(jnp.zeros((ph, pw, plan.channels), plan.dtype), *refs)
-            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero)
+        zero = _shard.varying(jnp.zeros((ph, pw, plan.channels), plan.dtype), *refs)
+        return _set_row(out, k, _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero))
 
-        return None, _switch(br, _branches(plan, body))
-
-    _, out = jax.lax.scan(box, None, (batch, branch, lo_y, lo_x, wy, wx))
-    return out
+    return _each_box(plan, branch, body, out)
 
 
-def _transpose(plan: Plan, g, wy, wx, batch, branch, lo_y, lo_x, images: int | None = None):
+def _by_branch(plan: Plan, branch: Array):
+    """Boxes grouped by branch: ``(order, starts, ends)``, boxes ``order[starts[i]:ends[i]]``
+    (in their own order) being those of branch ``i``."""
+    count = sum(len(t) for t in plan.tiers)
+    order = jnp.argsort(branch, stable=True).astype(jnp.int32)
+    sizes = jnp.sum(branch[None, :] == jnp.arange(count, dtype=branch.dtype)[:, None], axis=1)
+    ends = jnp.cumsum(sizes).astype(jnp.int32)
+    return order, ends - sizes.astype(jnp.int32), ends
+
+
+def _each_box(plan: Plan, branch: Array, body, carry):
+    """``carry = body(level, tier, k, carry)`` for every box ``k``: one loop per
+    branch over that branch's boxes, in a fixed order (by branch, then by
+    position). No ``switch``: an array updated inside one is copied (on TPU
+    also relaid out) for every box, be it the map's gradient or the output."""
+    order, starts, ends = _by_branch(plan, branch)
+    for i, fn in enumerate(_branches(plan, body)):
+        carry = jax.lax.fori_loop(
+            starts[i], ends[i], lambda j, c, fn=fn: fn(_row(order, j), c), carry
+        )
+    return carry
+
+
+def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int | None = None):
     """The feature gradient: per map, ``sum_k`` of ``wy[k]^T . g[k] . wx[k]`` in its window.
 
-    ``images`` overrides the maps' batch size (a vmapped call folded into the images).
+    Each box adds its windows into the map in place (:func:`_each_box`); the
+    boxes go in a fixed order, so the sum is the same on every run. ``images``
+    overrides the maps' batch size (a vmapped call folded into the images).
     """
-    k_total = wy.shape[0]
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
-    acc0 = _shard.varying(
-        tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, lo_y, lo_x
+    acc = _shard.varying(
+        tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x
     )
     g = g.astype(plan.dtype)
 
-    def box(k, acc):
-        b, ly, lx = _row(batch, k), _row(lo_y, k), _row(lo_x, k)
+    def body(lv, tier, k, acc):
+        b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)
         wyk, wxk, gk = _row(wy, k), _row(wx, k), _row(g, k)
 
-        def body(lv, tier, acc):
-            def add(acc, y0, x0, wyw, wxw, own):
-                u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
-                val = jnp.einsum("ph,pwc->hwc", wyw, u, precision=_HIGHEST)
-                acc = list(acc)
-                acc[lv] = _add_window(plan, acc[lv], val, b, y0, x0)
-                return tuple(acc)
+        def add(acc, y0, x0, wyw, wxw, own):
+            u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
+            val = jnp.einsum("ph,pwc->hwc", wyw, u, precision=_HIGHEST)
+            acc = list(acc)
+            acc[lv] = _add_window(plan, acc[lv], val, b, y0, x0)
+            return tuple(acc)
 
-            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc)
+        return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc)
 
-        branches = [functools.partial(f, acc) for f in _branches(plan, body)]
-        return _switch(_row(branch, k), branches)
-
-    out = _loop(k_total, box, acc0)
-    return tuple(a.astype(d) for a, d in zip(out, plan.map_dtypes, strict=True))
+    acc = _each_box(plan, branch, body, acc)
+    return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
 
 
-def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, lo_y, lo_x):
+def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
     """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them)."""
     g = g.astype(plan.dtype)
-    refs = (maps, g, wy, wx, batch, lo_y, lo_x)
+    refs = (maps, g, wy, wx, batch, span_y, span_x)
 
     def box(_, row):
         b, br, ly, lx, wyk, wxk, gk = row
@@ -299,11 +330,16 @@ def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, lo_y, lo_x):
                 return ry, rx
 
             zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
-            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros)
+            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros, whole=True)
 
-        return None, _switch(br, _branches(plan, body))
+        branches = _branches(plan, body)
+        return None, branches[0]() if len(branches) == 1 else jax.lax.switch(br, branches)
 
-    _, (d_wy, d_wx) = jax.lax.scan(box, None, (batch, branch, lo_y, lo_x, wy, wx, g))
+    # A scan with a switch per box and whole-map tiles (static trip counts): this
+    # function is differentiated again for second-order gradients, which reverse
+    # mode can do through static loops only. Its carries are per-box rows, which
+    # a switch does not copy at any size that matters.
+    _, (d_wy, d_wx) = jax.lax.scan(box, None, (batch, branch, span_y, span_x, wy, wx, g))
     return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
 
 
@@ -497,7 +533,9 @@ def contract_window(
     wx = wx[..., :widths].astype(dtype)
     branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
     branch = branch.reshape(level.shape)
-    idx: tuple[Array, ...] = (branch, lo_y.astype(jnp.int32), lo_x.astype(jnp.int32))
+    span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
+    span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
+    idx: tuple[Array, ...] = (branch, span_y, span_x)
     if batch is not None:
         idx = (batch.astype(jnp.int32),) + idx
     op, _ = _ops(plan.key(), per_image)

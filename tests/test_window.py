@@ -1,7 +1,7 @@
 """The box-local, gather-free window reader (``method="window"``, the TPU path), on CPU.
 
 Its numbers against ONNX Runtime (float64, 1e-9) for every kind of box, including
-boxes larger than the map (the tiled whole-map tier) and both layouts and box
+boxes spanning several tiles of the largest tier, boxes larger than the map and both layouts and box
 forms; its gradients against autodiff's scatter-add (``method="scatter"``), to
 second order; vmap folded into the images; no retracing for new boxes; no
 gather or scatter in its compiled CPU program either; FPN levels and the
@@ -33,24 +33,36 @@ def _boxes(rng, k, h, w):
     boxes[1] = [2.0, 3.0, 2.0, 3.0]  # zero size
     boxes[2] = [3.3, 1.1, 4.0, 1.9]  # under one cell
     boxes[3] = [2 * w, 2 * h, 3 * w, 3 * h]  # outside the map
+    # Spans of 65-80 cells (a map of 70 x 90 at scale 0.5): two tiles of 64 per
+    # axis, the second clipped at the map's far edge and overlapping the first.
+    boxes[4] = [0.22 * w, 0.04 * h, 0.98 * w, 0.97 * h]
+    boxes[5] = [0.01 * w, 0.02 * h, 0.83 * w, 0.4 * h]
     return boxes
 
 
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((2, 3, 30, 41))  # NCHW, as ONNX Runtime wants
-    boxes = _boxes(rng, 24, 30 / 0.5, 41 / 0.5)
+    # NCHW, as ONNX Runtime wants. 70 x 90: tiers 16, 32 and 64 x 64 tiles (2 x 2
+    # for the whole map), so boxes take every tier and span one to four tiles.
+    x = rng.standard_normal((2, 3, 70, 90))
+    boxes = _boxes(rng, 24, 70 / 0.5, 90 / 0.5)
     batch = rng.integers(0, 2, 24)
     return x, boxes, batch
 
 
 def test_tiers():
-    # Plain tiers double from the base; a map larger than the last is tiled by it.
-    assert _window.tier_sizes(30, 41) == ((16, 16, 1, 1), (30, 32, 1, 1), (30, 32, 1, 2))
+    # Tiers double from the base, clipped to the map; on a map larger than the
+    # last, a large box is read in tiles of it, as many as its span needs.
+    assert _window.tier_sizes(30, 41) == ((16, 16, 1, 1), (30, 32, 1, 1), (30, 41, 1, 1))
+    assert _window.tier_sizes(30, 41, tiers=2) == ((16, 16, 1, 1), (30, 32, 1, 2))
     assert _window.tier_sizes(12, 9) == ((12, 9, 1, 1),)
-    assert _window.tier_sizes(200, 336)[-1] == (64, 64, 4, 6)
-    assert all(t[0] <= 64 and t[1] <= 64 for t in _window.tier_sizes(200, 336))
+    assert _window.tier_sizes(200, 336) == ((16, 16, 1, 1), (32, 32, 1, 1), (64, 64, 4, 6))
+    last = _window.tier_sizes(200, 336)[-1]
+    assert _window.tiles_read(last, 64, 64) == 1
+    assert _window.tiles_read(last, 65, 64) == 2
+    assert _window.tiles_read(last, 200, 336) == 24  # the whole map, once
+    assert _window.tiles_read(last, 0, 0) == 1
 
 
 @pytest.mark.parametrize("aligned", [True, False])
