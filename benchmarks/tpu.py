@@ -67,6 +67,27 @@ def count_ops(text: str) -> dict[str, int]:
     return {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in OPS}
 
 
+def map_copies_in_loops(text: str, shapes) -> list[str]:
+    """Copies of an array of a map's shape (the map, its gradient; any dtype and
+    layout) outside the entry computation of a compiled program: inside a loop
+    or a branch, where they run once per trip."""
+    dims = [",".join(str(int(d)) for d in s) for s in shapes]
+    alternatives = "|".join(map(re.escape, dims))
+    pattern = re.compile(rf"= (\w+)\[({alternatives})\]\S* (copy|copy-start)\(")
+    found, entry = [], False
+    for line in text.splitlines():
+        if re.match(r"^\S.*\{\s*$", line):
+            entry = line.startswith("ENTRY")
+        if not entry and pattern.search(line):
+            found.append(line.strip()[:120])
+    return found
+
+
+def _per_device(spec: Any) -> tuple[int, ...]:
+    sharding = getattr(spec, "sharding", None)
+    return tuple(sharding.shard_shape(spec.shape)) if sharding is not None else tuple(spec.shape)
+
+
 def compile_for(fn: Callable[..., Any], specs: tuple[Any, ...], mesh=None) -> dict[str, Any]:
     """Lower and compile ``jax.jit(fn)`` for the shardings in ``specs``; its figures."""
     t0 = time.perf_counter()
@@ -85,6 +106,7 @@ def compile_for(fn: Callable[..., Any], specs: tuple[Any, ...], mesh=None) -> di
         "compile_s": seconds,
         "temp_bytes": int(mem.temp_size_in_bytes),
         "ops": count_ops(text),
+        "map_copies": len(map_copies_in_loops(text, [_per_device(s) for s in specs[0]])),
         "flops": float(cost.get("flops", float("nan"))),
         "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
         "optimal_s": float(cost.get("optimal_seconds", float("nan"))),
@@ -298,6 +320,7 @@ def format_row(r: dict[str, Any]) -> str:
         f"({r['temp_bytes'] / r['output_bytes']:.2f}x out)  "
         f"gather {ops['gather']} scatter {ops['scatter']} "
         f"collectives {sum(v for k, v in ops.items() if k not in ('gather', 'scatter'))}  "
+        f"map copies in loops {r['map_copies']}  "
         f"cost model {r['optimal_s'] * 1e3:7.3f} ms  "
         + (f"moved {moved * 1e3:7.3f} ms  " if moved is not None else "")
         + f"roofline {r['roofline_s'] * 1e3:6.3f} ms"

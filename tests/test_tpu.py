@@ -28,6 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding  # 
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_roialign as jr  # noqa: E402
+from benchmarks.tpu import map_copies_in_loops  # noqa: E402
 from benchmarks.tpu import topology as _topology  # noqa: E402
 
 pytestmark = pytest.mark.tpu
@@ -50,21 +51,6 @@ def pod():
 
 def _count(text, op):
     return len(re.findall(rf"\b{op}(-start)?\(", text))
-
-
-def _map_copies_in_loops(text, shapes, dtype):
-    """Copies of a whole map (or its gradient) outside the entry computation, i.e.
-    inside a loop or a branch, where they would run once per box."""
-    names = {"float32": "f32", "bfloat16": "bf16"}
-    wanted = [rf"{t}\[{','.join(map(str, s))}\]" for s in shapes for t in (names[dtype], "f32")]
-    found, entry = [], False
-    for line in text.splitlines():
-        if re.match(r"^\S.*\{\s*$", line):
-            entry = line.startswith("ENTRY")
-        if not entry and re.search(r"\b(copy|copy-start)\(", line):
-            if any(re.search(rf"= {w}", line) for w in wanted):
-                found.append(line.strip()[:120])
-    return found
 
 
 def _compile(fn, args, mesh):
@@ -152,7 +138,7 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
         assert _count(text, op) == 0, f"{op} in the TPU program"
     # No per-box copy of a map or of its gradient (an array updated inside a switch
     # in a loop is copied, and relaid out, on every trip).
-    assert _map_copies_in_loops(text, shapes, jnp.dtype(dtype).name) == []
+    assert map_copies_in_loops(text, shapes) == []
     # Per-chip temporaries: at most the output (forward), features + output (backward),
     # plus the one window being read (float32; here the whole 32 x 48 map, which a
     # workload's output dwarfs: see benchmarks.tpu).
