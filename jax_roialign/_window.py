@@ -10,14 +10,14 @@ only the rows and columns a box's taps touch: a loop over the boxes in which box
 window the same way, and contracts ``wy[k, :, y0:y0+h] . window . wx[k, :, x0:x0+w]^T``
 (two small matmuls, the MXU's work on a TPU).
 
-Windows come in a few static sizes (tiers: 16, 32, 64 cells, each clipped to
+Windows come in a few static sizes (tiers: 16 and 32 cells, each clipped to
 the map), and each box takes the smallest tier that holds its taps, so the
 work per box follows its own size. Each tier is a loop of its own over its
 boxes (boxes grouped by tier with a stable sort): a ``lax.switch`` per box
 would copy the array the loop updates (the output, the map's gradient) for
 every box. A box larger than the largest tier reads the rows and columns it spans in
 tiles of that size (a loop whose trip count is the box's own), so a box larger
-than the map reads the whole map once, a box of 65 cells four tiles, and
+than the map reads the whole map once, a box of 40 cells four tiles, and
 nothing is ever truncated. Several maps (FPN levels) are read the same way, each
 level with tiers (and loops) of its own.
 
@@ -55,7 +55,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # box larger than the largest tier reads the rows and columns it spans in tiles
 # of that size.
 BASE_WINDOW = 16
-TIERS = 3
+TIERS = 2
 
 
 def tier_sizes(
@@ -297,8 +297,78 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
     return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
 
 
+def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk):
+    """``fn`` for :func:`_per_tile`: adds one window's part of the weights' gradient
+    of box ``k`` into its rows ``(d_wy [PH, H], d_wx [PW, W])``."""
+    h, w = tier[:2]
+
+    def grad(rows, y0, x0, wyw, wxw, own):
+        win = _window(plan, maps[lv], b, y0, x0, h, w)
+        # Contract the window over its minor axes only (w, c), with rows as a
+        # batch axis, so it is read in the map's own layout.
+        z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
+        d_wy = jnp.einsum("pqc,hqc->ph", gk, z, precision=_HIGHEST)
+        t = jnp.einsum("ph,pqc->hqc", wyw, gk, precision=_HIGHEST)
+        d_wx = jnp.einsum("hwc,hqc->hqw", win, t, precision=_HIGHEST).sum(0)
+        if own is not None:  # rows and columns a tile does not own get nothing
+            d_wy = jnp.where(own[0], d_wy, 0.0)
+            d_wx = jnp.where(own[1], d_wx, 0.0)
+        ry, rx = rows
+        ry = jax.lax.dynamic_update_slice_in_dim(
+            ry, jax.lax.dynamic_slice_in_dim(ry, y0, h, axis=1) + d_wy, y0, axis=1
+        )
+        rx = jax.lax.dynamic_update_slice_in_dim(
+            rx, jax.lax.dynamic_slice_in_dim(rx, x0, w, axis=1) + d_wx, x0, axis=1
+        )
+        return ry, rx
+
+    return grad
+
+
+def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
+    g = g.astype(plan.dtype)
+    refs = (maps, g, wy, wx, batch, span_y, span_x)
+
+    def body(lv, tier, k, out):
+        b, ly, lx, wyk, wxk, gk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx, g))
+        wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
+        zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
+        grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk)
+        ry, rx = _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros)
+        return _set_row(out[0], k, ry), _set_row(out[1], k, rx)
+
+    out = _shard.varying((jnp.zeros(wy.shape, plan.dtype), jnp.zeros(wx.shape, plan.dtype)), *refs)
+    d_wy, d_wx = _each_box(plan, branch, body, out)
+    return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
+
+
 def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
-    """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them)."""
+    """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them).
+
+    Computed by one loop per tier over its boxes, large boxes by the tiles of
+    their own span (:func:`_each_box`, dynamic trip counts); differentiated
+    (second order) through :func:`_weights_grad_static`, the same sum in loops
+    with static trip counts.
+    """
+
+    @jax.custom_vjp
+    def wg(maps, g, wy, wx, ints):
+        return _weights_grad_fast(plan, maps, g, wy, wx, *ints)
+
+    def fwd(maps, g, wy, wx, ints):
+        return wg(maps, g, wy, wx, ints), (maps, g, wy, wx, ints)
+
+    def bwd(res, cot):
+        *diff, ints = res
+        _, vjp = jax.vjp(lambda *a: _weights_grad_static(plan, *a, *ints), *diff)
+        return (*vjp(cot), None)
+
+    wg.defvjp(fwd, bwd)
+    return wg(tuple(maps), g, wy, wx, (batch, branch, span_y, span_x))
+
+
+def _weights_grad_static(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
+    """:func:`_weights_grad` with static loops, for differentiating it again."""
     g = g.astype(plan.dtype)
     refs = (maps, g, wy, wx, batch, span_y, span_x)
 
@@ -307,38 +377,16 @@ def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
         wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
 
         def body(lv, tier):
-            h, w = tier[:2]
-
-            def grad(rows, y0, x0, wyw, wxw, own):
-                win = _window(plan, maps[lv], b, y0, x0, h, w)
-                # Contract the window over its minor axes only (w, c), with rows
-                # as a batch axis, so it is read in the map's own layout.
-                z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
-                d_wy = jnp.einsum("pqc,hqc->ph", gk, z, precision=_HIGHEST)
-                t = jnp.einsum("ph,pqc->hqc", wyw, gk, precision=_HIGHEST)
-                d_wx = jnp.einsum("hwc,hqc->hqw", win, t, precision=_HIGHEST).sum(0)
-                if own is not None:  # rows and columns a tile does not own get nothing
-                    d_wy = jnp.where(own[0], d_wy, 0.0)
-                    d_wx = jnp.where(own[1], d_wx, 0.0)
-                ry, rx = rows
-                ry = jax.lax.dynamic_update_slice_in_dim(
-                    ry, jax.lax.dynamic_slice_in_dim(ry, y0, h, axis=1) + d_wy, y0, axis=1
-                )
-                rx = jax.lax.dynamic_update_slice_in_dim(
-                    rx, jax.lax.dynamic_slice_in_dim(rx, x0, w, axis=1) + d_wx, x0, axis=1
-                )
-                return ry, rx
-
+            grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk)
             zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
             return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros, whole=True)
 
         branches = _branches(plan, body)
         return None, branches[0]() if len(branches) == 1 else jax.lax.switch(br, branches)
 
-    # A scan with a switch per box and whole-map tiles (static trip counts): this
-    # function is differentiated again for second-order gradients, which reverse
-    # mode can do through static loops only. Its carries are per-box rows, which
-    # a switch does not copy at any size that matters.
+    # A scan with a switch per box and whole-map tiles: static trip counts, which
+    # reverse mode can go through (second-order gradients). Slower: a large box
+    # reads every tile of the map.
     _, (d_wy, d_wx) = jax.lax.scan(box, None, (batch, branch, span_y, span_x, wy, wx, g))
     return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
 

@@ -33,8 +33,8 @@ def _boxes(rng, k, h, w):
     boxes[1] = [2.0, 3.0, 2.0, 3.0]  # zero size
     boxes[2] = [3.3, 1.1, 4.0, 1.9]  # under one cell
     boxes[3] = [2 * w, 2 * h, 3 * w, 3 * h]  # outside the map
-    # Spans of 65-80 cells (a map of 70 x 90 at scale 0.5): two tiles of 64 per
-    # axis, the second clipped at the map's far edge and overlapping the first.
+    # Spans of 65-80 cells (a map of 70 x 90 at scale 0.5): three tiles of 32 per
+    # axis, the last clipped at the map's far edge and overlapping the one before.
     boxes[4] = [0.22 * w, 0.04 * h, 0.98 * w, 0.97 * h]
     boxes[5] = [0.01 * w, 0.02 * h, 0.83 * w, 0.4 * h]
     return boxes
@@ -43,8 +43,8 @@ def _boxes(rng, k, h, w):
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(7)
-    # NCHW, as ONNX Runtime wants. 70 x 90: tiers 16, 32 and 64 x 64 tiles (2 x 2
-    # for the whole map), so boxes take every tier and span one to four tiles.
+    # NCHW, as ONNX Runtime wants. 70 x 90: tiers 16 and 32 x 32 tiles (3 x 3 for
+    # the whole map), so boxes take both tiers and span one to nine tiles.
     x = rng.standard_normal((2, 3, 70, 90))
     boxes = _boxes(rng, 24, 70 / 0.5, 90 / 0.5)
     batch = rng.integers(0, 2, 24)
@@ -54,14 +54,14 @@ def data():
 def test_tiers():
     # Tiers double from the base, clipped to the map; on a map larger than the
     # last, a large box is read in tiles of it, as many as its span needs.
-    assert _window.tier_sizes(30, 41) == ((16, 16, 1, 1), (30, 32, 1, 1), (30, 41, 1, 1))
-    assert _window.tier_sizes(30, 41, tiers=2) == ((16, 16, 1, 1), (30, 32, 1, 2))
+    assert _window.tier_sizes(30, 41) == ((16, 16, 1, 1), (30, 32, 1, 2))
+    assert _window.tier_sizes(30, 41, tiers=3) == ((16, 16, 1, 1), (30, 32, 1, 1), (30, 41, 1, 1))
     assert _window.tier_sizes(12, 9) == ((12, 9, 1, 1),)
-    assert _window.tier_sizes(200, 336) == ((16, 16, 1, 1), (32, 32, 1, 1), (64, 64, 4, 6))
+    assert _window.tier_sizes(200, 336) == ((16, 16, 1, 1), (32, 32, 7, 11))
     last = _window.tier_sizes(200, 336)[-1]
-    assert _window.tiles_read(last, 64, 64) == 1
-    assert _window.tiles_read(last, 65, 64) == 2
-    assert _window.tiles_read(last, 200, 336) == 24  # the whole map, once
+    assert _window.tiles_read(last, 32, 32) == 1
+    assert _window.tiles_read(last, 33, 32) == 2
+    assert _window.tiles_read(last, 200, 336) == 77  # the whole map, once
     assert _window.tiles_read(last, 0, 0) == 1
 
 
