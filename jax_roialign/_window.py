@@ -200,12 +200,12 @@ def _per_tile(plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, 
         x0 = jnp.minimum(lo_x, width - w)
         return window(init, y0, x0, None, None)
 
-    # Tiles along x for this box (at least one; a box with no taps reads zeros).
-    across = jnp.clip((span_x[1] + w - 1) // w, 1, nx)
-    down = jnp.clip((span_y[1] + h - 1) // h, 1, ny)
     if whole:
         lo_y = lo_x = jnp.zeros((), jnp.int32)
         across, down = nx, ny
+    else:  # the tiles the box's span needs (at least one: no taps reads zeros)
+        across = jnp.clip((span_x[1] + w - 1) // w, 1, nx)
+        down = jnp.clip((span_y[1] + h - 1) // h, 1, ny)
 
     def tile(i, carry):
         from_y = lo_y + (i // across) * h
