@@ -21,10 +21,15 @@ import numpy as np
 
 import jax_roialign as jr
 
+SETTLE_S = 1.0
+
 
 def _time(fn, repeats: int = 15) -> float:
     fn()  # compile / trace
     fn()
+    # TensorFlow's worker threads spin for a while after its ops return, taking
+    # the cores from whatever runs next: let them settle before timing anything.
+    time.sleep(SETTLE_S)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -378,12 +378,14 @@ def rows_transpose(
     """The transpose of :func:`contract_rows` in ``flat``: ``[N, L, C]`` / ``[N, C, L]``.
 
     For box ``k``, the columns its x-taps touch (nonzero weight) are covered by
-    runs of ``chunk`` columns (one run for boxes up to ``chunk`` cells wide; a
-    loop with a per-box trip count for wider ones, so any box is exact). For each
-    run, ``u = g[k] . Wx_run`` (``[PH, chunk, C]``, one small matmul) and each
-    y-tap ``(ph, a)`` adds ``wy * u[ph]`` to its row. Every add is a
-    ``dynamic_update_slice`` of a contiguous run; boxes go in order, so the sum
-    is deterministic. Work per box is ``taps_y * run_columns * C``.
+    runs of ``chunk`` columns (one run for boxes up to ``chunk`` cells wide, more
+    for wider ones, so any box is exact). For each run, ``u = g[k] . Wx_run``
+    (``[PH, chunk, C]``, small matmuls) and each y-tap ``(ph, a)`` adds
+    ``wy * u[ph]`` to its row. Every add is a ``dynamic_update_slice`` of a
+    contiguous run. One loop runs over every box's runs, each in steps of at most
+    ``ROW_UNROLL`` row adds (its trip count is the boxes' total, no loop inside
+    another); boxes, runs, bins and taps go in order, so the sum is
+    deterministic. Work per box is ``taps_y * run_columns * C``.
     """
     k_total, ph_n = iy.shape[0], iy.shape[1]
     a_n = iy.shape[2]
@@ -397,53 +399,69 @@ def rows_transpose(
     cols = jnp.arange(chunk, dtype=jnp.int32)
     nhwc = layout is DataFormat.NHWC
 
+    # One step adds at most ROW_UNROLL rows: ``group`` bins (a divisor of PH)
+    # with all their y-taps, or, for bins with more taps than that, one bin's
+    # taps in blocks of ROW_UNROLL.
+    if a_n <= ROW_UNROLL:
+        group = max(d for d in range(1, ph_n + 1) if ph_n % d == 0 and d * a_n <= ROW_UNROLL)
+        block, blocks = a_n, 1
+    else:
+        group, block, blocks = 1, ROW_UNROLL, -(-a_n // ROW_UNROLL)
+    per_run = (ph_n // group) * blocks
+    steps = runs * per_run
+    # One loop over every (box, run, step), boxes in order: a loop nested in a
+    # loop costs XLA:CPU more than the work of a typical box. The carry holds
+    # the box and its step; ``after[k]`` is the first box after ``k`` with steps.
+    index = jnp.arange(k_total, dtype=jnp.int32)
+    nxt = jnp.where(steps > 0, index, k_total)
+    tail = jnp.concatenate([nxt[1:], jnp.array([k_total], jnp.int32)])
+    after = jax.lax.cummin(tail, reverse=True)
+    first = jnp.min(nxt)
+
     def add_row(acc, b, pos, value):
-        # value: [chunk, C]
+        # value: [chunk, C]. The indices are never negative, and saying so keeps
+        # the read and the write at the same index expression: XLA then fuses
+        # them into one in-place update (with wrap-around, two kernels per row).
         if nhwc:
             start = (b, pos, jnp.zeros_like(pos))
-            cur = jax.lax.dynamic_slice(acc, start, (1, chunk, value.shape[-1]))
-            return jax.lax.dynamic_update_slice(acc, cur + value[None], start)
-        start = (b, jnp.zeros_like(pos), pos)
-        cur = jax.lax.dynamic_slice(acc, start, (1, value.shape[-1], chunk))
-        return jax.lax.dynamic_update_slice(acc, cur + value.T[None], start)
+            size = (1, chunk, value.shape[-1])
+            update = value[None]
+        else:
+            start = (b, jnp.zeros_like(pos), pos)
+            size = (1, value.shape[-1], chunk)
+            update = value.T[None]
+        cur = jax.lax.dynamic_slice(acc, start, size, allow_negative_indices=False)
+        return jax.lax.dynamic_update_slice(acc, cur + update, start, allow_negative_indices=False)
 
-    def box(k, acc):
-        gk, ixk, wxk, iyk, wyk = g[k], ix[k], wx[k], iy[k], wy[k]
-        b, base, rl = batch[k], offset[k], row_length[k]
-
-        def run(j, acc):
-            lo = x_lo[k] + j * chunk
-            start = jnp.clip(lo, 0, rl - chunk)
-            inside = (ixk >= lo) & (ixk < lo + chunk)
-            onehot = (ixk[..., None] - start == cols) & inside[..., None]
-            wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [PW, chunk]
-            u = jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
-
-            def rows(p, acc, taps):
-                for a in taps:
-                    pos = base + iyk[p, a] * rl + start
-                    acc = add_row(acc, b, pos, wyk[p, a] * u[p])
-                return acc
-
-            if a_n > ROW_UNROLL:  # one y-tap per step
-                return jax.lax.fori_loop(
-                    0, ph_n * a_n, lambda i, acc: rows(i // a_n, acc, [i % a_n]), acc
-                )
-            # Bins in groups of ``group`` (a divisor of PH), each group's rows unrolled.
-            group = max(d for d in range(1, ph_n + 1) if ph_n % d == 0 and d * a_n <= ROW_UNROLL)
-
-            def bins(i, acc):
-                for p in range(group):
-                    acc = rows(i * group + p, acc, range(a_n))
-                return acc
-
-            if group == ph_n:
-                return bins(0, acc)
-            return jax.lax.fori_loop(0, ph_n // group, bins, acc)
-
-        return jax.lax.fori_loop(0, runs[k], run, acc)
+    def step(_, carry):
+        acc, k, s = carry
+        kc = jnp.minimum(k, k_total - 1)
+        run, rest = s // per_run, s % per_run
+        first_bin = (rest // blocks) * group
+        first_tap = (rest % blocks) * block
+        ixk, wxk, b, base, rl = ix[kc], wx[kc], batch[kc], offset[kc], row_length[kc]
+        lo = x_lo[kc] + run * chunk
+        start = jnp.clip(lo, 0, rl - chunk)
+        inside = (ixk >= lo) & (ixk < lo + chunk)
+        onehot = (ixk[..., None] - start == cols) & inside[..., None]
+        wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [PW, chunk]
+        gk = jax.lax.dynamic_slice_in_dim(g[kc], first_bin, group)  # [group, PW, C]
+        u = jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
+        iyk = jax.lax.dynamic_slice_in_dim(iy[kc], first_bin, group)  # [group, A]
+        wyk = jax.lax.dynamic_slice_in_dim(wy[kc], first_bin, group)
+        for p in range(group):
+            for i in range(block):
+                a = first_tap + i
+                weight = wyk[p, jnp.minimum(a, a_n - 1)]
+                if blocks * block > a_n:  # the last block is short
+                    weight = jnp.where(a < a_n, weight, 0.0)
+                pos = base + iyk[p, jnp.minimum(a, a_n - 1)] * rl + start
+                acc = add_row(acc, b, pos, weight * u[p])
+        done = s + 1 == steps[kc]
+        return acc, jnp.where(done, after[kc], k), jnp.where(done, 0, s + 1)
 
     # Zeros typed like the cotangent (inside shard_map: varying over the same mesh
     # axes), so that the loop's carry keeps one type.
-    acc = _shard.varying(jax.lax.full_like(g, 0, dtype, flat_shape), g, wy)
-    return jax.lax.fori_loop(0, k_total, box, acc)
+    init = (jax.lax.full_like(g, 0, dtype, flat_shape), first, jnp.int32(0))
+    acc, _, _ = jax.lax.fori_loop(0, jnp.sum(steps), step, _shard.varying(init, g, wy, wx, ix))
+    return acc

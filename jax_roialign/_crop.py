@@ -270,18 +270,58 @@ def _lerp_op(dtype: Any, row_vjp: bool):
         )
 
     def lerp(image, wy, wx, batch, iy, ix):
-        b = batch[:, None, None]
+        _, h, w, c = image.shape
+        if c > FEW_CHANNELS:
+            b = batch[:, None, None]
+
+            def read(a: int, t: int) -> Array:
+                return image[b, iy[:, :, None, a], ix[:, None, :, t]].astype(dtype)
+
+            return ordered_lerp(read, wy, wx)
+        # Few channels: one gather per sample of the 2 x 2 cells from
+        # (min(floor, H - 2), min(floor, W - 2)) -- which hold the floor and ceil
+        # neighbours -- instead of one per neighbour: a quarter of the gathers
+        # (a third less time for C = 3); the same values. With more channels the
+        # four gathers fuse into the lerp and are faster, forward and backward.
+        sy, sx = min(h, 2), min(w, 2)
+        y0 = jnp.minimum(iy[..., 0], h - sy)
+        x0 = jnp.minimum(ix[..., 0], w - sx)
+        starts = jnp.stack(
+            jnp.broadcast_arrays(batch[:, None, None], y0[:, :, None], x0[:, None, :]), axis=-1
+        )
+        dims = jax.lax.GatherDimensionNumbers(
+            offset_dims=(3, 4, 5), collapsed_slice_dims=(0,), start_index_map=(0, 1, 2)
+        )
+        cells = jax.lax.gather(image, starts, dims, (1, sy, sx, c), mode="clip").astype(dtype)
+        oy = (iy - y0[..., None])[:, :, None, :]  # [K, PH, 1, 2], each 0 or 1
+        ox = (ix - x0[..., None])[:, None, :, :]  # [K, 1, PW, 2]
 
         def at(a: int, t: int) -> Array:
-            return image[b, iy[:, :, None, a], ix[:, None, :, t]].astype(dtype)
+            row = cells[:, :, :, 0]
+            if sy == 2:
+                row = jnp.where((oy[..., a] == 0)[..., None, None], row, cells[:, :, :, 1])
+            if sx == 1:
+                return row[..., 0, :]
+            return jnp.where((ox[..., t] == 0)[..., None], row[..., 0, :], row[..., 1, :])
 
-        ty = wy[:, :, None, 1:]
-        tx = wx[:, None, :, 1:]
-        top = at(0, 0) + rounded((at(0, 1) - at(0, 0)) * tx)
-        bottom = at(1, 0) + rounded((at(1, 1) - at(1, 0)) * tx)
-        return top + rounded((bottom - top) * ty)
+        return ordered_lerp(at, wy, wx)
 
     return _exact_op(lerp, weighted)
+
+
+# Up to this many channels, a bilinear crop reads each sample's 2 x 2 cells with
+# one gather; above, one gather per neighbour.
+FEW_CHANNELS = 8
+
+
+def ordered_lerp(at, wy: Array, wx: Array) -> Array:
+    """TensorFlow's bilinear order from the neighbours ``at(a, t)`` ``[K, PH, PW, C]``
+    (``a``: top/bottom, ``t``: left/right) and the fractions in ``wy, wx``."""
+    ty = wy[:, :, None, 1:]
+    tx = wx[:, None, :, 1:]
+    top = at(0, 0) + rounded((at(0, 1) - at(0, 0)) * tx)
+    bottom = at(1, 0) + rounded((at(1, 1) - at(1, 0)) * tx)
+    return top + rounded((bottom - top) * ty)
 
 
 @functools.lru_cache(maxsize=64)

@@ -264,6 +264,25 @@ def test_integer_image_box_gradient():
     assert out.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 5), (1, 1, 6), (1, 4, 1)])
+def test_few_and_many_channels_read_alike(shape):
+    """Few channels read each sample's 2 x 2 cells in one gather, more channels one
+    gather per neighbour: the same float32 bits, edges and one-pixel images included."""
+    from jax_roialign._crop import FEW_CHANNELS
+
+    rng = np.random.default_rng(11)
+    n, h, w = shape
+    c = 2 * FEW_CHANNELS + 3
+    image = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    corners = [[0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5], [0, 1, 1, 0]]
+    boxes = jnp.asarray(np.concatenate([corners, _boxes(rng, 40)]), jnp.float32)
+    idx = jnp.asarray(rng.integers(0, n, len(boxes)), jnp.int32)
+    f = jax.jit(lambda x: crop_and_resize(x, boxes, idx, (5, 4), extrapolation_value=0.5))
+    many = f(image)
+    few = jnp.concatenate([f(image[..., i : i + 2]) for i in range(0, c, 2)], axis=-1)
+    np.testing.assert_array_equal(np.asarray(few), np.asarray(many))
+
+
 # ---------------------------------------------------------------- transformations
 
 
