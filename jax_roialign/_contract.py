@@ -227,6 +227,12 @@ def _widen_bf16(bits: Array) -> Array:
 
 
 def _rows_forward(layout, dtype, flat, wy, wx, batch, offset, row_length, iy, ix, narrow=False):
+    reader = _row_reader(layout, dtype, flat, batch, offset, row_length, narrow)
+    return contract_taps_with(reader, iy, wy, ix, wx, dtype)
+
+
+def _row_reader(layout, dtype, flat, batch, offset, row_length, narrow):
+    """``reader(rows, cols)`` of :func:`contract_taps_with` for a flat map."""
     b = batch[:, None, None]
     base = offset[:, None, None]
     rl = row_length[:, None, None]
@@ -246,7 +252,30 @@ def _rows_forward(layout, dtype, flat, wy, wx, batch, offset, row_length, iy, ix
         def reader(rows, cols):
             return read_flat(flat, layout, b, base + rows * rl + cols)
 
-    return contract_taps_with(reader, iy, wy, ix, wx, dtype)
+    return reader
+
+
+def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
+    """``(d_wy, d_wx)`` of ``<g, forward(flat, wy, wx)>`` tap pair by tap pair: each
+    pair's reads times ``g`` summed over the channels first (the contiguous axis,
+    fused with the gather), then weighted by the other axis' weights. Autodiff
+    of the same sum stores every pair's reads (``[K, PH, PW, C]`` each) and
+    reduces them over two axes: several times slower on XLA:CPU."""
+    batch, offset, row_length, iy, ix = ints
+    reader = _row_reader(layout, dtype, flat, batch, offset, row_length, True)
+    g = jnp.asarray(g).astype(dtype)
+    d_wy: list[Any] = [0.0] * iy.shape[-1]
+    d_wx: list[Any] = [0.0] * ix.shape[-1]
+    for a in range(iy.shape[-1]):
+        for t in range(ix.shape[-1]):
+            values = reader(iy[:, :, None, a], ix[:, None, :, t]).astype(dtype)
+            pair = jnp.sum(g * values, axis=-1)  # [K, PH, PW]
+            d_wy[a] = d_wy[a] + jnp.sum(pair * wx[:, None, :, t], axis=2)
+            d_wx[t] = d_wx[t] + jnp.sum(pair * wy[:, :, None, a], axis=1)
+    return (
+        jnp.stack(d_wy, axis=-1).astype(wy.dtype),
+        jnp.stack(d_wx, axis=-1).astype(wx.dtype),
+    )
 
 
 def _is_zero(x: Any) -> bool:
@@ -262,8 +291,11 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
     forward = functools.partial(_rows_forward, layout, dtype, narrow=True)
 
     def weights_grad(flat, wy, wx, ints, g):
-        # <g, op(flat, wy, wx)> is linear in wy and in wx: autodiff of the
-        # weighted sum (the reads of ``flat`` are constants here, no scatter).
+        # <g, op(flat, wy, wx)> is linear in wy and in wx (the reads of ``flat``
+        # are constants here, no scatter): by hand for the unrolled tap pairs,
+        # else autodiff of the weighted sum.
+        if wy.shape[-1] * wx.shape[-1] <= UNROLL_LIMIT:
+            return _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g)
         _, vjp = jax.vjp(lambda wy, wx: forward(flat, wy, wx, *ints), wy, wx)
         return vjp(g)
 
