@@ -147,6 +147,9 @@ def contract_dense(
         z = jnp.einsum(f"kabnh,{chw}->kabwc", wyn, f, precision=_HIGHEST)
         return jnp.einsum("kabwc,kabw->kabc", z, wx4, precision=_HIGHEST)
 
+    # Rematerialised: autodiff would store every chunk's ``Wy . F`` (``[K, PH, W, C]``)
+    # for the weights' gradient, also when this path is a branch not taken.
+    one = jax.checkpoint(one)
     k = wy.shape[0]
     if k <= chunk:
         return one((wy, wx, batch))
@@ -257,25 +260,83 @@ def _row_reader(layout, dtype, flat, batch, offset, row_length, narrow):
 
 def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
     """``(d_wy, d_wx)`` of ``<g, forward(flat, wy, wx)>`` tap pair by tap pair: each
-    pair's reads times ``g`` summed over the channels first (the contiguous axis,
-    fused with the gather), then weighted by the other axis' weights. Autodiff
-    of the same sum stores every pair's reads (``[K, PH, PW, C]`` each) and
-    reduces them over two axes: several times slower on XLA:CPU."""
+    pair's reads times ``g`` summed over the channels first (the contiguous axis),
+    then weighted by the other axis' weights. Autodiff of the same sum stores
+    every pair's reads (``[K, PH, PW, C]`` each) and reduces them over two axes:
+    several times slower on XLA:CPU."""
     batch, offset, row_length, iy, ix = ints
     reader = _row_reader(layout, dtype, flat, batch, offset, row_length, True)
     g = jnp.asarray(g).astype(dtype)
-    d_wy: list[Any] = [0.0] * iy.shape[-1]
-    d_wx: list[Any] = [0.0] * ix.shape[-1]
-    for a in range(iy.shape[-1]):
+
+    def row(a_iy, a_wy):
+        """One y-tap's ``d_wy [K, PH]`` and its share of ``d_wx [K, PW, T]``."""
+        d_wy: Any = 0.0
+        d_wx = []
         for t in range(ix.shape[-1]):
-            values = reader(iy[:, :, None, a], ix[:, None, :, t]).astype(dtype)
+            values = reader(a_iy[:, :, None], ix[:, None, :, t]).astype(dtype)
             pair = jnp.sum(g * values, axis=-1)  # [K, PH, PW]
-            d_wy[a] = d_wy[a] + jnp.sum(pair * wx[:, None, :, t], axis=2)
-            d_wx[t] = d_wx[t] + jnp.sum(pair * wy[:, :, None, a], axis=1)
-    return (
-        jnp.stack(d_wy, axis=-1).astype(wy.dtype),
-        jnp.stack(d_wx, axis=-1).astype(wx.dtype),
-    )
+            d_wy = d_wy + jnp.sum(pair * wx[:, None, :, t], axis=2)
+            d_wx.append(jnp.sum(pair * a_wy[:, :, None], axis=1))
+        return d_wy, jnp.stack(d_wx, axis=-1)
+
+    if iy.shape[-1] * ix.shape[-1] <= UNROLL_LIMIT:
+        rows = [row(iy[..., a], wy[..., a]) for a in range(iy.shape[-1])]
+        d_wy = jnp.stack([r[0] for r in rows], axis=-1)
+        d_wx = functools.reduce(lambda x, y: x + y, [r[1] for r in rows])
+    else:  # a wide window: one y-tap per step, in order
+
+        def step(acc, taps):
+            d_wy, d_wx = row(*taps)
+            return acc + d_wx, d_wy
+
+        first_wy, first_wx = row(iy[..., 0], wy[..., 0])
+        rest = (jnp.moveaxis(iy[..., 1:], -1, 0), jnp.moveaxis(wy[..., 1:], -1, 0))
+        d_wx, rest_wy = jax.lax.scan(step, first_wx, rest)
+        d_wy = jnp.concatenate([first_wy[..., None], jnp.moveaxis(rest_wy, 0, -1)], axis=-1)
+    return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
+
+
+# Bytes of reads one step of the weights' gradient may hold at once.
+WEIGHTS_GRAD_BYTES = 4 << 20
+
+
+def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g):
+    """:func:`_weights_grad_taps` over chunks of boxes, in order.
+
+    XLA:CPU does not fuse a gather into the reduction that consumes it, so every
+    tap pair's reads (``[K, PH, PW, C]``, the output's size) are stored, and the
+    scheduler may keep all of them at once: 16x the output for 2 x 2 samples,
+    100x and more for adaptive windows. Chunks of boxes bound what is held to
+    about ``WEIGHTS_GRAD_BYTES`` and keep it in cache.
+    """
+    k, ph, a_n = wy.shape
+    pw, t_n = wx.shape[1:]
+    channels = g.shape[-1]
+    live = a_n * t_n if a_n * t_n <= UNROLL_LIMIT else t_n
+    per_box = live * ph * pw * channels * np.dtype(dtype).itemsize
+    chunk = max(1, min(k, WEIGHTS_GRAD_BYTES // max(per_box, 1)))
+    if chunk >= k:
+        return _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g)
+    g = jnp.asarray(g)
+
+    def step(i, carry):
+        # The last chunk ends at box K (overlapping the one before it: the same
+        # boxes give the same values), so nothing is padded or copied.
+        start = jnp.minimum(i * chunk, k - chunk)
+
+        def cut(x):
+            return jax.lax.dynamic_slice_in_dim(x, start, chunk)
+
+        parts = _weights_grad_taps(
+            layout, dtype, flat, cut(wy), cut(wx), tuple(map(cut, ints)), cut(g)
+        )
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(acc, part, start, 0)
+            for acc, part in zip(carry, parts, strict=True)
+        )
+
+    init = _shard.varying((jnp.zeros_like(wy), jnp.zeros_like(wx)), flat, wy, wx, g)
+    return jax.lax.fori_loop(0, -(-k // chunk), step, init)
 
 
 def _is_zero(x: Any) -> bool:
@@ -291,13 +352,9 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
     forward = functools.partial(_rows_forward, layout, dtype, narrow=True)
 
     def weights_grad(flat, wy, wx, ints, g):
-        # <g, op(flat, wy, wx)> is linear in wy and in wx (the reads of ``flat``
-        # are constants here, no scatter): by hand for the unrolled tap pairs,
-        # else autodiff of the weighted sum.
-        if wy.shape[-1] * wx.shape[-1] <= UNROLL_LIMIT:
-            return _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g)
-        _, vjp = jax.vjp(lambda wy, wx: forward(flat, wy, wx, *ints), wy, wx)
-        return vjp(g)
+        # <g, op(flat, wy, wx)> is linear in wy and in wx; the reads of ``flat``
+        # are constants here (no scatter), summed over the channels per tap pair.
+        return weights_grad_rows(layout, dtype, flat, wy, wx, ints, g)
 
     @jax.custom_vjp
     def op(flat, wy, wx, *ints):

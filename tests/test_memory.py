@@ -101,3 +101,35 @@ def test_multiscale_loss_stores_no_taps():
         )
 
     _check(op, feats, jax.eval_shape(op, feats).shape, jnp.float32)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_box_gradient_stores_no_taps(sampling_ratio):
+    """value_and_grad in the boxes too: the weights' gradient reads every tap pair
+    and sums over the channels; XLA:CPU stores such reads, so they go in chunks of
+    boxes (autodiff stored them all: 16x the output for 2 x 2 samples, over 100x
+    for adaptive windows)."""
+    from jax_roialign import _contract
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 48, 64, 64)), jnp.float32)
+    rois = jnp.asarray(_boxes(256, 20.0, 48.0))
+
+    def op(x, rois):
+        return jr.roi_align(x, rois, output_size=7, sampling_ratio=sampling_ratio)
+
+    shape = jax.eval_shape(op, x, rois).shape
+    out_bytes = int(np.prod(shape)) * 4
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+
+    def loss(x, rois, g):
+        return jnp.sum(op(x, rois) * g)
+
+    features_only = _temp(jax.value_and_grad(loss), x, rois, g)
+    both = _temp(jax.value_and_grad(loss, argnums=(0, 1)), x, rois, g)
+    # The rest of the difference is the geometry's gradient (adaptive sampling:
+    # dense weights per box and map side), which does not grow with the channels.
+    assert both <= features_only + 4 * out_bytes + _contract.WEIGHTS_GRAD_BYTES, (
+        both,
+        features_only,
+        out_bytes,
+    )
