@@ -349,17 +349,22 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
     ``custom_vjp`` functions that differentiate into each other, so reverse-mode
     autodiff of any order runs the fast pair (``op`` is bilinear in the map and
     the weights; so is ``transpose`` in the cotangent and the weights)."""
-    forward = functools.partial(_rows_forward, layout, dtype, narrow=True)
+    # Nested jits: each is traced once per argument shape and reused (autodiff
+    # traces a backward more than once; ``auto`` traces every platform's path).
+    forward = jax.jit(functools.partial(_rows_forward, layout, dtype, narrow=True))
 
     def weights_grad(flat, wy, wx, ints, g):
         # <g, op(flat, wy, wx)> is linear in wy and in wx; the reads of ``flat``
         # are constants here (no scatter), summed over the channels per tap pair.
-        return weights_grad_rows(layout, dtype, flat, wy, wx, ints, g)
+        return weights_grad_jit(flat, wy, wx, ints, g)
+
+    weights_grad_jit = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
 
     @jax.custom_vjp
     def op(flat, wy, wx, *ints):
         return forward(flat, wy, wx, *ints)
 
+    @jax.jit
     def transpose_impl(g, wy, wx, *ints):
         return _batched_rows_transpose(layout, dtype, chunk, flat_shape)(g, wy, wx, *ints).astype(
             flat_dtype

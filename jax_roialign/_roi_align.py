@@ -246,10 +246,59 @@ def aggregate_avg(
     return _aggregate_avg_any(features, layout, batch, ok, gy, gx, method, dtype, False)
 
 
+class _Shared:
+    """What every reading path derives from the grids, computed once before the
+    platform's choice (``platform_dependent`` traces, and autodiff linearizes,
+    each platform's branch: geometry inside them was built two or three times).
+    Only the parts that ``method`` can use are computed; the rest are ``None``."""
+
+    def __init__(self, gy, gx, ok, method: Method):
+        gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
+        self.gy, self.gx = gy, gx
+        self.static = gy.static_count is not None and gx.static_count is not None
+        live = ok[:, 0, 0] > 0
+        self.dense: tuple[Array, Array] | None = None
+        self.span: tuple[Any, Any] | None = None
+        self.taps: tuple[Any, Any] | None = None
+        self.choice: Array | None = None
+        self.windows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        if method in (Method.AUTO, Method.WINDOW, Method.MATMUL) or not self.static:
+            self.dense = (_sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx))
+        if method in (Method.AUTO, Method.WINDOW):
+            self.span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
+        if method not in (Method.AUTO, Method.GATHER, Method.SCATTER):
+            return
+        if self.static:
+            self._set_taps(0, 0, ok)
+            return
+        # Adaptive: the smallest window that every bin fits, else the dense path.
+        wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
+        if wys[-1] * wxs[-1] <= 4 * _contract.UNROLL_LIMIT:
+            # The window for any in-map box is small already (a small map): a
+            # second, narrower branch would save little reading and cost a compile.
+            wys, wxs = wys[-1:], wxs[-1:]
+        count = max(len(wys), len(wxs))
+        self.windows = (
+            wys + (wys[-1],) * (count - len(wys)),
+            wxs + (wxs[-1],) * (count - len(wxs)),
+        )
+        # Taps of the widest window once; narrower windows take their first rows.
+        self._set_taps(self.windows[0][-1], self.windows[1][-1], ok)
+        self.choice = jnp.maximum(
+            _sampling.window_choice(gy, self.windows[0], live[:, None]),
+            _sampling.window_choice(gx, self.windows[1], live[:, None]),
+        )
+
+    def _set_taps(self, ty: int, tx: int, ok) -> None:
+        iy, wy = _sampling.axis_taps(self.gy, ty)
+        self.taps = ((iy, wy * ok), _sampling.axis_taps(self.gx, tx))
+
+
 def _aggregate_avg_any(features, layout, batch, ok, gy, gx, method, dtype, per_image):
+    shared = _Shared(gy, gx, ok, method)
     return method.run(
         lambda how: functools.partial(
-            _aggregate_avg, features, layout, batch, ok, gy, gx, how, dtype, per_image
+            _aggregate_avg, features, layout, batch, ok, shared, how, dtype, per_image
         )
     )
 
@@ -266,19 +315,29 @@ def window_read(
     dtype: Any,
     *,
     per_image: bool,
+    dense: tuple[Array, Array] | None = None,
+    span: tuple[Any, Any] | None = None,
 ) -> Array:
     """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``.
 
     Dense weights (the matmul path's, one source of numbers), each box's tap span
     per axis, and one window per box. ``per_image``: boxes are ``N`` equal groups,
     group ``n`` reading image ``n`` (partitioned over a batch-sharded mesh).
+    ``dense`` and ``span``: those weights and spans when already computed.
     """
     from . import _window
 
-    wy = _sampling.dense_weights(gy) * ok
-    wx = _sampling.dense_weights(gx)
-    lo_y, need_y = _sampling.tap_span(gy, live)
-    lo_x, need_x = _sampling.tap_span(gx, live)
+    wy, wx = (
+        dense
+        if dense is not None
+        else (
+            _sampling.dense_weights(gy) * ok,
+            _sampling.dense_weights(gx),
+        )
+    )
+    if span is None:
+        span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
+    (lo_y, need_y), (lo_x, need_x) = span
     if not per_image:
         return _window.contract_window(
             maps, layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
@@ -294,71 +353,60 @@ def window_read(
     return out.reshape((-1,) + out.shape[2:])
 
 
-def _aggregate_avg(features, layout, batch, ok, gy, gx, method, dtype, per_image):
-    row_vjp = method is Method.GATHER
+def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, per_image):
+    gy, gx = shared.gy, shared.gx
     if method is Method.WINDOW:
         level = jnp.zeros(batch.shape, jnp.int32)
         live = ok[:, 0, 0] > 0
         return window_read(
-            [features], layout, batch, level, live, gy, gx, ok, dtype, per_image=per_image
+            [features],
+            layout,
+            batch,
+            level,
+            live,
+            gy,
+            gx,
+            ok,
+            dtype,
+            per_image=per_image,
+            dense=shared.dense,
+            span=shared.span,
         )
+    row_vjp = method is Method.GATHER
 
-    def dense(f, b, gy, gx, ok):
-        wy = _sampling.dense_weights(gy) * ok
-        wx = _sampling.dense_weights(gx)
+    def dense(f, b, wy, wx):
         return _contract.contract_dense(f, layout, b, wy, wx, dtype)
 
-    def gather(ty: int, tx: int, taps=None):
-        def fn(f, b, gy, gx, ok):
-            if taps is None:
-                iy, wy = _sampling.axis_taps(gy, ty)
-                ix, wx = _sampling.axis_taps(gx, tx)
-            else:  # the first rows of the widest window's taps (same first row)
-                (iy, wy), (ix, wx) = (
-                    jax.tree.map(lambda a: a[..., :ty], taps[0]),
-                    jax.tree.map(lambda a: a[..., :tx], taps[1]),
-                )
-            return _contract.contract_taps(
-                f, layout, b, iy, wy * ok, ix, wx, dtype, row_vjp=row_vjp
-            )
+    def gather(ty: int, tx: int):
+        def fn(f, b, taps_y, taps_x):
+            # The first rows of the widest window's taps (the same first row).
+            (iy, wy), (ix, wx) = taps_y, taps_x
+            if not shared.static:
+                iy, wy, ix, wx = iy[..., :ty], wy[..., :ty], ix[..., :tx], wx[..., :tx]
+            return _contract.contract_taps(f, layout, b, iy, wy, ix, wx, dtype, row_vjp=row_vjp)
 
         return fn
 
-    def run(fn):
+    def run(fn, *args):
+        """``fn(features, batch, *args)`` for all boxes, or vmapped over images."""
         if not per_image:
-            return fn(features, batch, gy, gx, ok)
+            return fn(features, batch, *args)
         n = features.shape[0]
-        grouped = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), (gy, gx, ok))
-        local = jnp.zeros((grouped[2].shape[1],), jnp.int32)
-        out = jax.vmap(lambda f, a, b, c: fn(f, local, a, b, c))(features[:, None], *grouped)
+        grouped = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), args)
+        local = jnp.zeros((jax.tree.leaves(grouped)[0].shape[1],), jnp.int32)
+        out = jax.vmap(lambda f, *a: fn(f, local, *a))(features[:, None], *grouped)
         return out.reshape((-1,) + out.shape[2:])
 
     if method is Method.MATMUL:
-        return run(dense)
-    if gy.static_count is not None and gx.static_count is not None:
-        return run(gather(0, 0))
-
-    # Adaptive: the smallest window that every bin fits, else the dense path.
-    # Each bin's sample range once, for the taps, the choice and the dense weights.
-    gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
-    wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
-    if wys[-1] * wxs[-1] <= 4 * _contract.UNROLL_LIMIT:
-        # The window for any in-map box is small already (a small map): a second,
-        # narrower branch would save little reading and cost a compile.
-        wys, wxs = wys[-1:], wxs[-1:]
-    count = max(len(wys), len(wxs))
-    wys = wys + (wys[-1],) * (count - len(wys))
-    wxs = wxs + (wxs[-1],) * (count - len(wxs))
-    # Taps of the widest window once; narrower windows take their first rows.
-    widest = None
-    if not per_image:
-        widest = (_sampling.axis_taps(gy, wys[-1]), _sampling.axis_taps(gx, wxs[-1]))
+        assert shared.dense is not None
+        return run(dense, *shared.dense)
+    assert shared.taps is not None
+    if shared.static:
+        return run(gather(0, 0), *shared.taps)
+    assert shared.dense is not None and shared.windows is not None
     branches: list[Callable[[], Array]] = [
-        functools.partial(run, gather(ty, tx, widest)) for ty, tx in zip(wys, wxs, strict=True)
+        functools.partial(run, gather(ty, tx), *shared.taps)
+        for ty, tx in zip(*shared.windows, strict=True)
     ]
-    branches.append(functools.partial(run, dense))
-    live = ok[..., 0] > 0
-    index = jnp.maximum(
-        _sampling.window_choice(gy, wys, live), _sampling.window_choice(gx, wxs, live)
-    )
-    return jax.lax.switch(index, branches)
+    branches.append(functools.partial(run, dense, *shared.dense))
+    return jax.lax.switch(shared.choice, branches)

@@ -481,6 +481,9 @@ def _ops(key, per_image: bool):
         fwd_impl = _fold_vmap(fwd_impl, "out")
         t_impl = _fold_vmap(t_impl, "maps")
         wg_impl = _fold_vmap(wg_impl, "pair")
+    # Nested jits: each is traced once per argument shape and reused (autodiff
+    # traces a backward more than once; ``auto`` traces every platform's path).
+    fwd_impl, t_impl, wg_impl = (jax.jit(f) for f in (fwd_impl, t_impl, wg_impl))
 
     def is_zero(x: Any) -> bool:
         return isinstance(x, jax.custom_derivatives.SymbolicZero)
