@@ -282,7 +282,7 @@ def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
     if iy.shape[-1] * ix.shape[-1] <= UNROLL_LIMIT:
         rows = [row(iy[..., a], wy[..., a]) for a in range(iy.shape[-1])]
         d_wy = jnp.stack([r[0] for r in rows], axis=-1)
-        d_wx = functools.reduce(lambda x, y: x + y, [r[1] for r in rows])
+        d_wx = sum((r[1] for r in rows[1:]), rows[0][1])
     else:  # a wide window: one y-tap per step, in order
 
         def step(acc, taps):
@@ -353,12 +353,9 @@ def _rows_ops(layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, fla
     # traces a backward more than once; ``auto`` traces every platform's path).
     forward = jax.jit(functools.partial(_rows_forward, layout, dtype, narrow=True))
 
-    def weights_grad(flat, wy, wx, ints, g):
-        # <g, op(flat, wy, wx)> is linear in wy and in wx; the reads of ``flat``
-        # are constants here (no scatter), summed over the channels per tap pair.
-        return weights_grad_jit(flat, wy, wx, ints, g)
-
-    weights_grad_jit = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
+    # <g, op(flat, wy, wx)> is linear in wy and in wx; the reads of ``flat`` are
+    # constants here (no scatter), summed over the channels per tap pair.
+    weights_grad = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
 
     @jax.custom_vjp
     def op(flat, wy, wx, *ints):

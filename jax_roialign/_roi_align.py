@@ -256,7 +256,7 @@ class _Shared:
         gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
         self.gy, self.gx = gy, gx
         self.static = gy.static_count is not None and gx.static_count is not None
-        live = ok[:, 0, 0] > 0
+        self.live = live = ok[:, 0, 0] > 0
         self.dense: tuple[Array, Array] | None = None
         self.span: tuple[Any, Any] | None = None
         self.taps: tuple[Any, Any] | None = None
@@ -327,14 +327,9 @@ def window_read(
     """
     from . import _window
 
-    wy, wx = (
-        dense
-        if dense is not None
-        else (
-            _sampling.dense_weights(gy) * ok,
-            _sampling.dense_weights(gx),
-        )
-    )
+    if dense is None:
+        dense = (_sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx))
+    wy, wx = dense
     if span is None:
         span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
     (lo_y, need_y), (lo_x, need_x) = span
@@ -357,13 +352,12 @@ def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, 
     gy, gx = shared.gy, shared.gx
     if method is Method.WINDOW:
         level = jnp.zeros(batch.shape, jnp.int32)
-        live = ok[:, 0, 0] > 0
         return window_read(
             [features],
             layout,
             batch,
             level,
-            live,
+            shared.live,
             gy,
             gx,
             ok,
