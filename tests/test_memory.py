@@ -133,3 +133,28 @@ def test_box_gradient_stores_no_taps(sampling_ratio):
         features_only,
         out_bytes,
     )
+
+
+def test_fixed_sampling_box_gradient_builds_no_dense_weights():
+    """With fixed sampling only the TPU window path reads dense per-box weights
+    (``[K, PH, H]`` and ``[K, PW, W]``). Under ``auto`` the CPU program's box
+    gradient must not build or differentiate them: on a large map with few
+    channels they were 6x everything else it stores."""
+    side, k = 384, 128
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, side, side, 4)), jnp.float32)
+    rois = jnp.asarray(_boxes(k, 80.0, float(side)))
+
+    def op(x, rois):
+        return jr.roi_align(x, rois, output_size=7, sampling_ratio=2)
+
+    shape = jax.eval_shape(op, x, rois).shape
+    out_bytes = int(np.prod(shape)) * 4
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+
+    def loss(x, rois, g):
+        return jnp.sum(op(x, rois) * g)
+
+    boxes_only = _temp(jax.value_and_grad(loss, argnums=1), x, rois, g)
+    reads = 20 * out_bytes  # the 16 tap pairs' reads of 2 x 2 samples, and sums
+    dense_bytes = k * 7 * 2 * side * 4
+    assert boxes_only <= reads + dense_bytes // 4, (boxes_only, out_bytes, dense_bytes)
