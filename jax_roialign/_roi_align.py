@@ -177,15 +177,44 @@ def fast_window(length: int, pooled: int) -> int:
     return min(length, max(4, math.ceil(length / (2 * pooled)) + 2))
 
 
-def windows(length: int, pooled: int) -> tuple[int, ...]:
-    """The gather windows tried in turn under adaptive sampling, smallest first.
+# The longest side, in cells, of a box on its own FPN level: level assignment
+# (canonical 224 px at level 4) gives 14-28 cells of sqrt(area), and anchors'
+# aspect ratios of 0.5-2 stretch the long side to 28 * sqrt(2).
+TYPICAL_SIDE = 40
 
-    The second covers any box that lies within the map (a bin of at most
-    ``(L + 1) / P`` cells touches at most ``ceil((L + 1) / P) + 1`` rows).
+
+def windows(length: int, pooled: int) -> tuple[int, ...]:
+    """The gather windows tried in turn under adaptive sampling, ascending.
+
+    A bin of ``s`` cells touches at most ``ceil(s) + 1`` rows. The first window
+    fits a box of ``TYPICAL_SIDE`` cells, the next a box of half the map
+    (:func:`fast_window`), the last any box that lies within the map (a bin of
+    at most ``(L + 1) / P`` cells). Sizes repeat where one covers the next.
     """
-    small = fast_window(length, pooled)
     whole = min(length, math.ceil((length + 1) / pooled) + 1)
-    return (small,) if whole <= small else (small, whole)
+    typical = min(whole, math.ceil(TYPICAL_SIDE / pooled) + 1)
+    half = min(whole, max(typical, fast_window(length, pooled)))
+    return (typical, half, whole)
+
+
+# A narrower window is a branch of its own only if it reads under this share of
+# the next one's tap pairs (each branch is compiled, forward and backward).
+WINDOW_SAVING = 0.5
+
+
+def window_tiers(
+    length_y: int, length_x: int, pooled: tuple[int, int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(rows, cols)``: the windows of :func:`windows` on both axes, ascending,
+    a tier kept only where it reads under ``WINDOW_SAVING`` of the next kept
+    tier's tap pairs."""
+    tiers = list(zip(windows(length_y, pooled[0]), windows(length_x, pooled[1]), strict=True))
+    kept = [tiers[-1]]
+    for ty, tx in reversed(tiers[:-1]):
+        ny, nx = kept[0]
+        if ty * tx < WINDOW_SAVING * ny * nx:
+            kept.insert(0, (ty, tx))
+    return tuple(t[0] for t in kept), tuple(t[1] for t in kept)
 
 
 def _roi_align_nhwc_out(
@@ -276,16 +305,7 @@ class _Shared:
             self._set_taps(0, 0, ok)
             return
         # Adaptive: the smallest window that every bin fits, else the dense path.
-        wys, wxs = windows(gy.length, gy.first.shape[1]), windows(gx.length, gx.first.shape[1])
-        if wys[-1] * wxs[-1] <= 4 * _contract.UNROLL_LIMIT:
-            # The window for any in-map box is small already (a small map): a
-            # second, narrower branch would save little reading and cost a compile.
-            wys, wxs = wys[-1:], wxs[-1:]
-        count = max(len(wys), len(wxs))
-        self.windows = (
-            wys + (wys[-1],) * (count - len(wys)),
-            wxs + (wxs[-1],) * (count - len(wxs)),
-        )
+        self.windows = window_tiers(gy.length, gx.length, (gy.first.shape[1], gx.first.shape[1]))
         # Taps of the widest window once; narrower windows take their first rows.
         self._set_taps(self.windows[0][-1], self.windows[1][-1], ok)
         self.choice = jnp.maximum(

@@ -555,3 +555,46 @@ def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
     )
     grads = jax.jit(jax.grad(f, (0, 1)))(x, boxes)
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_window_tiers_match_onnxruntime(aligned):
+    """Adaptive sampling reads the narrowest window that every bin of the call
+    fits (a box of FPN size, half the map, any box in the map), else the dense
+    weights. Each choice is exact; the boxes below make each one be taken."""
+    from jax_roialign import _roi_align, _sampling
+
+    h, w = 96, 128
+    rows, cols = _roi_align.window_tiers(h, w, (7, 7))
+    assert len(rows) == len(cols) == 3, (rows, cols)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, h, w, 2))
+
+    def boxes_of(side_lo, side_hi, k):
+        size = rng.uniform(side_lo, side_hi, (k, 2))
+        lo = rng.uniform(0, 1, (k, 2)) * (np.array([w, h]) - 1 - size)
+        return np.concatenate([lo, lo + size], 1)
+
+    typical = boxes_of(6, 40, 40)
+    cases = [
+        typical,
+        np.concatenate([typical, boxes_of(44, 47, 2)]),  # half the map
+        np.concatenate([typical, [[0.5, 0.0, w - 1.0, h - 1.5]]]),  # the whole map
+        np.concatenate([typical, [[-60.0, -40.0, w + 50.0, h + 70.0]]]),  # beyond it
+    ]
+    for expect, boxes in enumerate(cases):
+        common = dict(pooled=7, spatial_scale=1.0, offset=0.5 if aligned else 0.0, sampling_ratio=0)
+        common["min_size"] = None if aligned else 1.0
+        b = jnp.asarray(boxes)
+        gy = _sampling.axis_grid(b[:, 1], b[:, 3], length=h, **common)
+        gx = _sampling.axis_grid(b[:, 0], b[:, 2], length=w, **common)
+        live = jnp.ones((len(boxes), 1), bool)
+        choice = max(
+            int(_sampling.window_choice(gy, rows, live)),
+            int(_sampling.window_choice(gx, cols, live)),
+        )
+        assert choice == expect, (choice, expect)
+        batch = rng.integers(0, 2, len(boxes))
+        ref = _ort_nhwc(x, boxes, batch, (7, 7), 1.0, 0, aligned)
+        out = _ours(x, boxes, batch, output_size=7, sampling_ratio=0, aligned=aligned)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
