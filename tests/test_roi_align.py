@@ -562,7 +562,8 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
     """Adaptive sampling reads the narrowest window that every bin of the call
     fits (a box of FPN size, half the map, any box in the map), else the dense
     weights. Each choice is exact; the boxes below make each one be taken."""
-    from jax_roialign import _roi_align, _sampling
+    from jax_roialign import _roi_align
+    from jax_roialign._validation import Method, parse_boxes
 
     h, w = 96, 128
     rows, cols = _roi_align.window_tiers(h, w, (7, 7))
@@ -583,18 +584,20 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
         np.concatenate([typical, [[-60.0, -40.0, w + 50.0, h + 70.0]]]),  # beyond it
     ]
     for expect, boxes in enumerate(cases):
-        common = dict(pooled=7, spatial_scale=1.0, offset=0.5 if aligned else 0.0, sampling_ratio=0)
-        common["min_size"] = None if aligned else 1.0
-        b = jnp.asarray(boxes)
-        gy = _sampling.axis_grid(b[:, 1], b[:, 3], length=h, **common)
-        gx = _sampling.axis_grid(b[:, 0], b[:, 2], length=w, **common)
-        live = jnp.ones((len(boxes), 1), bool)
-        choice = max(
-            int(_sampling.window_choice(gy, rows, live)),
-            int(_sampling.window_choice(gx, cols, live)),
-        )
-        assert choice == expect, (choice, expect)
         batch = rng.integers(0, 2, len(boxes))
+        rois = parse_boxes(jnp.asarray(boxes), jnp.asarray(batch), 2)
+        gy, gx = _roi_align.box_grids(
+            rois,
+            (7, 7),
+            (h, w),
+            spatial_scale=1.0,
+            sampling_ratio=0,
+            aligned=aligned,
+            dtype=jnp.float64,
+        )
+        ok = rois.ok.astype(jnp.float64)[:, None, None]
+        choice = int(_roi_align._Shared(gy, gx, ok, Method.GATHER).choice)
+        assert choice == expect, (choice, expect)
         ref = _ort_nhwc(x, boxes, batch, (7, 7), 1.0, 0, aligned)
         out = _ours(x, boxes, batch, output_size=7, sampling_ratio=0, aligned=aligned)
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
