@@ -168,26 +168,29 @@ def test_multiscale_gradient():
             return jax.jit(jax.grad(lambda m: jnp.sum(jnp.cos(f(m)))))(maps)
 
         want = grad("scatter")
-        for method in ("gather", "matmul"):
-            for g, s in zip(grad(method), want, strict=True):
+        gather = grad("gather")
+        for got in (gather, grad("matmul")):
+            for g, s in zip(got, want, strict=True):
                 np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
         flat = boxes.reshape(-1, 4)
         idx = jnp.repeat(jnp.arange(2), 9)
-        g_flat = jax.grad(
-            lambda m, flat=flat, idx=idx, sr=sr: jnp.sum(
-                jnp.cos(
-                    jr.multiscale_roi_align(
-                        m,
-                        flat,
-                        box_indices=idx,
-                        output_size=5,
-                        spatial_scales=scales,
-                        sampling_ratio=sr,
+        g_flat = jax.jit(
+            jax.grad(
+                lambda m, flat=flat, idx=idx, sr=sr: jnp.sum(
+                    jnp.cos(
+                        jr.multiscale_roi_align(
+                            m,
+                            flat,
+                            box_indices=idx,
+                            output_size=5,
+                            spatial_scales=scales,
+                            sampling_ratio=sr,
+                        )
                     )
                 )
             )
         )(maps)
-        for g, s in zip(g_flat, grad("gather"), strict=True):
+        for g, s in zip(g_flat, gather, strict=True):
             np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
 
 

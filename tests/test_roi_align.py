@@ -180,17 +180,19 @@ def test_seed_article_worked_example():
 
 def test_box_formats_agree(data):
     x, boxes, batch = data
-    kw = dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=0)
-    a = jr.roi_align(x, boxes, box_indices=batch, **kw)
-    b = jr.roi_align(x, np.concatenate([batch[:, None], boxes], 1), **kw)
+    # Jitted: the forms are parsed at trace time (op-by-op, each call would
+    # compile every primitive of the adaptive path again for its shapes).
+    op = _jitted(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=0)
+    a = op(x, boxes, box_indices=batch)
+    b = op(x, np.concatenate([batch[:, None], boxes], 1))
     np.testing.assert_array_equal(a, b)
     per_image = boxes[:80].reshape(N, 40, 4)
-    c = jr.roi_align(x, per_image, **kw)
-    d = jr.roi_align(x, boxes[:80], box_indices=np.repeat(np.arange(N), 40), **kw)
+    c = op(x, per_image)
+    d = op(x, boxes[:80], box_indices=np.repeat(np.arange(N), 40))
     assert c.shape == (N, 40, 3, 4, C)
     np.testing.assert_allclose(c.reshape(d.shape), d, atol=1e-12)
-    single = jr.roi_align(x[:1], boxes, **kw)
-    np.testing.assert_allclose(single, jr.roi_align(x, boxes, box_indices=0 * batch, **kw))
+    single = op(x[:1], boxes)
+    np.testing.assert_allclose(single, op(x, boxes, box_indices=0 * batch))
 
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
@@ -300,8 +302,8 @@ class TestTransformations(chex.TestCase):
         rng = np.random.default_rng(8)
         x = rng.standard_normal((1, H, W, C))
         boxes = random_boxes(rng, 12, H, W).reshape(3, 4, 4)
-        out = jax.vmap(lambda b: jr.roi_align(x, b, output_size=2))(boxes)
-        ref = jr.roi_align(x, boxes.reshape(12, 4), output_size=2)
+        out = jax.jit(jax.vmap(lambda b: jr.roi_align(x, b, output_size=2)))(boxes)
+        ref = _jitted(output_size=2)(x, boxes.reshape(12, 4))
         np.testing.assert_allclose(out.reshape(ref.shape), ref, atol=1e-12)
 
     def test_deterministic(self):
@@ -417,10 +419,10 @@ def test_nonfinite_boxes_and_bad_indices_give_zeros(data):
     grads = jax.grad(lambda x, b: f(x, b, idx).sum(), (0, 1))(x, bad)
     assert np.all(grads[0] == 0) and np.all(np.isfinite(grads[1]))
     rows = np.concatenate([[[np.nan], [2.0], [1.7]], np.tile([[1.0, 1, 4, 4]], (3, 1))], 1)
-    np.testing.assert_array_equal(jr.roi_align(x, rows, output_size=2)[:2], 0.0)
+    op = _jitted(output_size=2)
+    np.testing.assert_array_equal(op(x, rows)[:2], 0.0)
     np.testing.assert_allclose(  # a fractional index truncates, as torchvision's int cast
-        jr.roi_align(x, rows, output_size=2)[2],
-        jr.roi_align(x, rows[2:, 1:], box_indices=np.array([1]), output_size=2)[0],
+        op(x, rows)[2], op(x, rows[2:, 1:], box_indices=np.array([1]))[0]
     )
 
 
@@ -576,12 +578,13 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
         lo = rng.uniform(0, 1, (k, 2)) * (np.array([w, h]) - 1 - size)
         return np.concatenate([lo, lo + size], 1)
 
-    typical = boxes_of(6, 40, 40)
+    # 42 boxes in every case, so that the op compiles once for all four.
+    typical = boxes_of(6, 40, 42)
     cases = [
         typical,
-        np.concatenate([typical, boxes_of(44, 47, 2)]),  # half the map
-        np.concatenate([typical, [[0.5, 0.0, w - 1.0, h - 1.5]]]),  # the whole map
-        np.concatenate([typical, [[-60.0, -40.0, w + 50.0, h + 70.0]]]),  # beyond it
+        np.concatenate([typical[:40], boxes_of(44, 47, 2)]),  # half the map
+        np.concatenate([typical[:41], [[0.5, 0.0, w - 1.0, h - 1.5]]]),  # the whole map
+        np.concatenate([typical[:41], [[-60.0, -40.0, w + 50.0, h + 70.0]]]),  # beyond it
     ]
     for expect, boxes in enumerate(cases):
         batch = rng.integers(0, 2, len(boxes))
