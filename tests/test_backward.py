@@ -161,9 +161,15 @@ def test_multiscale_gradient():
     boxes = jnp.asarray(np.concatenate([xy, xy + size], -1))
     for sr in (2, 0):
 
-        def grad(method, boxes=boxes, sr=sr):
+        def grad(method="auto", boxes=boxes, sr=sr, **kw):
             f = lambda m: jr.multiscale_roi_align(
-                m, boxes, output_size=5, spatial_scales=scales, sampling_ratio=sr, method=method
+                m,
+                boxes,
+                output_size=5,
+                spatial_scales=scales,
+                sampling_ratio=sr,
+                method=method,
+                **kw,
             )
             return jax.jit(jax.grad(lambda m: jnp.sum(jnp.cos(f(m)))))(maps)
 
@@ -172,24 +178,8 @@ def test_multiscale_gradient():
         for got in (gather, grad("matmul")):
             for g, s in zip(got, want, strict=True):
                 np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
-        flat = boxes.reshape(-1, 4)
-        idx = jnp.repeat(jnp.arange(2), 9)
-        g_flat = jax.jit(
-            jax.grad(
-                lambda m, flat=flat, idx=idx, sr=sr: jnp.sum(
-                    jnp.cos(
-                        jr.multiscale_roi_align(
-                            m,
-                            flat,
-                            box_indices=idx,
-                            output_size=5,
-                            spatial_scales=scales,
-                            sampling_ratio=sr,
-                        )
-                    )
-                )
-            )
-        )(maps)
+        # The same boxes flat with their image indices (default method).
+        g_flat = grad(boxes=boxes.reshape(-1, 4), box_indices=jnp.repeat(jnp.arange(2), 9))
         for g, s in zip(g_flat, gather, strict=True):
             np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
 
