@@ -183,6 +183,9 @@ def read_flat(flat: Array, layout: DataFormat, b: Array, pos: Array) -> Array:
 ROW_CHUNK = 32
 # Rows of a box unrolled in one step of the transpose; more loop over bins.
 ROW_UNROLL = 32
+# Output columns one segment of the transpose contracts with a run (wider
+# outputs are cut into slices of this many columns).
+OUT_SLICE = 32
 
 
 def contract_rows(
@@ -478,16 +481,40 @@ def rows_transpose(
     contiguous run. One loop runs over every box's runs, each in steps of at most
     ``ROW_UNROLL`` row adds (its trip count is the boxes' total, no loop inside
     another); boxes, runs, bins and taps go in order, so the sum is
-    deterministic. Work per box is ``taps_y * run_columns * C``.
+    deterministic.
+
+    Outputs wider than ``OUT_SLICE`` columns are cut into slices of
+    ``OUT_SLICE`` output columns, each a segment with its own runs: a run is
+    contracted only with the output columns whose taps can reach it. Without
+    slices, a 224-column crop contracts all 224 columns with every 32-column run,
+    and most of that matmul multiplies zeros. Work per segment is
+    ``taps_y * run_columns * min(PW, OUT_SLICE) * C`` per run.
     """
-    k_total, ph_n = iy.shape[0], iy.shape[1]
+    k_boxes, ph_n = iy.shape[0], iy.shape[1]
     a_n = iy.shape[2]
+    pw_n = ix.shape[1]
     g = jnp.asarray(g).astype(dtype)
-    live_x = wx != 0
+    # Segments: (box, slice of output columns). The last slice starts early
+    # enough to be full width; the columns it shares with the slice before it
+    # get weight 0 there, so each output column is added once.
+    qs = min(pw_n, OUT_SLICE)
+    n_slices = -(-pw_n // qs)
+    q_start = np.minimum(np.arange(n_slices) * qs, pw_n - qs)
+    if n_slices > 1:
+        cols_of = q_start[:, None] + np.arange(qs)  # [S, qs]
+        own = cols_of >= (np.arange(n_slices) * qs)[:, None]
+        ix_seg = ix[:, cols_of].reshape((k_boxes * n_slices, qs) + ix.shape[2:])
+        wx_seg = jnp.where(own[None, :, :, None], wx[:, cols_of], 0).reshape(ix_seg.shape)
+    else:
+        ix_seg, wx_seg = ix, wx
+    k_total = k_boxes * n_slices
+    q_first = jnp.asarray(np.tile(q_start, k_boxes), jnp.int32)
+    live_x = wx_seg != 0
     far = jnp.iinfo(jnp.int32).max
-    x_lo = jnp.min(jnp.where(live_x, ix, far), axis=(1, 2))
-    x_hi = jnp.max(jnp.where(live_x, ix + 1, 0), axis=(1, 2))
-    live = jnp.any(wy != 0, axis=(1, 2)) & jnp.any(live_x, axis=(1, 2))
+    x_lo = jnp.min(jnp.where(live_x, ix_seg, far), axis=(1, 2))
+    x_hi = jnp.max(jnp.where(live_x, ix_seg + 1, 0), axis=(1, 2))
+    live_y = jnp.any(wy != 0, axis=(1, 2))
+    live = jnp.repeat(live_y, n_slices) & jnp.any(live_x, axis=(1, 2))
     runs = jnp.where(live, (x_hi - x_lo + chunk - 1) // chunk, 0)
     cols = jnp.arange(chunk, dtype=jnp.int32)
     nhwc = layout is DataFormat.NHWC
@@ -528,20 +555,24 @@ def rows_transpose(
 
     def step(_, carry):
         acc, k, s = carry
-        kc = jnp.minimum(k, k_total - 1)
+        kc = jnp.minimum(k, k_total - 1)  # the segment
+        kb = kc // n_slices  # its box
         run, rest = s // per_run, s % per_run
         first_bin = (rest // blocks) * group
         first_tap = (rest % blocks) * block
-        ixk, wxk, b, base, rl = ix[kc], wx[kc], batch[kc], offset[kc], row_length[kc]
+        ixk, wxk = ix_seg[kc], wx_seg[kc]
+        b, base, rl = batch[kb], offset[kb], row_length[kb]
         lo = x_lo[kc] + run * chunk
         start = jnp.clip(lo, 0, rl - chunk)
         inside = (ixk >= lo) & (ixk < lo + chunk)
+        gk = jax.lax.dynamic_slice(  # [group, qs, C]
+            g[kb], (first_bin, q_first[kc], jnp.int32(0)), (group, qs, g.shape[-1])
+        )
         onehot = (ixk[..., None] - start == cols) & inside[..., None]
-        wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [PW, chunk]
-        gk = jax.lax.dynamic_slice_in_dim(g[kc], first_bin, group)  # [group, PW, C]
+        wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [qs, chunk]
         u = jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
-        iyk = jax.lax.dynamic_slice_in_dim(iy[kc], first_bin, group)  # [group, A]
-        wyk = jax.lax.dynamic_slice_in_dim(wy[kc], first_bin, group)
+        iyk = jax.lax.dynamic_slice_in_dim(iy[kb], first_bin, group)  # [group, A]
+        wyk = jax.lax.dynamic_slice_in_dim(wy[kb], first_bin, group)
         for p in range(group):
             for i in range(block):
                 a = first_tap + i

@@ -104,6 +104,26 @@ def test_wide_boxes_take_several_runs_of_columns():
             assert np.count_nonzero(np.asarray(got)[0, 0, :, 0]) > 150
 
 
+def test_wide_outputs_take_slices_of_output_columns():
+    # More output columns than OUT_SLICE: the transpose cuts them into slices,
+    # the last one overlapping the one before it (its shared columns weighted 0).
+    # Every kind of box (narrower and wider than the output, flipped, across
+    # and beyond the map), each output column added exactly once.
+    rng = np.random.default_rng(11)
+    pw = 2 * _contract.OUT_SLICE + 13
+    n, h, w, c = 2, 9, 150, 2
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)))
+    boxes = jnp.asarray(_boxes(rng, 14, h, w))
+    idx = jnp.asarray(rng.integers(0, n, 14))
+    for sr in (1, 2, 0):
+        kw = dict(output_size=(3, pw), sampling_ratio=sr, aligned=True)
+        got = _grads("gather", x, boxes, idx, **kw)
+        want = _grads("scatter", x, boxes, idx, **kw)
+        for g_, s_ in zip(got, want, strict=True):
+            np.testing.assert_allclose(g_, s_, rtol=0, atol=1e-12)
+        assert np.count_nonzero(np.asarray(got[0])) > w
+
+
 def test_invalid_boxes_and_indices_give_zero_gradient():
     x = jnp.ones((2, 6, 7, 1))
     boxes = jnp.asarray([[1.0, 1.0, 4.0, 4.0], [np.nan, 0, 3, 3], [0, 0, np.inf, 2], [1, 1, 3, 3]])
