@@ -508,13 +508,15 @@ def rows_transpose(
     else:
         ix_seg, wx_seg = ix, wx
     k_total = k_boxes * n_slices
-    q_first = jnp.asarray(np.tile(q_start, k_boxes), jnp.int32)
+    q_first = jnp.asarray(np.tile(q_start, k_boxes), jnp.int32)  # of each segment
     live_x = wx_seg != 0
     far = jnp.iinfo(jnp.int32).max
     x_lo = jnp.min(jnp.where(live_x, ix_seg, far), axis=(1, 2))
     x_hi = jnp.max(jnp.where(live_x, ix_seg + 1, 0), axis=(1, 2))
     live_y = jnp.any(wy != 0, axis=(1, 2))
-    live = jnp.repeat(live_y, n_slices) & jnp.any(live_x, axis=(1, 2))
+    if n_slices > 1:
+        live_y = jnp.repeat(live_y, n_slices)
+    live = live_y & jnp.any(live_x, axis=(1, 2))
     runs = jnp.where(live, (x_hi - x_lo + chunk - 1) // chunk, 0)
     cols = jnp.arange(chunk, dtype=jnp.int32)
     nhwc = layout is DataFormat.NHWC
@@ -556,7 +558,7 @@ def rows_transpose(
     def step(_, carry):
         acc, k, s = carry
         kc = jnp.minimum(k, k_total - 1)  # the segment
-        kb = kc // n_slices  # its box
+        kb = kc // n_slices if n_slices > 1 else kc  # its box
         run, rest = s // per_run, s % per_run
         first_bin = (rest // blocks) * group
         first_tap = (rest % blocks) * block
@@ -565,9 +567,12 @@ def rows_transpose(
         lo = x_lo[kc] + run * chunk
         start = jnp.clip(lo, 0, rl - chunk)
         inside = (ixk >= lo) & (ixk < lo + chunk)
-        gk = jax.lax.dynamic_slice(  # [group, qs, C]
-            g[kb], (first_bin, q_first[kc], jnp.int32(0)), (group, qs, g.shape[-1])
-        )
+        if n_slices > 1:
+            gk = jax.lax.dynamic_slice(  # [group, qs, C]
+                g[kb], (first_bin, q_first[kc], jnp.int32(0)), (group, qs, g.shape[-1])
+            )
+        else:  # one slice: the same program as without slices
+            gk = jax.lax.dynamic_slice_in_dim(g[kb], first_bin, group)
         onehot = (ixk[..., None] - start == cols) & inside[..., None]
         wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [qs, chunk]
         u = jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
