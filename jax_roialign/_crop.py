@@ -7,7 +7,9 @@ geometry functions below, one per convention) and reads them through
 :func:`._contract.contract_taps` (one map), :func:`multilevel_crop_and_resize`
 through :func:`._contract.contract_rows` on the pyramid's levels concatenated
 flat (one level's cost). The feature gradient is the readers' row-window
-transpose on CPU (no scatter); the box gradient flows through the weights.
+transpose on CPU (no scatter); the box gradient flows through the weights. On
+TPU (``auto`` there) both read through :mod:`._window` instead: the taps as
+dense weights, one window per box, no gather or scatter.
 
 Float arithmetic follows the references': products are rounded before they are
 added (:func:`._sampling.rounded`) and divisions are true divisions
@@ -30,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract
-from ._sampling import exact_divide, rounded
+from . import _contract, _shard
+from ._sampling import exact_divide, rounded, taps_to_dense
 from ._validation import DataFormat, Method, _check_static_indices
 
 Array = jax.Array
@@ -139,13 +141,15 @@ def crop_and_resize(
     the interpolation: float32 outputs are TensorFlow's bits.
 
     Same numbers as ``tf.image.crop_and_resize(image, boxes, box_indices,
-    crop_size, method, extrapolation_value)``. Unlike :func:`jax_roialign.roi_align`
-    (half-pixel, an average over each bin) it takes one corner-aligned sample per
-    output pixel. Differentiable with respect to ``image`` (float images) and,
-    for ``"bilinear"``, ``boxes`` (TensorFlow's ``CropAndResizeGradBoxes``; the
-    gradient is 0 where a sample is outside the image or on an integer
-    coordinate), under ``jit``/``vmap`` and to any order in reverse mode. For
-    ``"nearest"`` the box gradient is 0 (TensorFlow returns the bilinear one there).
+    crop_size, method, extrapolation_value)`` (on TPU the same sum is two small
+    matmuls per box, with no gather: float32 within rounding of those numbers).
+    Unlike :func:`jax_roialign.roi_align` (half-pixel, an average over each bin)
+    it takes one corner-aligned sample per output pixel. Differentiable with
+    respect to ``image`` (float images) and, for ``"bilinear"``, ``boxes``
+    (TensorFlow's ``CropAndResizeGradBoxes``; the gradient is 0 where a sample
+    is outside the image or on an integer coordinate), under ``jit``/``vmap``
+    and to any order in reverse mode. For ``"nearest"`` the box gradient is 0
+    (TensorFlow returns the bilinear one there).
 
     Args:
       image: ``[N, H, W, C]``, any real dtype (integer images are read as float32).
@@ -221,6 +225,11 @@ def crop_and_resize(
     ix, wx, vx = corner_aligned_taps(coords[:, 1], coords[:, 3], crop=cw, length=w, nearest=nearest)
 
     def read(how: Method):
+        if how is Method.WINDOW:  # TPU: box-local windows, no gather or scatter
+            live_y, live_x = vy & ok[:, None], vx & ok[:, None]
+            return lambda: _window_read(
+                [image], batch, None, (iy, wy, live_y), (ix, wx, live_x), dtype
+            )
         # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
         row_vjp = how is Method.GATHER
         if nearest:
@@ -229,10 +238,42 @@ def crop_and_resize(
             )
         return lambda: _lerp_op(np.dtype(dtype), row_vjp)(image, wy, wx, batch, iy, ix)
 
-    out = Method.AUTO.run(read)
+    out = _READER.run(read)
     out = jnp.where(ok[:, None, None, None], out, 0.0)
     inside = (vy[:, :, None] & vx[:, None, :])[..., None]
     return jnp.where(inside, out, extra.astype(dtype))
+
+
+# The reader both crops take: ``AUTO`` picks the platform's (tests set others).
+_READER = Method.AUTO
+
+
+def _span(idx: Array, live: Array) -> tuple[Array, Array]:
+    """First row and number of rows ``[K]`` that hold every tap ``[K, P, T]`` of the
+    live samples ``[K, P]`` (a tap of weight 0 too: its weight's derivative is not)."""
+    live = jnp.broadcast_to(live[..., None], idx.shape)
+    first = jnp.min(jnp.where(live, idx, jnp.iinfo(jnp.int32).max), axis=(1, 2))
+    count = jnp.maximum(jnp.max(jnp.where(live, idx, -1), axis=(1, 2)) - first + 1, 0)
+    return jnp.where(count > 0, first, 0).astype(jnp.int32), count.astype(jnp.int32)
+
+
+def _window_read(maps, batch, level: Array | None, taps_y, taps_x, dtype) -> Array:
+    """The box-local, gather-free reader (:mod:`._window`, the TPU path) of separable
+    taps ``(idx, w, live)``: each box's taps as dense weights over the largest map
+    (:func:`._sampling.taps_to_dense`), read through one window of image
+    ``batch[k]`` (of map ``level[k]``) per box. The same sum as the taps, as two
+    small matmuls per box (float32 rounding differs from the references' order)."""
+    from . import _window
+
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
+    wyd, wxd = taps_to_dense(iy, wy, h), taps_to_dense(ix, wx, w)
+    (lo_y, need_y), (lo_x, need_x) = _span(iy, live_y), _span(ix, live_x)
+    if level is None:  # one map (typed like the boxes, for explicit sharding)
+        level = jnp.zeros_like(lo_y)
+    return _window.contract_window(
+        maps, DataFormat.NHWC, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+    )
 
 
 def _exact_op(exact, weighted):
@@ -453,6 +494,15 @@ def _pyramid(features: Any) -> tuple[list[int], list[Array]]:
     return order, maps
 
 
+def _per_level(values: np.ndarray, level: Array, dtype: Any) -> Array:
+    """``values[level]`` for a small static table, by selects: no gather, and the
+    result is typed (sharded) like ``level``."""
+    out = jnp.zeros_like(level, dtype=dtype)
+    for i, v in enumerate(np.asarray(values).tolist()):
+        out = jnp.where(level == i, jnp.asarray(v, dtype), out)
+    return out
+
+
 def multilevel_crop_and_resize(
     features: Mapping[Any, Array],
     boxes: Array,
@@ -472,10 +522,13 @@ def multilevel_crop_and_resize(
     linearly from rows 0 and 1 (torchvision's RoI Align reads 0 beyond -1 and
     clamps to the edge in between), one past the boundary takes the edge value.
 
-    All levels are concatenated flat and read through one gather per tap pair,
-    so the cost is one level's; the feature gradient (CPU) is added box by box
-    into row windows, without a scatter. Differentiable in ``features`` and
-    ``boxes`` (reverse mode, any order). Same numbers as Model Garden's
+    On CPU all levels are concatenated flat and read through one gather per tap
+    pair, so the cost is one level's; the feature gradient is added box by box
+    into row windows, without a scatter. On TPU each box reads one window of its
+    own level (no gather or scatter; float32 within rounding of the CPU's
+    numbers), and with batch-sharded features each device pools its own images
+    (no collective). Differentiable in ``features`` and ``boxes`` (reverse mode,
+    any order). Same numbers as Model Garden's
     ``official.vision.ops.spatial_transform_ops.multilevel_crop_and_resize(
     features, boxes, output_size, sample_offset)`` (its gather path), float32
     outputs bit for bit.
@@ -533,28 +586,42 @@ def multilevel_crop_and_resize(
     widths = np.array([jnp.shape(m)[2] for m in maps])
     offsets = np.concatenate([[0], np.cumsum(heights * widths)[:-1]])
     # 2**-level is exact, like Model Garden's division by 2**level.
-    inv = jnp.asarray(2.0 ** -np.arange(min_level, max_level + 1), dtype)[level]
+    inv = _per_level(2.0 ** -np.arange(min_level, max_level + 1), level, dtype)
     y1, x1 = coords[:, 0] * inv, coords[:, 1] * inv
     h = (coords[:, 2] - coords[:, 0]) * inv
     w = (coords[:, 3] - coords[:, 1]) * inv
-    stride = jnp.asarray(2.0 ** np.arange(len(order)), jnp.float32)[level]
+    stride = _per_level(2.0 ** np.arange(len(order)), level, jnp.float32)
     bound_y = (exact_divide(jnp.full_like(stride, float(heights[0])), stride) - 1.0).astype(dtype)
     bound_x = (exact_divide(jnp.full_like(stride, float(widths[0])), stride) - 1.0).astype(dtype)
     iy, wy = clamped_bin_taps(y1, h, bound_y, pooled=pooled, sample_offset=sample_offset)
     ix, wx = clamped_bin_taps(x1, w, bound_x, pooled=pooled, sample_offset=sample_offset)
-    flat = jnp.concatenate([m.reshape(b, -1, c) for m in maps], axis=1)
-    ints = (
-        jnp.repeat(jnp.arange(b, dtype=jnp.int32), num),
-        jnp.asarray(offsets, jnp.int32)[level],
-        jnp.asarray(widths, jnp.int32)[level],
-        iy,
-        ix,
-    )
 
     def read(how: Method):
-        # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
-        op = _rows_sum_op(np.dtype(dtype), how is Method.GATHER, int(widths.min()))
-        return lambda: op(flat, wy, wx, *ints)
+        def pool(maps, level, iy, wy, ix, wx):
+            images = maps[0].shape[0]  # this device's, under batch sharding
+            batch = jnp.repeat(jnp.arange(images, dtype=jnp.int32), num)
+            if how is Method.WINDOW:  # TPU: box-local windows of each box's level
+                # Taps stay inside their level (they do when each level is half
+                # the one below it, as Model Garden assumes; the flat read runs on).
+                rows = jnp.minimum(iy, _per_level(heights - 1, level, jnp.int32)[:, None, None])
+                cols = jnp.minimum(ix, _per_level(widths - 1, level, jnp.int32)[:, None, None])
+                live = jnp.ones(rows.shape[:2], bool)
+                taps_y, taps_x = (rows, wy, live), (cols, wx, live)
+                return _window_read(maps, batch, level, taps_y, taps_x, dtype)
+            # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
+            flat = jnp.concatenate([m.reshape(images, -1, c) for m in maps], axis=1)
+            ints = (
+                batch,
+                _per_level(offsets, level, jnp.int32),
+                _per_level(widths, level, jnp.int32),
+                iy,
+                ix,
+            )
+            op = _rows_sum_op(np.dtype(dtype), how is Method.GATHER, int(widths.min()))
+            return op(flat, wy, wx, *ints)
 
-    out = Method.AUTO.run(read)
+        # Boxes image-major: on batch-sharded maps each device pools its own.
+        return lambda: _shard.by_image(pool, maps, level, iy, wy, ix, wx)
+
+    out = _READER.run(read)
     return out.reshape(b, num, pooled, pooled, c).astype(out_dtype)

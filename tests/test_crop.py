@@ -250,6 +250,48 @@ def test_multilevel_gradients_float64():
     _check_rev(f, (feats, boxes), order=2)
 
 
+def test_tpu_reader_same_numbers_and_gradients(monkeypatch):
+    # The box-local window reader (``auto`` on TPU) runs here too: the same sums
+    # as dense weights over one window per box, against the default path
+    # (TensorFlow's bits), float64: outputs, image/feature and box gradients, the
+    # extrapolation value's; bilinear and nearest, every kind of box.
+    from jax_roialign import _crop
+    from jax_roialign._validation import Method
+
+    rng = np.random.default_rng(12)
+    image = rng.standard_normal((2, 33, 65, 3))  # larger than the reader's windows
+    # Samples on rows 3, 7, ..., 19 and columns 5, 9, ..., 21 exactly (17 rows and
+    # columns: one more than the small window), a point, a flipped box, boxes
+    # across the border, a NaN box.
+    exact = [3 / 32, 5 / 64, 19 / 32, 21 / 64]
+    boxes = np.concatenate([_boxes(rng, 9), [exact, [0.2, 0.3, 0.2, 0.3], [0.9, 0.8, 0.1, 0.3]]])
+    boxes[3] = [np.nan, 0.1, 0.5, 0.5]
+    idx = rng.integers(0, 2, len(boxes))
+    feats = {lv: rng.standard_normal((2, 32 >> (lv - 2), 40 >> (lv - 2), 2)) for lv in (2, 3, 4)}
+    size = np.exp(rng.uniform(np.log(3.0), np.log(600.0), (2, 8)))
+    cy, cx = rng.uniform(-20, 150, (2, 2, 8))
+    mboxes = np.stack([cy - size / 2, cx - size / 3, cy + size / 2, cx + size / 3], axis=-1)
+
+    def run(reader):
+        monkeypatch.setattr(_crop, "_READER", reader)
+
+        def both(image, boxes, extra, feats, mboxes):  # a new function: traced anew
+            return (
+                crop_and_resize(image, boxes, idx, (5, 5), extrapolation_value=extra),
+                crop_and_resize(image, boxes, idx, (1, 3), method="nearest"),
+                multilevel_crop_and_resize(feats, mboxes, output_size=3),
+            )
+
+        args = (image, boxes, np.float64(0.7), feats, mboxes)
+        out, vjp = jax.vjp(jax.jit(both), *args)
+        return out, vjp(jax.tree.map(lambda o: np.cos(np.arange(o.size)).reshape(o.shape), out))
+
+    got, want = run(Method.WINDOW), run(Method.AUTO)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
+    assert np.abs(np.asarray(got[1][1])).max() > 0.1  # the box gradient is not all zeros
+
+
 def test_integer_image_box_gradient():
     rng = np.random.default_rng(5)
     image = rng.integers(0, 255, (1, 5, 6, 2)).astype(np.uint8)

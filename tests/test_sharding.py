@@ -196,7 +196,11 @@ def test_explicit_batch_sharding_runs_per_device(data, method, sampling_ratio):
             method=method,
         )
         pr = jr.precise_roi_pool(f, b, output_size=2, method=method)
-        return out, ms, pr
+        if method != "auto":
+            return out, ms, pr
+        # Model Garden's pyramid (``auto``: the CPU's flat read here, per device).
+        mg = jr.multilevel_crop_and_resize({2: f, 3: f[:, ::2, ::2]}, b * 4, output_size=2)
+        return out, ms, pr, mg
 
     def fwd_bwd(f, b):  # outputs and their VJP (a loss would reduce across devices)
         outs, vjp = jax.vjp(ops, f, b)
