@@ -85,7 +85,9 @@ def roi_align(
         map per box by ``dynamic_slice``, contracted with the box's weights: no
         gather or scatter, box-local work; reverse-mode autodiff) or ``"matmul"``
         (dense interpolation matrices over the whole map, no gather or scatter;
-        any autodiff). All give the same numbers.
+        any autodiff). All give the same numbers. With ``mode="max"``,
+        ``"window"`` (so ``auto`` on TPU) reads fixed grids box-locally and the
+        others take the max search; an adaptive max always takes the search.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
