@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _contract, _shard
-from ._sampling import exact_divide, rounded, taps_to_dense
+from ._sampling import exact_divide, rounded, taps_span, taps_to_dense
 from ._validation import DataFormat, Method, _check_static_indices
 
 Array = jax.Array
@@ -248,15 +248,6 @@ def crop_and_resize(
 _READER = Method.AUTO
 
 
-def _span(idx: Array, live: Array) -> tuple[Array, Array]:
-    """First row and number of rows ``[K]`` that hold every tap ``[K, P, T]`` of the
-    live samples ``[K, P]`` (a tap of weight 0 too: its weight's derivative is not)."""
-    live = jnp.broadcast_to(live[..., None], idx.shape)
-    first = jnp.min(jnp.where(live, idx, jnp.iinfo(jnp.int32).max), axis=(1, 2))
-    count = jnp.maximum(jnp.max(jnp.where(live, idx, -1), axis=(1, 2)) - first + 1, 0)
-    return jnp.where(count > 0, first, 0).astype(jnp.int32), count.astype(jnp.int32)
-
-
 def _window_read(maps, batch, level: Array | None, taps_y, taps_x, dtype) -> Array:
     """The box-local, gather-free reader (:mod:`._window`, the TPU path) of separable
     taps ``(idx, w, live)``: each box's taps as dense weights over the largest map
@@ -268,7 +259,7 @@ def _window_read(maps, batch, level: Array | None, taps_y, taps_x, dtype) -> Arr
     (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
     h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
     wyd, wxd = taps_to_dense(iy, wy, h), taps_to_dense(ix, wx, w)
-    (lo_y, need_y), (lo_x, need_x) = _span(iy, live_y), _span(ix, live_x)
+    (lo_y, need_y), (lo_x, need_x) = taps_span(iy, live_y), taps_span(ix, live_x)
     if level is None:  # one map (typed like the boxes, for explicit sharding)
         level = jnp.zeros_like(lo_y)
     return _window.contract_window(

@@ -240,3 +240,50 @@ def aggregate_max(
     value = best + (value - jax.lax.stop_gradient(value))
     out = jnp.where((total > 0) & ~zero_wins, value, 0.0)
     return out * ok[..., None]
+
+
+def window_max(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    ok: Array,
+    gy: _sampling.AxisGrid,
+    gx: _sampling.AxisGrid,
+    dtype: Any,
+) -> Array:
+    """:func:`aggregate_max` for fixed grids through the box-local window reader (the
+    TPU path: no gather or scatter). Every sample is a one-sample bin of its own
+    (dense weights of its two taps per axis), read through one window per box
+    (:func:`._window.contract_window`); the first largest of each bin's
+    ``s_y x s_x`` samples (scan order, as the search's) is picked by a one-hot
+    select, so the gradient goes to that sample only, and through its weights to
+    the box. Invalid samples read 0 and take part, as in :func:`aggregate_max`.
+    """
+    from ._window import contract_window
+
+    def taps(grid: _sampling.AxisGrid):
+        s = grid.static_count
+        assert s is not None
+        k, p = grid.first.shape
+        y = _sampling.sample_positions(grid, jnp.arange(s, dtype=grid.first.dtype))  # [K, P, s]
+        low, high, w_low, w_high = point_taps(y, grid.length)
+        valid = (y >= -1.0) & (y <= float(grid.length))
+        live = (valid & (ok[:, :, :1] > 0)).reshape(k, p * s)
+        idx = jnp.stack([low, high], axis=-1).reshape(k, p * s, 2)
+        w = jnp.stack([w_low, w_high], axis=-1).reshape(k, p * s, 2)
+        return _sampling.taps_to_dense(idx, w, grid.length), _sampling.taps_span(idx, live)
+
+    wy, (lo_y, need_y) = taps(gy)
+    wx, (lo_x, need_x) = taps(gx)
+    level = jnp.zeros_like(lo_y)
+    values = contract_window(
+        [features], layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+    )  # [K, PH * s_y, PW * s_x, C]
+    (k, ph), pw = gy.first.shape, gx.first.shape[1]
+    sy, sx = gy.static_count, gx.static_count
+    assert sy is not None and sx is not None
+    c = values.shape[-1]
+    v = values.reshape(k, ph, sy, pw, sx, c).transpose(0, 1, 3, 5, 2, 4).reshape(k, ph, pw, c, -1)
+    first = jnp.argmax(jax.lax.stop_gradient(v), axis=-1)  # scan order: the first largest
+    pick = first[..., None] == jnp.arange(sy * sx)
+    return jnp.sum(jnp.where(pick, v, 0.0), axis=-1) * ok[..., None]

@@ -85,7 +85,9 @@ def roi_align(
         map per box by ``dynamic_slice``, contracted with the box's weights: no
         gather or scatter, box-local work; reverse-mode autodiff) or ``"matmul"``
         (dense interpolation matrices over the whole map, no gather or scatter;
-        any autodiff). All give the same numbers.
+        any autodiff). All give the same numbers. With ``mode="max"``,
+        ``"window"`` (so ``auto`` on TPU) reads fixed grids box-locally and the
+        others take the max search; an adaptive max always takes the search.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
@@ -232,14 +234,35 @@ def _roi_align_nhwc_out(
     )
     ok = rois.ok.astype(dtype)[:, None, None]
     if mode is Mode.MAX:
-        try:
-            from ._max import aggregate_max
-        except ImportError as e:  # pragma: no cover - until the max module lands
-            raise NotImplementedError("mode='max' is not implemented yet") from e
-        return aggregate_max(features, layout, rois.batch, ok, gy, gx, dtype)
+        return _max_any(features, layout, rois.batch, ok, gy, gx, method, dtype, rois)
     return aggregate_avg(
         features, layout, rois.batch, ok, gy, gx, method, dtype, per_image=len(rois.lead_shape) == 2
     )
+
+
+def _max_any(features, layout, batch, ok, gy, gx, method: Method, dtype, rois: Rois) -> Array:
+    """Max mode: the window reader (:func:`._max.window_max`) for fixed grids where
+    ``method`` says ``"window"`` (``auto`` on TPU), else the search and re-read of
+    :func:`._max.aggregate_max`. Per-image boxes run per device under batch
+    sharding, with this device's image indices."""
+    from ._max import aggregate_max, window_max
+
+    static = gy.static_count is not None and gx.static_count is not None
+    per_image = len(rois.lead_shape) == 2
+
+    def build(how: Method):
+        def pool(f, b, ok, gy, gx):
+            if per_image:  # boxes image-major: the local images' indices
+                b = jnp.repeat(jnp.arange(f.shape[0], dtype=b.dtype), b.shape[0] // f.shape[0])
+            if how is Method.WINDOW and static:
+                return window_max(f, layout, b, ok, gy, gx, dtype)
+            return aggregate_max(f, layout, b, ok, gy, gx, dtype)
+
+        if per_image:
+            return lambda: _shard.by_image(pool, features, batch, ok, gy, gx)
+        return lambda: pool(features, batch, ok, gy, gx)
+
+    return method.run(build)
 
 
 def aggregate_avg(

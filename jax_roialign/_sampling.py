@@ -377,6 +377,16 @@ def taps_to_dense(idx: Array, w: Array, length: int, start: Array | None = None)
     return jnp.sum(jnp.where(onehot, w[..., None], 0.0), axis=-2)
 
 
+def taps_span(idx: Array, live: Array) -> tuple[Array, Array]:
+    """First row and number of rows ``[K]`` (int32) that hold every tap ``[K, P, T]``
+    of the live samples ``[K, P]`` (``[K, P, T]`` also works): a tap of weight 0
+    too, since its weight's derivative need not be 0. No live sample: 0 rows."""
+    live = jnp.broadcast_to(live if live.ndim == idx.ndim else live[..., None], idx.shape)
+    first = jnp.min(jnp.where(live, idx, jnp.iinfo(jnp.int32).max), axis=(1, 2))
+    count = jnp.maximum(jnp.max(jnp.where(live, idx, -1), axis=(1, 2)) - first + 1, 0)
+    return jnp.where(count > 0, first, 0).astype(jnp.int32), count.astype(jnp.int32)
+
+
 def tap_span(grid: AxisGrid, live: Array | None = None) -> tuple[Array, Array]:
     """First row and number of rows ``[K]`` (int32) that hold every tap of each box.
 

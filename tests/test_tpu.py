@@ -3,8 +3,9 @@
 Every public op and Flax module is compiled for one v5e chip and for a 16-chip
 v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
-in avg mode, FPN pooling, precise pooling: ``method="auto"`` lowers to the
-window reader for TPU) have no gather or scatter in the TPU program, no
+in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling, the
+TensorFlow crops: ``method="auto"`` lowers to the window reader for TPU) have
+no gather or scatter in the TPU program, no
 collective on the pod and per-chip temporaries bounded by the output (forward)
 and features + output (forward+backward). The ops without one yet compile and
 run replicated-free on the pod; their gathers are recorded by a strict xfail.
@@ -91,6 +92,10 @@ def _linen_multiscale(f, b):
     return mod.apply({}, list(f), b)
 
 
+def _max(f, b):
+    return jr.roi_align(f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=2, mode="max")
+
+
 def _crop(f, b):
     # Box indices typed (and sharded) like the boxes: box (n, r) reads image n.
     idx = (jnp.zeros_like(b[..., 0], jnp.int32) + jnp.arange(b.shape[0])[:, None]).reshape(-1)
@@ -112,6 +117,7 @@ TPU_PATH = {
     "linen.MultiScaleRoIAlign": (_linen_multiscale, TWO),
     "crop_and_resize": (_crop, ONE),
     "multilevel_crop_and_resize": (_multilevel, TWO),
+    "roi_align_max_fixed": (_max, ONE),
 }
 
 
@@ -164,10 +170,6 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
 
 
 # Ops without a TPU path yet: they compile for a chip and a pod; their gathers are known.
-def _max(f, b):
-    return jr.roi_align(f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=2, mode="max")
-
-
 def _roi_pool(f, b):
     return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
 
@@ -187,7 +189,6 @@ def _deform(f, b):
 
 
 NO_TPU_PATH = {
-    "roi_align_max": _max,
     "roi_pool": _roi_pool,
     "ps_roi_align": _ps,
     "roi_align_rotated": _rotated,
@@ -204,7 +205,7 @@ def test_other_ops_compile_for_tpu(name, chip):
 
 
 @pytest.mark.xfail(strict=True, reason="no gather-free TPU path for these ops yet (issue 10)")
-@pytest.mark.parametrize("name", ["roi_align_max", "roi_pool"])
+@pytest.mark.parametrize("name", ["roi_pool"])
 def test_other_ops_gather_free_on_tpu(name, chip):
     sharding, _ = chip
     compiled = _compile(NO_TPU_PATH[name], _specs(ONE, N, jnp.float32, sharding), None)
