@@ -14,12 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _sampling
+from . import _sampling, _shard
 from ._contract import _HIGHEST, contract_taps_with
 from ._roi_align import box_grids, fast_window
 from ._validation import (
     Call,
     DataFormat,
+    Method,
     prepare,
     sampling_ratio_int,
 )
@@ -56,7 +57,9 @@ def ps_roi_align(
     Same numbers as ``torchvision.ops.ps_roi_align(input, boxes, output_size,
     spatial_scale, sampling_ratio)`` (NCHW features, ``[K, 5]`` boxes), except
     that a box whose adaptive grid is empty (zero or negative size) gives 0
-    where torchvision computes ``0 / 0 = NaN``.
+    where torchvision computes ``0 / 0 = NaN``. On TPU every channel of each bin
+    is read box-locally (the window reader, no gather) and each bin keeps its own
+    group; per-image boxes on batch-sharded features pool per device.
 
     Args:
       features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
@@ -199,24 +202,67 @@ def _ps_nhwc_out(call: Call, sampling_ratio: int) -> Array:
         dtype=dtype,
     )
     ok = rois.ok.astype(dtype)[:, None, None]
-    reader = group_reader(features, layout, rois.batch, pooled)
+    per_image = len(rois.lead_shape) == 2
     ty = fast_window(gy.length, pooled[0])
     tx = fast_window(gx.length, pooled[1])
 
-    def fast():
-        iy, wy = _sampling.axis_taps(gy, ty)
-        ix, wx = _sampling.axis_taps(gx, tx)
-        return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
+    def build(how: Method):
+        def pool(f, batch, ok, gy, gx):
+            if per_image:  # boxes image-major: the local images' indices
+                n = f.shape[0]
+                batch = jnp.repeat(jnp.arange(n, dtype=batch.dtype), batch.shape[0] // n)
+            if how is Method.WINDOW:
+                return _windowed(f, layout, batch, ok, gy, gx, dtype)
+            reader = group_reader(f, layout, batch, pooled)
 
-    def dense():
-        wy = _sampling.dense_weights(gy) * ok
-        wx = _sampling.dense_weights(gx)
-        return contract_dense_grouped(features, layout, rois.batch, wy, wx, dtype)
+            def fast():
+                iy, wy = _sampling.axis_taps(gy, ty)
+                ix, wx = _sampling.axis_taps(gx, tx)
+                return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
 
-    if sampling_ratio > 0:
-        return fast()
-    live = ok[..., 0] > 0
-    index = jnp.maximum(
-        _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+            def dense():
+                wy = _sampling.dense_weights(gy) * ok
+                wx = _sampling.dense_weights(gx)
+                return contract_dense_grouped(f, layout, batch, wy, wx, dtype)
+
+            if sampling_ratio > 0:
+                return fast()
+            live = ok[..., 0] > 0
+            index = jnp.maximum(
+                _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+            )
+            return jax.lax.switch(index, [fast, dense])
+
+        if per_image:  # on batch-sharded features each device pools its own images
+            return lambda: _shard.by_image(pool, features, rois.batch, ok, gy, gx)
+        return lambda: pool(features, rois.batch, ok, gy, gx)
+
+    return _READER.run(build)
+
+
+# The reader ``ps_roi_align`` takes: ``AUTO`` picks the platform's (tests set others).
+_READER = Method.AUTO
+
+
+def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
+    """The box-local, gather-free read (TPU): every bin read over all channels
+    through the window reader (roi_align's avg on the whole map), then each bin's
+    own channel group kept by a mask, no gather (the ``[K, PH, PW, C]`` of every
+    channel is the price)."""
+    from ._window import contract_window
+
+    k, ph = gy.first.shape
+    pw = gx.first.shape[1]
+    live = ok[:, 0, 0] > 0
+    gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
+    wy, wx = _sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx)
+    (lo_y, need_y), (lo_x, need_x) = _sampling.tap_span(gy, live), _sampling.tap_span(gx, live)
+    level = jnp.zeros_like(lo_y)
+    full = contract_window(
+        [features], layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
     )
-    return jax.lax.switch(index, [fast, dense])
+    full = full.reshape(k, ph, pw, -1, ph, pw)  # channels as (C_out, PH, PW)
+    own = (jnp.arange(ph)[:, None, None, None] == jnp.arange(ph)[None, None, :, None]) & (
+        jnp.arange(pw)[None, :, None, None] == jnp.arange(pw)[None, None, None, :]
+    )  # [PH, PW, PH', PW']: bin (p, q) keeps group (p, q)
+    return jnp.sum(jnp.where(own[:, :, None], full, 0.0), axis=(-2, -1))

@@ -3,9 +3,9 @@
 Every public op and Flax module is compiled for one v5e chip and for a 16-chip
 v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
-in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling, the
-TensorFlow crops: ``method="auto"`` lowers to the window reader for TPU) have
-no gather or scatter in the TPU program, no
+in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling,
+position-sensitive RoI Align, the TensorFlow crops: ``method="auto"`` lowers to
+the window reader for TPU) have no gather or scatter in the TPU program, no
 collective on the pod and per-chip temporaries bounded by the output (forward)
 and features + output (forward+backward). The ops without one yet compile and
 run replicated-free on the pod; their gathers are recorded by a strict xfail.
@@ -96,6 +96,10 @@ def _max(f, b):
     return jr.roi_align(f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=2, mode="max")
 
 
+def _ps(f, b):
+    return jr.ps_roi_align(f[0], b, output_size=2, spatial_scale=0.25, sampling_ratio=2)
+
+
 def _crop(f, b):
     # Box indices typed (and sharded) like the boxes: box (n, r) reads image n.
     idx = (jnp.zeros_like(b[..., 0], jnp.int32) + jnp.arange(b.shape[0])[:, None]).reshape(-1)
@@ -118,6 +122,7 @@ TPU_PATH = {
     "crop_and_resize": (_crop, ONE),
     "multilevel_crop_and_resize": (_multilevel, TWO),
     "roi_align_max_fixed": (_max, ONE),
+    "ps_roi_align": (_ps, ONE),
 }
 
 
@@ -174,10 +179,6 @@ def _roi_pool(f, b):
     return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
 
 
-def _ps(f, b):
-    return jr.ps_roi_align(f[0], b, output_size=2, spatial_scale=0.25, sampling_ratio=2)
-
-
 def _rotated(f, b):
     boxes = jnp.concatenate([b, jnp.full(b.shape[:-1] + (1,), 30.0, b.dtype)], -1)
     return jr.roi_align_rotated(f[0], boxes, output_size=7, spatial_scale=0.25, sampling_ratio=2)
@@ -190,7 +191,6 @@ def _deform(f, b):
 
 NO_TPU_PATH = {
     "roi_pool": _roi_pool,
-    "ps_roi_align": _ps,
     "roi_align_rotated": _rotated,
     "deform_roi_align": _deform,
 }
