@@ -8,8 +8,9 @@ geometry functions below, one per convention) and reads them through
 through :func:`._contract.contract_rows` on the pyramid's levels concatenated
 flat (one level's cost). The feature gradient is the readers' row-window
 transpose on CPU (no scatter); the box gradient flows through the weights. On
-TPU (``auto`` there) both read through :mod:`._window` instead: the taps as
-dense weights, one window per box, no gather or scatter.
+TPU (``auto`` there) both read through :func:`._window.read_taps` instead: the
+taps as dense weights, one window per box, no gather or scatter (the same sum;
+float32 rounding differs from the references' order).
 
 Float arithmetic follows the references': products are rounded before they are
 added (:func:`._sampling.rounded`) and divisions are true divisions
@@ -32,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _shard
-from ._sampling import exact_divide, rounded, taps_span, taps_to_dense
+from . import _contract, _shard, _window
+from ._sampling import exact_divide, rounded
 from ._validation import DataFormat, Method, _check_static_indices
 
 Array = jax.Array
@@ -227,9 +228,8 @@ def crop_and_resize(
     def read(how: Method):
         if how is Method.WINDOW:  # TPU: box-local windows, no gather or scatter
             live_y, live_x = vy & ok[:, None], vx & ok[:, None]
-            return lambda: _window_read(
-                [image], batch, None, (iy, wy, live_y), (ix, wx, live_x), dtype
-            )
+            taps_y, taps_x = (iy, wy, live_y), (ix, wx, live_x)
+            return lambda: _window.read_taps([image], DataFormat.NHWC, batch, taps_y, taps_x, dtype)
         # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
         row_vjp = how is Method.GATHER
         if nearest:
@@ -246,25 +246,6 @@ def crop_and_resize(
 
 # The reader both crops take: ``AUTO`` picks the platform's (tests set others).
 _READER = Method.AUTO
-
-
-def _window_read(maps, batch, level: Array | None, taps_y, taps_x, dtype) -> Array:
-    """The box-local, gather-free reader (:mod:`._window`, the TPU path) of separable
-    taps ``(idx, w, live)``: each box's taps as dense weights over the largest map
-    (:func:`._sampling.taps_to_dense`), read through one window of image
-    ``batch[k]`` (of map ``level[k]``) per box. The same sum as the taps, as two
-    small matmuls per box (float32 rounding differs from the references' order)."""
-    from . import _window
-
-    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
-    h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
-    wyd, wxd = taps_to_dense(iy, wy, h), taps_to_dense(ix, wx, w)
-    (lo_y, need_y), (lo_x, need_x) = taps_span(iy, live_y), taps_span(ix, live_x)
-    if level is None:  # one map (typed like the boxes, for explicit sharding)
-        level = jnp.zeros_like(lo_y)
-    return _window.contract_window(
-        maps, DataFormat.NHWC, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
-    )
 
 
 def _exact_op(exact, weighted):
@@ -588,9 +569,7 @@ def multilevel_crop_and_resize(
     ix, wx = clamped_bin_taps(x1, w, bound_x, pooled=pooled, sample_offset=sample_offset)
 
     def read(how: Method):
-        def pool(maps, level, iy, wy, ix, wx):
-            images = maps[0].shape[0]  # this device's, under batch sharding
-            batch = jnp.repeat(jnp.arange(images, dtype=jnp.int32), num)
+        def pool(maps, batch, level, iy, wy, ix, wx):
             if how is Method.WINDOW:  # TPU: box-local windows of each box's level
                 # Taps stay inside their level (they do when each level is half
                 # the one below it, as Model Garden assumes; the flat read runs on).
@@ -598,9 +577,11 @@ def multilevel_crop_and_resize(
                 cols = jnp.minimum(ix, _per_level(widths - 1, level, jnp.int32)[:, None, None])
                 live = jnp.ones(rows.shape[:2], bool)
                 taps_y, taps_x = (rows, wy, live), (cols, wx, live)
-                return _window_read(maps, batch, level, taps_y, taps_x, dtype)
+                return _window.read_taps(
+                    maps, DataFormat.NHWC, batch, taps_y, taps_x, dtype, level=level
+                )
             # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
-            flat = jnp.concatenate([m.reshape(images, -1, c) for m in maps], axis=1)
+            flat = jnp.concatenate([m.reshape(m.shape[0], -1, c) for m in maps], axis=1)
             ints = (
                 batch,
                 _per_level(offsets, level, jnp.int32),
@@ -612,7 +593,8 @@ def multilevel_crop_and_resize(
             return op(flat, wy, wx, *ints)
 
         # Boxes image-major: on batch-sharded maps each device pools its own.
-        return lambda: _shard.by_image(pool, maps, level, iy, wy, ix, wx)
+        batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num)
+        return lambda: _shard.per_image_pool(pool, maps, batch, level, iy, wy, ix, wx)
 
     out = _READER.run(read)
     return out.reshape(b, num, pooled, pooled, c).astype(out_dtype)

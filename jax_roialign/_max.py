@@ -259,7 +259,7 @@ def window_max(
     select, so the gradient goes to that sample only, and through its weights to
     the box. Invalid samples read 0 and take part, as in :func:`aggregate_max`.
     """
-    from ._window import contract_window
+    from ._window import read_taps
 
     def taps(grid: _sampling.AxisGrid):
         s = grid.static_count
@@ -271,14 +271,10 @@ def window_max(
         live = (valid & (ok[:, :, :1] > 0)).reshape(k, p * s)
         idx = jnp.stack([low, high], axis=-1).reshape(k, p * s, 2)
         w = jnp.stack([w_low, w_high], axis=-1).reshape(k, p * s, 2)
-        return _sampling.taps_to_dense(idx, w, grid.length), _sampling.taps_span(idx, live)
+        return idx, w, live
 
-    wy, (lo_y, need_y) = taps(gy)
-    wx, (lo_x, need_x) = taps(gx)
-    level = jnp.zeros_like(lo_y)
-    values = contract_window(
-        [features], layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
-    )  # [K, PH * s_y, PW * s_x, C]
+    values = read_taps([features], layout, batch, taps(gy), taps(gx), dtype)
+    # [K, PH * s_y, PW * s_x, C]
     (k, ph), pw = gy.first.shape, gx.first.shape[1]
     sy, sx = gy.static_count, gx.static_count
     assert sy is not None and sx is not None

@@ -208,9 +208,6 @@ def _ps_nhwc_out(call: Call, sampling_ratio: int) -> Array:
 
     def build(how: Method):
         def pool(f, batch, ok, gy, gx):
-            if per_image:  # boxes image-major: the local images' indices
-                n = f.shape[0]
-                batch = jnp.repeat(jnp.arange(n, dtype=batch.dtype), batch.shape[0] // n)
             if how is Method.WINDOW:
                 return _windowed(f, layout, batch, ok, gy, gx, dtype)
             reader = group_reader(f, layout, batch, pooled)
@@ -234,7 +231,7 @@ def _ps_nhwc_out(call: Call, sampling_ratio: int) -> Array:
             return jax.lax.switch(index, [fast, dense])
 
         if per_image:  # on batch-sharded features each device pools its own images
-            return lambda: _shard.by_image(pool, features, rois.batch, ok, gy, gx)
+            return lambda: _shard.per_image_pool(pool, features, rois.batch, ok, gy, gx)
         return lambda: pool(features, rois.batch, ok, gy, gx)
 
     return _READER.run(build)
@@ -249,18 +246,14 @@ def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
     through the window reader (roi_align's avg on the whole map), then each bin's
     own channel group kept by a mask, no gather (the ``[K, PH, PW, C]`` of every
     channel is the price)."""
-    from ._window import contract_window
+    from ._roi_align import window_read
 
     k, ph = gy.first.shape
     pw = gx.first.shape[1]
     live = ok[:, 0, 0] > 0
     gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
-    wy, wx = _sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx)
-    (lo_y, need_y), (lo_x, need_x) = _sampling.tap_span(gy, live), _sampling.tap_span(gx, live)
-    level = jnp.zeros_like(lo_y)
-    full = contract_window(
-        [features], layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
-    )
+    level = jnp.zeros_like(batch)
+    full = window_read([features], layout, batch, level, live, gy, gx, ok, dtype, per_image=False)
     full = full.reshape(k, ph, pw, -1, ph, pw)  # channels as (C_out, PH, PW)
     own = (jnp.arange(ph)[:, None, None, None] == jnp.arange(ph)[None, None, :, None]) & (
         jnp.arange(pw)[None, :, None, None] == jnp.arange(pw)[None, None, None, :]

@@ -252,14 +252,12 @@ def _max_any(features, layout, batch, ok, gy, gx, method: Method, dtype, rois: R
 
     def build(how: Method):
         def pool(f, b, ok, gy, gx):
-            if per_image:  # boxes image-major: the local images' indices
-                b = jnp.repeat(jnp.arange(f.shape[0], dtype=b.dtype), b.shape[0] // f.shape[0])
             if how is Method.WINDOW and static:
                 return window_max(f, layout, b, ok, gy, gx, dtype)
             return aggregate_max(f, layout, b, ok, gy, gx, dtype)
 
         if per_image:
-            return lambda: _shard.by_image(pool, features, batch, ok, gy, gx)
+            return lambda: _shard.per_image_pool(pool, features, batch, ok, gy, gx)
         return lambda: pool(features, batch, ok, gy, gx)
 
     return method.run(build)

@@ -53,6 +53,18 @@ def by_image(fn: Callable[..., Any], features: Any, *args: Any) -> Any:
     )(features, args)
 
 
+def per_image_pool(fn: Callable[..., Any], features: Any, batch: Array, *args: Any) -> Any:
+    """``fn(features, batch, *args)`` for image-major per-image boxes, per device
+    when ``features`` is batch-sharded (:func:`by_image`), ``batch`` then the
+    indices of the device's own images (``R`` boxes per image)."""
+
+    def local(f, b, *a):
+        n = jax.tree.leaves(f)[0].shape[0]
+        return fn(f, jax.numpy.repeat(jax.numpy.arange(n, dtype=b.dtype), b.shape[0] // n), *a)
+
+    return by_image(local, features, batch, *args)
+
+
 def _vma(x: Any) -> frozenset:
     """The manual mesh axes ``x`` varies over (``aval.mat.varying``; ``.vma`` before)."""
     aval = jax.typeof(x)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _shard
+from . import _sampling, _shard
 from ._validation import DataFormat
 
 Array = jax.Array
@@ -591,3 +591,31 @@ def contract_window(
         idx = (batch.astype(jnp.int32),) + idx
     op, _ = _ops(plan.key(), per_image)
     return op(maps, wy, wx, idx)
+
+
+def read_taps(
+    maps: Sequence[Array],
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
+    dtype,
+    *,
+    level: Array | None = None,
+) -> Array:
+    """:func:`contract_window` of separable taps ``(idx, w, live)`` per axis
+    (``idx, w [K, P, T]``, ``live [K, P]`` the samples whose taps count): each
+    box's taps as dense weights over the largest map, each box's span from its
+    live taps. ``level``: the map of each box (default: the first).
+    Returns ``[K, P_y, P_x, C]``."""
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    heights, widths, _ = _layout(layout, tuple(tuple(m.shape) for m in maps))
+    wyd = _sampling.taps_to_dense(iy, wy, max(heights))
+    wxd = _sampling.taps_to_dense(ix, wx, max(widths))
+    lo_y, need_y = _sampling.taps_span(iy, live_y)
+    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    if level is None:  # one map (typed like the boxes, for explicit sharding)
+        level = jnp.zeros_like(lo_y)
+    return contract_window(
+        maps, layout, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+    )
