@@ -250,6 +250,8 @@ def window_max(
     gy: _sampling.AxisGrid,
     gx: _sampling.AxisGrid,
     dtype: Any,
+    *,
+    pallas: bool = False,
 ) -> Array:
     """:func:`aggregate_max` for fixed grids through the box-local window reader (the
     TPU path: no gather or scatter). Every sample is a one-sample bin of its own
@@ -273,7 +275,7 @@ def window_max(
         w = jnp.stack([w_low, w_high], axis=-1).reshape(k, p * s, 2)
         return idx, w, live
 
-    values = read_taps([features], layout, batch, taps(gy), taps(gx), dtype)
+    values = read_taps([features], layout, batch, taps(gy), taps(gx), dtype, pallas=pallas)
     # [K, PH * s_y, PW * s_x, C]
     (k, ph), pw = gy.first.shape, gx.first.shape[1]
     sy, sx = gy.static_count, gx.static_count

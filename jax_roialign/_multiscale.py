@@ -49,6 +49,7 @@ _PATHS = {
     Method.SCATTER: "auto",
     Method.MATMUL: "exact",
     Method.WINDOW: "window",
+    Method.PALLAS: "pallas",
 }
 
 
@@ -334,8 +335,9 @@ def _pool(
     """``[K, PH, PW, C]`` for boxes already assigned to levels.
 
     ``path``: ``"fast"`` (windowed taps only; exact for boxes that fit),
-    ``"exact"`` (dense per-level weights) or ``"auto"`` (the first when every box
-    fits, else the second). ``row_vjp``: the taps' feature gradient by
+    ``"exact"`` (dense per-level weights), ``"auto"`` (the first when every box
+    fits, else the second), ``"window"`` (box-local windows of each box's level)
+    or ``"pallas"`` (those windows read by the Pallas kernel). ``row_vjp``: the taps' feature gradient by
     :func:`_contract.contract_rows` rather than autodiff's scatter-add.
     """
     hs = np.array([h for h, _ in sizes])
@@ -358,11 +360,21 @@ def _pool(
     geo = (_pick(offsets, level, jnp.int32), ext_w, level)
     okf = ok.astype(dtype)[:, None, None]
     per_image = len(rois.lead_shape) == 2
-    if path == "window":
+    if path in ("window", "pallas"):
         from ._roi_align import window_read
 
         return window_read(
-            list(maps), layout, rois.batch, level, ok, gy, gx, okf, dtype, per_image=per_image
+            list(maps),
+            layout,
+            rois.batch,
+            level,
+            ok,
+            gy,
+            gx,
+            okf,
+            dtype,
+            per_image=per_image,
+            pallas=path == "pallas",
         )
 
     if layout is DataFormat.NHWC:

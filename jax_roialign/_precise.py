@@ -238,10 +238,21 @@ def _precise_nhwc_out(
         (wy, wx), ((ly, ny), (lx, nx)) = weights, spans
         level = jnp.zeros(batch.shape, jnp.int32)
         return _window.contract_window(
-            [features], layout, wy * ok, wx, level, ly, ny, lx, nx, dtype, batch=batch
+            [features],
+            layout,
+            wy * ok,
+            wx,
+            level,
+            ly,
+            ny,
+            lx,
+            nx,
+            dtype,
+            batch=batch,
+            pallas=method is Method.PALLAS,
         )
 
-    if method is Method.WINDOW:
+    if method.windowed:
         return window()
 
     fits = [

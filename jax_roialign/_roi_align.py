@@ -83,11 +83,14 @@ def roi_align(
         same reads, gradient by autodiff's scatter-add of every tap: slower, but
         forward-mode ``jax.jvp``/``jacfwd`` work), ``"window"`` (one window of the
         map per box by ``dynamic_slice``, contracted with the box's weights: no
-        gather or scatter, box-local work; reverse-mode autodiff) or ``"matmul"``
-        (dense interpolation matrices over the whole map, no gather or scatter;
-        any autodiff). All give the same numbers. With ``mode="max"``,
-        ``"window"`` (so ``auto`` on TPU) reads fixed grids box-locally and the
-        others take the max search; an adaptive max always takes the search.
+        gather or scatter, box-local work; reverse-mode autodiff), ``"pallas"``
+        (``"window"``'s forward as one Pallas TPU kernel that copies each box's
+        window while the previous box is contracted; off TPU it runs in Pallas'
+        interpreter, slowly; experimental, not yet timed on a TPU) or
+        ``"matmul"`` (dense interpolation matrices over the whole map, no gather
+        or scatter; any autodiff). All give the same numbers. With
+        ``mode="max"``, ``"window"`` and ``"pallas"`` (so ``auto`` on TPU) read
+        fixed grids box-locally and the others take the max search; an adaptive max always takes the search.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
@@ -252,8 +255,8 @@ def _max_any(features, layout, batch, ok, gy, gx, method: Method, dtype, rois: R
 
     def build(how: Method):
         def pool(f, b, ok, gy, gx):
-            if how is Method.WINDOW and static:
-                return window_max(f, layout, b, ok, gy, gx, dtype)
+            if how.windowed and static:
+                return window_max(f, layout, b, ok, gy, gx, dtype, pallas=how is Method.PALLAS)
             return aggregate_max(f, layout, b, ok, gy, gx, dtype)
 
         if per_image:
@@ -316,9 +319,9 @@ class _Shared:
         # sampling only the window path (TPU) does, and under ``auto`` its copy
         # outside the branches would be differentiated on every platform (box
         # gradients on CPU: 1.8x the output in temporaries instead of 1.1x).
-        if method in (Method.WINDOW, Method.MATMUL) or not self.static:
+        if method in (Method.WINDOW, Method.PALLAS, Method.MATMUL) or not self.static:
             self.dense = (_sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx))
-        if method in (Method.AUTO, Method.WINDOW):
+        if method in (Method.AUTO, Method.WINDOW, Method.PALLAS):
             self.span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
         if method not in (Method.AUTO, Method.GATHER, Method.SCATTER):
             return
@@ -362,6 +365,7 @@ def window_read(
     per_image: bool,
     dense: tuple[Array, Array] | None = None,
     span: tuple[Any, Any] | None = None,
+    pallas: bool = False,
 ) -> Array:
     """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``.
 
@@ -369,6 +373,7 @@ def window_read(
     per axis, and one window per box. ``per_image``: boxes are ``N`` equal groups,
     group ``n`` reading image ``n`` (partitioned over a batch-sharded mesh).
     ``dense`` and ``span``: those weights and spans when already computed.
+    ``pallas``: the forward by the Pallas kernel (:mod:`._pallas`).
     """
     from . import _window
 
@@ -380,7 +385,18 @@ def window_read(
     (lo_y, need_y), (lo_x, need_x) = span
     if not per_image:
         return _window.contract_window(
-            maps, layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+            maps,
+            layout,
+            wy,
+            wx,
+            level,
+            lo_y,
+            need_y,
+            lo_x,
+            need_x,
+            dtype,
+            batch=batch,
+            pallas=pallas,
         )
     n = maps[0].shape[0]
 
@@ -388,14 +404,24 @@ def window_read(
         return t.reshape((n, -1) + t.shape[1:])
 
     out = _window.contract_window(
-        maps, layout, g(wy), g(wx), g(level), g(lo_y), g(need_y), g(lo_x), g(need_x), dtype
+        maps,
+        layout,
+        g(wy),
+        g(wx),
+        g(level),
+        g(lo_y),
+        g(need_y),
+        g(lo_x),
+        g(need_x),
+        dtype,
+        pallas=pallas,
     )
     return out.reshape((-1,) + out.shape[2:])
 
 
 def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, per_image):
     gy, gx = shared.gy, shared.gx
-    if method is Method.WINDOW:
+    if method.windowed:
         level = jnp.zeros(batch.shape, jnp.int32)
         return window_read(
             [features],
@@ -410,6 +436,7 @@ def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, 
             per_image=per_image,
             dense=shared.dense,
             span=shared.span,
+            pallas=method is Method.PALLAS,
         )
     row_vjp = method is Method.GATHER
 

@@ -60,10 +60,13 @@ class Method(enum.Enum):
     forward-mode autodiff); ``WINDOW`` reads one window of the map per box by
     ``dynamic_slice`` and contracts it with the box's interpolation weights (no
     gather, no scatter, work per box proportional to its size: the TPU path);
-    ``MATMUL`` contracts dense interpolation matrices with the whole map (no
-    gather, no scatter, work proportional to the map for every box; any
-    autodiff); ``AUTO`` picks by the platform the program is lowered for
-    (:meth:`run`).
+    ``PALLAS`` is ``WINDOW`` with its forward as one Pallas TPU kernel (each
+    box's window copied into VMEM while the previous box is contracted;
+    :mod:`jax_roialign._pallas`), interpreted (slowly) off TPU, with
+    ``WINDOW``'s gradients; ``MATMUL`` contracts dense interpolation matrices
+    with the whole map (no gather, no scatter, work proportional to the map for
+    every box; any autodiff); ``AUTO`` picks by the platform the program is
+    lowered for (:meth:`run`).
     """
 
     AUTO = "auto"
@@ -71,6 +74,7 @@ class Method(enum.Enum):
     SCATTER = "scatter"
     WINDOW = "window"
     MATMUL = "matmul"
+    PALLAS = "pallas"
 
     @classmethod
     def parse(cls, value: Any) -> Method:
@@ -81,8 +85,14 @@ class Method(enum.Enum):
                 if value.lower() == member.value:
                     return member
         raise ValueError(
-            f"method must be 'auto', 'gather', 'scatter', 'window' or 'matmul', got {value!r}"
+            "method must be 'auto', 'gather', 'scatter', 'window', 'pallas' or 'matmul', "
+            f"got {value!r}"
         )
+
+    @property
+    def windowed(self) -> bool:
+        """Whether this method reads box-local windows (``WINDOW`` or ``PALLAS``)."""
+        return self in (Method.WINDOW, Method.PALLAS)
 
     def run(self, build: Callable[[Method], Callable[[], Any]]) -> Any:
         """Runs ``build(method)()`` for a concrete method.

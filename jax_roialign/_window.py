@@ -103,8 +103,9 @@ def _layout(layout: DataFormat, shapes: tuple[tuple[int, ...], ...]):
 class Plan:
     """Static description of a window read: layouts, map sizes, tiers, dtypes."""
 
-    def __init__(self, layout: DataFormat, shapes, map_dtypes, dtype):
+    def __init__(self, layout: DataFormat, shapes, map_dtypes, dtype, pallas: bool = False):
         self.layout = layout
+        self.pallas = pallas
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.map_dtypes = tuple(np.dtype(d) for d in map_dtypes)
         self.dtype = np.dtype(dtype)
@@ -113,7 +114,7 @@ class Plan:
         self.branch_offset = list(np.cumsum([0] + [len(t) for t in self.tiers])[:-1])
 
     def key(self):
-        return (self.layout, self.shapes, self.map_dtypes, self.dtype)
+        return (self.layout, self.shapes, self.map_dtypes, self.dtype, self.pallas)
 
     @property
     def nhwc(self) -> bool:
@@ -225,7 +226,13 @@ def _branches(plan: Plan, body):
 
 def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x):
     """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``,
-    each box's row written in place into the output."""
+    each box's row written in place into the output (by the Pallas kernel of
+    :mod:`jax_roialign._pallas` where the plan asks for it and it fits)."""
+    if plan.pallas:
+        from . import _pallas
+
+        if _pallas.supported(plan, wy.shape[1]):
+            return _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
     ph, pw = wy.shape[1], wx.shape[1]
     refs = (maps, wy, wx, batch, span_y, span_x)  # what the loops' carries vary with
     out = _shard.varying(jnp.zeros((wy.shape[0], ph, pw, plan.channels), plan.dtype), *refs)
@@ -555,6 +562,7 @@ def contract_window(
     dtype,
     *,
     batch: Array | None = None,
+    pallas: bool = False,
 ) -> Array:
     """``out[k] = sum_hw wy[k, :, h] wx[k, :, w] F_level[k][batch[k], h, w, :]``, box-locally.
 
@@ -571,11 +579,13 @@ def contract_window(
         exact (:func:`jax_roialign._sampling.tap_span`).
       dtype: the compute dtype; the windows are widened to it as they are read.
       batch: ``[K]`` image of each box (flat tables only).
+      pallas: read with the Pallas kernel of :mod:`jax_roialign._pallas` (its
+        forward; the gradients are this reader's). Interpreted off TPU.
 
     Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``) in ``dtype``.
     """
     maps = tuple(maps)
-    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, pallas)
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
     if wy.shape[-1] < heights or wx.shape[-1] < widths:
@@ -602,11 +612,13 @@ def read_taps(
     dtype,
     *,
     level: Array | None = None,
+    pallas: bool = False,
 ) -> Array:
     """:func:`contract_window` of separable taps ``(idx, w, live)`` per axis
     (``idx, w [K, P, T]``, ``live [K, P]`` the samples whose taps count): each
     box's taps as dense weights over the largest map, each box's span from its
-    live taps. ``level``: the map of each box (default: the first).
+    live taps. ``level``: the map of each box (default: the first). ``pallas``:
+    the forward by the Pallas kernel.
     Returns ``[K, P_y, P_x, C]``."""
     (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
     heights, widths, _ = _layout(layout, tuple(tuple(m.shape) for m in maps))
@@ -617,5 +629,5 @@ def read_taps(
     if level is None:  # one map (typed like the boxes, for explicit sharding)
         level = jnp.zeros_like(lo_y)
     return contract_window(
-        maps, layout, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+        maps, layout, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch, pallas=pallas
     )

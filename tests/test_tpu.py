@@ -65,14 +65,20 @@ def _boxes_spec(n, sharding, width=4):
 
 
 # Ops with a TPU path: (name, fn(features, boxes), features shapes per chip).
-def _roi_align(sr):
-    return lambda f, b: jr.roi_align(f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=sr)
-
-
-def _multiscale(f, b):
-    return jr.multiscale_roi_align(
-        list(f), b, output_size=7, spatial_scales=(1 / 4, 1 / 8), sampling_ratio=2
+def _roi_align(sr, method="auto"):
+    return lambda f, b: jr.roi_align(
+        f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=sr, method=method
     )
+
+
+def _multiscale(f, b, method="auto"):
+    return jr.multiscale_roi_align(
+        list(f), b, output_size=7, spatial_scales=(1 / 4, 1 / 8), sampling_ratio=2, method=method
+    )
+
+
+def _multiscale_pallas(f, b):
+    return _multiscale(f, b, method="pallas")
 
 
 def _precise(f, b):
@@ -115,6 +121,8 @@ TWO = [(N, H, W, C), (N, H // 2, W // 2, C)]
 TPU_PATH = {
     "roi_align_fixed": (_roi_align(2), ONE),
     "roi_align_adaptive": (_roi_align(0), ONE),
+    "roi_align_pallas": (_roi_align(0, "pallas"), ONE),
+    "multiscale_pallas": (_multiscale_pallas, TWO),
     "multiscale_roi_align": (_multiscale, TWO),
     "precise_roi_pool": (_precise, ONE),
     "nnx.RoIAlign": (_nnx_roi_align, ONE),
@@ -145,7 +153,7 @@ def _with_backward(fn):
 def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, request):
     sharding, mesh = request.getfixturevalue(target)
     images = N * (POD_CHIPS if target == "pod" else 1)
-    dtype = jnp.bfloat16 if "adaptive" in name else jnp.float32
+    dtype = jnp.bfloat16 if "adaptive" in name or "pallas" in name else jnp.float32
     if target == "pod" and name == "crop_and_resize":
         pytest.skip("box_indices may name any image: the boxes have no per-image partition")
     fn, shapes = TPU_PATH[name]
