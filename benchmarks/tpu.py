@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import jax_roialign as jr  # noqa: E402
 from jax_roialign import _sampling, _window  # noqa: E402
 from jax_roialign._roi_align import box_grids  # noqa: E402
-from jax_roialign._validation import Rois  # noqa: E402
+from jax_roialign._validation import DataFormat, Rois  # noqa: E402
 
 from .harness import time_fn  # noqa: E402
 from .workloads import LEVELS, Workload, make_inputs, workloads  # noqa: E402
@@ -167,18 +167,11 @@ def pod_workload(wl: Workload) -> Workload:
     return dataclasses.replace(wl, images=wl.images * POD_CHIPS)
 
 
-def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool) -> float:
-    """Bytes the window reader moves for these boxes (per chip, the workload's images).
-
-    Per box: its windows (the tier its taps need, or the tiles covering its span),
-    read in the map's dtype, and its output row; the backward adds the
-    cotangent, a read-modify-write of the window in the float32 gradient, and
-    one more read of the window for the weights' gradient.
-    """
+def _spans(wl: Workload, boxes: np.ndarray):
+    """Per level with boxes: ``(level name, need_y, need_x)``, the rows and columns
+    each of its boxes' taps span."""
     flat = jnp.asarray(boxes.reshape(-1, 4))
-    k = flat.shape[0]
-    c, p = wl.channels, wl.output_size
-    total = 0.0
+    k, p = flat.shape[0], wl.output_size
     if wl.multiscale:
         from jax_roialign._multiscale import LevelMapper, fpn_levels
 
@@ -216,8 +209,23 @@ def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool)
         )
         _, need_y = _sampling.tap_span(gy)
         _, need_x = _sampling.tap_span(gx)
+        yield name, np.asarray(need_y), np.asarray(need_x)
+
+
+def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool) -> float:
+    """Bytes the window reader moves for these boxes (per chip, the workload's images).
+
+    Per box: its windows (the tier its taps need, or the tiles covering its span),
+    read in the map's dtype, and its output row; the backward adds the
+    cotangent, a read-modify-write of the window in the float32 gradient, and
+    one more read of the window for the weights' gradient.
+    """
+    c, p = wl.channels, wl.output_size
+    total = 0.0
+    for name, need_y, need_x in _spans(wl, boxes):
+        h, w, _ = LEVELS[name]
         tiers = _window.tier_sizes(h, w)
-        for ny, nx in zip(np.asarray(need_y), np.asarray(need_x), strict=True):
+        for ny, nx in zip(need_y, need_x, strict=True):
             tier = next((t for t in tiers[:-1] if ny <= t[0] and nx <= t[1]), tiers[-1])
             window = tier[0] * tier[1] * _window.tiles_read(tier, int(ny), int(nx)) * c
             out = p * p * c
@@ -225,6 +233,27 @@ def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool)
                 total += window * itemsize + out * 4 + out * 4 + 2 * window * 4 + window * itemsize
             else:
                 total += window * itemsize + out * itemsize
+    return total
+
+
+def pallas_bytes(wl: Workload, boxes: np.ndarray, itemsize: int) -> float:
+    """Bytes the Pallas kernel's forward copies for these boxes: per box, its
+    windows (``h x cols`` cells: 16 rows, 16 columns widened to start at an
+    aligned column), its dense weights (float32) and its output row."""
+    from jax_roialign import _pallas
+
+    c, p = wl.channels, wl.output_size
+    dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
+    shapes = [(1, LEVELS[n][0], LEVELS[n][1], c) for n in wl.levels]
+    plan = _window.Plan(DataFormat.NHWC, shapes, [dtype] * len(shapes), jnp.float32, True)
+    sides = dict(zip(wl.levels, _pallas._sides(plan), strict=True))
+    weights = p * (max(s[1] for s in shapes) + max(s[2] for s in shapes)) * 4
+    total = 0.0
+    for name, need_y, need_x in _spans(wl, boxes):
+        h, w, cols, _ = sides[name]
+        tiles = np.maximum(1, -(-need_y // h)) * np.maximum(1, -(-need_x // w))
+        total += float(tiles.sum()) * h * cols * c * itemsize
+        total += len(need_y) * (weights + p * p * c * itemsize)
     return total
 
 
@@ -258,6 +287,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ]
                 if args.matmul and dtype_name == "float32":
                     targets.insert(1, ("chip", "matmul", wl, one, None))
+                if args.pallas:
+                    targets += [
+                        ("chip", "pallas", wl, one, None),
+                        ("pod", "pallas", pod_workload(wl), batch, mesh),
+                    ]
                 for target, method, w, sharding, m in targets:
                     fn = op_fn(w, method)
                     fn = with_backward(fn) if backward else fn
@@ -277,6 +311,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                     if method == "auto":
                         moved = window_bytes(wl, inputs.boxes, dtype.itemsize, backward)
+                        row["moved_s"] = moved / HBM_BYTES_PER_S
+                    if method == "pallas" and not backward:
+                        moved = pallas_bytes(wl, inputs.boxes, dtype.itemsize)
                         row["moved_s"] = moved / HBM_BYTES_PER_S
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -315,7 +352,7 @@ def format_row(r: dict[str, Any]) -> str:
     ops = r["ops"]
     moved = r.get("moved_s")
     return (
-        f"{r['workload']:16s} {r['dtype']:8s} {r['mode']:8s} {r['target']:4s} {r['method']:6s} "
+        f"{r['workload']:16s} {r['dtype']:8s} {r['mode']:8s} {r['target']:4s} {r['method']:7s} "
         f"compile {r['compile_s']:6.1f} s  temp {r['temp_bytes'] / 2**20:8.1f} MiB "
         f"({r['temp_bytes'] / r['output_bytes']:.2f}x out)  "
         f"gather {ops['gather']} scatter {ops['scatter']} "
@@ -397,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         dest="matmul",
         action="store_false",
         help="skip the dense matmul path (the 'before' column)",
+    )
+    ap.add_argument(
+        "--pallas", action="store_true", help="also compile method='pallas' (chip and pod)"
     )
     ap.add_argument("--no-cpu", dest="cpu", action="store_false", help="skip the CPU timings")
     ap.add_argument("--repeats", type=int, default=5)

@@ -337,8 +337,9 @@ def _pool(
     ``path``: ``"fast"`` (windowed taps only; exact for boxes that fit),
     ``"exact"`` (dense per-level weights), ``"auto"`` (the first when every box
     fits, else the second), ``"window"`` (box-local windows of each box's level)
-    or ``"pallas"`` (those windows read by the Pallas kernel). ``row_vjp``: the taps' feature gradient by
-    :func:`_contract.contract_rows` rather than autodiff's scatter-add.
+    or ``"pallas"`` (those windows read by the Pallas kernel). ``row_vjp``: the
+    taps' feature gradient by :func:`_contract.contract_rows` rather than
+    autodiff's scatter-add.
     """
     hs = np.array([h for h, _ in sizes])
     ws = np.array([w for _, w in sizes])

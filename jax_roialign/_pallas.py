@@ -39,8 +39,6 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._validation import DataFormat
-
 Array = jax.Array
 
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -90,7 +90,8 @@ def roi_align(
         ``"matmul"`` (dense interpolation matrices over the whole map, no gather
         or scatter; any autodiff). All give the same numbers. With
         ``mode="max"``, ``"window"`` and ``"pallas"`` (so ``auto`` on TPU) read
-        fixed grids box-locally and the others take the max search; an adaptive max always takes the search.
+        fixed grids box-locally and the others take the max search; an adaptive
+        max always takes the search.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
