@@ -32,6 +32,7 @@ has every gradient the window path has, with no gather or scatter.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,14 @@ MAX_ROWS = 32
 def supported(plan, ph: int) -> bool:
     """Whether the kernel takes a read of ``plan`` with ``ph`` output rows: NHWC maps
     (the TPU's layout for convolutions; in NCHW a window's columns would be lanes,
-    whose copies must start at multiples of 128), at most ``MAX_ROWS`` rows."""
-    return plan.nhwc and ph <= MAX_ROWS and plan.dtype != np.dtype(np.float16)
+    whose copies must start at multiples of 128), at most ``MAX_ROWS`` rows, and
+    whole-row strips (:class:`Sides`) of at most ``MAX_STRIP`` bytes."""
+    if not plan.nhwc or ph > MAX_ROWS or plan.dtype == np.dtype(np.float16):
+        return False
+    return all(
+        not side.strip or side.h * width * plan.channels * dt.itemsize <= MAX_STRIP
+        for side, width, dt in zip(_sides(plan), plan.widths, plan.map_dtypes, strict=True)
+    )
 
 
 def _sublanes(dtype) -> int:
@@ -67,18 +74,38 @@ def _sublanes(dtype) -> int:
     return 8 * max(1, 4 // np.dtype(dtype).itemsize)
 
 
-def _sides(plan) -> list[tuple[int, int, int, int]]:
-    """Per map: ``(h, w, cols, align)``. A window covers ``h`` rows at any row and
-    ``w`` columns at any column; it is copied as ``cols`` columns from a multiple
-    of ``align``, ``cols`` chosen so that the last such start still ends at the
-    map's edge (``W - cols`` a multiple of ``align``)."""
+class Sides(NamedTuple):
+    """How one map's windows are copied.
+
+    A window covers ``h`` rows at any row and ``w`` columns at any column. TPU
+    copies of a map's columns must start at a multiple of ``align`` and span a
+    multiple of 8 columns (or the whole width), so a window is copied as
+    ``block`` columns (``w + align``) from the multiple of ``align`` at or
+    before its first column. Where the map's width is not a multiple of
+    ``align`` (``strip``), no such copy reaches its last columns; a window
+    there is copied as the ``h`` whole rows.
+    """
+
+    h: int
+    w: int
+    block: int
+    align: int
+    strip: bool
+
+
+def _sides(plan) -> list[Sides]:
     out = []
     for height, width, dt in zip(plan.heights, plan.widths, plan.map_dtypes, strict=True):
         a = _sublanes(dt)
         h, w = min(WINDOW, height), min(WINDOW, width)
-        cols = w + a + (width - w) % a
-        out.append((h, w, width if cols >= width else cols, a))
+        block = min(w + a, width)
+        out.append(Sides(h, w, block, a, block < width and width % a != 0))
     return out
+
+
+# Largest whole-row strip (bytes) the kernel keeps in VMEM for a map whose width
+# is not a multiple of its alignment; wider maps use the XLA window reader.
+MAX_STRIP = 4 * 2**20
 
 
 def _levels(plan, branch: Array) -> Array:
@@ -100,12 +127,15 @@ def _select(level: Array, values: list[int]) -> Array | int:
 
 
 def _first_col(x0, width: int, cols: int, align: int):
-    """The aligned first column of the copy that holds columns ``x0 .. x0 + w``."""
+    """The first column of a copy of ``cols`` columns holding column ``x0`` on: a
+    multiple of ``align``, the copy inside the map (it may end before ``x0 + w``
+    when ``W - cols`` is not a multiple of ``align``)."""
     if cols >= width:
         return jnp.zeros_like(x0)
     # x0 >= 0: a truncating division (a floor would lower through sign(), which
     # Mosaic resolves by asking for the device).
-    return jnp.minimum(jax.lax.div(x0, jnp.int32(align)) * align, width - cols)
+    last = (width - cols) // align * align
+    return jnp.minimum(jax.lax.div(x0, jnp.int32(align)) * align, last)
 
 
 def forward(plan, maps, wy: Array, wx: Array, batch, branch, span_y, span_x) -> Array:
@@ -149,7 +179,7 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
 
     def window_map(lv):
         height, width = plan.heights[lv], plan.widths[lv]
-        h, w, cols, align = sides[lv]
+        h, w, block, align, _ = sides[lv]
 
         def index(j, order, batch, level, lo_y, lo_x, down, across, starts, ends):
             # Boxes of other levels leave this level's window where it was (or
@@ -157,12 +187,12 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
             last = jnp.maximum(ends[lv] - 1, starts[lv])
             k = order[jnp.clip(j, starts[lv], jnp.minimum(last, k_boxes - 1))]
             y0 = jnp.minimum(lo_y[k], height - h)
-            x0 = _first_col(jnp.minimum(lo_x[k], width - w), width, cols, align)
+            x0 = _first_col(jnp.minimum(lo_x[k], width - w), width, block, align)
             return batch[k], y0, pl.multiple_of(x0, align), _ZERO
 
-        # Element offsets on every axis (Mosaic takes all or none): [1, h, cols, C].
-        block = (pl.Element(1), pl.Element(h), pl.Element(cols), pl.Element(c))
-        return pl.BlockSpec(block, index)
+        # Element offsets on every axis (Mosaic takes all or none): [1, h, block, C].
+        shape = (pl.Element(1), pl.Element(h), pl.Element(block), pl.Element(c))
+        return pl.BlockSpec(shape, index)
 
     def box_block(*shape):
         return lambda j, order, *_: (order[j],) + (_ZERO,) * len(shape)
@@ -173,10 +203,17 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
     ]
     in_specs += [window_map(lv) for lv in range(nmaps)]
     in_specs += [pl.BlockSpec(memory_space=pl.ANY) for _ in range(nmaps)]
+    # Per map: two buffers for the further windows of large boxes (the next is
+    # copied while this one is contracted) and, where needed, a whole-row strip.
     scratch: list = [
-        pltpu.VMEM((h, cols, c), plan.map_dtypes[lv]) for lv, (h, _, cols, _) in enumerate(sides)
+        pltpu.VMEM((2, side.h, side.block, c), dt)
+        for side, dt in zip(sides, plan.map_dtypes, strict=True)
     ]
-    scratch.append(pltpu.SemaphoreType.DMA(()))
+    scratch += [
+        pltpu.VMEM((side.h, width if side.strip else 8, c), dt)
+        for side, width, dt in zip(sides, plan.widths, plan.map_dtypes, strict=True)
+    ]
+    scratch.append(pltpu.SemaphoreType.DMA((3,)))
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(table),
         grid=(k_boxes,),
@@ -202,7 +239,8 @@ def _kernel(plan, sides, ph, *refs):
     whole = refs[11 + nmaps : 11 + 2 * nmaps]
     out_ref = refs[11 + 2 * nmaps]
     extra = refs[12 + 2 * nmaps : 12 + 3 * nmaps]
-    sem = refs[12 + 3 * nmaps]
+    strips = refs[12 + 3 * nmaps : 12 + 4 * nmaps]
+    sem = refs[12 + 4 * nmaps]
     dtype = plan.dtype
     k = order[pl.program_id(0)]
     out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
@@ -233,29 +271,86 @@ def _kernel(plan, sides, ph, *refs):
 
     for lv in range(nmaps):
         height, width = plan.heights[lv], plan.widths[lv]
-        h, w, cols, align = sides[lv]
+        side = sides[lv]
 
         @pl.when(level[k] == lv)
-        def _(lv=lv, height=height, width=width, h=h, w=w, cols=cols, align=align):
+        def _(lv=lv, height=height, width=width, side=side):
+            h, w, block, align = side.h, side.w, side.block, side.align
             first_y, first_x = lo_y[k], lo_x[k]
-
-            def start(from_y, from_x):
-                y0 = jnp.minimum(from_y, height - h)
-                x0 = _first_col(jnp.minimum(from_x, width - w), width, cols, align)
-                return y0, pl.multiple_of(x0, align)
-
-            y0, x0 = start(first_y, first_x)
-            add(windows[lv].at[0], h, w, y0, x0, first_y, first_x)
             n_across = across[k]
+            n = down[k] * n_across
+            one = jnp.int32(1)
 
-            @pl.loop(1, down[k] * n_across)
-            def _(t):
-                # Non-negative: truncating division, as in _first_col.
+            def window_at(t):
+                """Window ``t`` of the box's span (row-major): the first row and
+                column it owns, where its copy starts, and whether the copy of
+                ``block`` columns holds it. ``t >= 0``: truncating division and
+                remainder (as in _first_col)."""
                 from_y = first_y + jax.lax.div(t, n_across) * h
                 from_x = first_x + jax.lax.rem(t, n_across) * w
-                y0, x0 = start(from_y, from_x)
-                src = whole[lv].at[batch[k], pl.ds(y0, h), pl.ds(x0, cols), :]
-                copy = pltpu.make_async_copy(src, extra[lv], sem)
-                copy.start()
-                copy.wait()
-                add(extra[lv], h, w, y0, x0, from_y, from_x)
+                y0 = jnp.minimum(from_y, height - h)
+                x0 = _first_col(jnp.minimum(from_x, width - w), width, block, align)
+                held = x0 + block >= jnp.minimum(from_x + w, width)
+                return from_y, from_x, y0, pl.multiple_of(x0, align), held
+
+            def copy(t, slot):
+                _, _, y0, x0, _ = window_at(t)
+                src = whole[lv].at[batch[k], pl.ds(y0, h), pl.ds(x0, block), :]
+                return pltpu.make_async_copy(src, extra[lv].at[slot], sem.at[slot])
+
+            def prefetch(t, slot):
+                if side.strip:
+
+                    @pl.when(window_at(t)[4])
+                    def _():
+                        copy(t, slot).start()
+
+                else:
+                    copy(t, slot).start()
+
+            def read_strip(t):
+                """Window ``t`` from a copy of its whole rows (a ragged far edge)."""
+                from_y, from_x, y0, _, _ = window_at(t)
+                src = whole[lv].at[batch[k], pl.ds(y0, h)]
+                strip = pltpu.make_async_copy(src, strips[lv], sem.at[2])
+                strip.start()
+                strip.wait()
+                add(strips[lv], h, w, y0, jnp.int32(0), from_y, from_x)
+
+            @pl.when(n > 1)
+            def _():
+                prefetch(one, one)
+
+            # The first window: the pipeline's block.
+            from_y, from_x, y0, x0, held = window_at(jnp.int32(0))
+
+            @pl.when(held)
+            def _():
+                add(windows[lv].at[0], h, w, y0, x0, from_y, from_x)
+
+            if side.strip:
+
+                @pl.when(jnp.logical_not(held))
+                def _():
+                    read_strip(jnp.int32(0))
+
+            @pl.loop(1, n)
+            def _(t):
+                slot = jax.lax.rem(t, jnp.int32(2))
+
+                @pl.when(t + 1 < n)
+                def _():
+                    prefetch(t + one, one - slot)
+
+                from_y, from_x, y0, x0, held = window_at(t)
+
+                @pl.when(held)
+                def _():
+                    copy(t, slot).wait()
+                    add(extra[lv].at[slot], h, w, y0, x0, from_y, from_x)
+
+                if side.strip:
+
+                    @pl.when(jnp.logical_not(held))
+                    def _():
+                        read_strip(t)

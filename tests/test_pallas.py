@@ -36,18 +36,22 @@ def data():
 
 
 def test_windows_start_at_aligned_columns():
-    for width in (7, 16, 24, 25, 45, 84, 336):
+    for width in (7, 16, 21, 24, 25, 45, 84, 336):
         for dtype, align in ((jnp.float32, 8), (jnp.bfloat16, 16)):
             plan = _window.Plan(DataFormat.NHWC, [(1, 20, width, 8)], [dtype], jnp.float32)
-            ((h, w, cols, a),) = _pallas._sides(plan)
-            assert a == align and h == 16 and w == min(16, width)
-            if cols < width:
-                assert (width - cols) % align == 0 and cols >= w + align - 1
-            for x0 in range(width - w + 1):
-                first = int(_pallas._first_col(jnp.int32(x0), width, cols, align))
-                # Aligned, inside the map, holding columns x0 .. x0 + w.
-                assert first % align == 0 or cols >= width
-                assert 0 <= first <= x0 and x0 + w <= first + cols <= width
+            (side,) = _pallas._sides(plan)
+            assert side.align == align and side.h == 16 and side.w == min(16, width)
+            # Copies span a multiple of 8 columns, or the whole width.
+            assert side.block % 8 == 0 or side.block == width
+            assert side.strip == (side.block < width and width % align != 0)
+            for x0 in range(width - side.w + 1):
+                first = int(_pallas._first_col(jnp.int32(x0), width, side.block, align))
+                # Aligned (or the whole width), inside the map, from column x0 or before.
+                assert first % align == 0 or side.block == width
+                assert 0 <= first <= x0 and first + side.block <= width
+                # It holds the window's columns, except at a ragged far edge
+                # (where the kernel copies whole rows).
+                assert x0 + side.w <= first + side.block or side.strip
 
 
 @pytest.mark.parametrize("aligned", [True, False])
