@@ -32,7 +32,7 @@ has every gradient the window path has, with no gather or scatter.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -281,7 +281,7 @@ def _kernel(plan, sides, ph, *refs):
             n = down[k] * n_across
             one = jnp.int32(1)
 
-            def window_at(t) -> tuple[Any, ...]:
+            def window_at(t) -> tuple[Array, Array, Array, Array, Array]:
                 """Window ``t`` of the box's span (row-major): the first row and
                 column it owns, where its copy starts, and whether the copy of
                 ``block`` columns holds it. ``t >= 0``: truncating division and
@@ -330,7 +330,7 @@ def _kernel(plan, sides, ph, *refs):
 
             if side.strip:
 
-                @pl.when(jnp.logical_not(held))
+                @pl.when(~held)
                 def _():
                     read_strip(jnp.int32(0))
 
@@ -351,6 +351,6 @@ def _kernel(plan, sides, ph, *refs):
 
                 if side.strip:
 
-                    @pl.when(jnp.logical_not(held))
+                    @pl.when(~held)
                     def _():
                         read_strip(t)
