@@ -325,13 +325,13 @@ def _kernel(plan, sides, ph, *refs):
             from_y, from_x, y0, x0, held = window_at(jnp.int32(0))
 
             @pl.when(held)
-            def _():
+            def _first_block():
                 add(windows[lv].at[0], h, w, y0, x0, from_y, from_x)
 
             if side.strip:
 
                 @pl.when(~held)
-                def _():
+                def _first_strip():
                     read_strip(jnp.int32(0))
 
             @pl.loop(1, n)
