@@ -168,8 +168,8 @@ def pod_workload(wl: Workload) -> Workload:
 
 
 def _spans(wl: Workload, boxes: np.ndarray):
-    """Per level with boxes: ``(level name, need_y, need_x)``, the rows and columns
-    each of its boxes' taps span."""
+    """Per level with boxes: ``(level name, lo_y, need_y, lo_x, need_x)``, the first
+    row and column and how many rows and columns each of its boxes' taps span."""
     flat = jnp.asarray(boxes.reshape(-1, 4))
     k, p = flat.shape[0], wl.output_size
     if wl.multiscale:
@@ -207,9 +207,9 @@ def _spans(wl: Workload, boxes: np.ndarray):
             aligned=wl.aligned,
             dtype=jnp.float32,
         )
-        _, need_y = _sampling.tap_span(gy)
-        _, need_x = _sampling.tap_span(gx)
-        yield name, np.asarray(need_y), np.asarray(need_x)
+        lo_y, need_y = _sampling.tap_span(gy)
+        lo_x, need_x = _sampling.tap_span(gx)
+        yield name, *(np.asarray(a) for a in (lo_y, need_y, lo_x, need_x))
 
 
 def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool) -> float:
@@ -222,7 +222,7 @@ def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool)
     """
     c, p = wl.channels, wl.output_size
     total = 0.0
-    for name, need_y, need_x in _spans(wl, boxes):
+    for name, _, need_y, _, need_x in _spans(wl, boxes):
         h, w, _ = LEVELS[name]
         tiers = _window.tier_sizes(h, w)
         for ny, nx in zip(need_y, need_x, strict=True):
@@ -238,8 +238,9 @@ def window_bytes(wl: Workload, boxes: np.ndarray, itemsize: int, backward: bool)
 
 def pallas_bytes(wl: Workload, boxes: np.ndarray, itemsize: int) -> float:
     """Bytes the Pallas kernel's forward copies for these boxes: per box, its
-    windows (``h x cols`` cells: 16 rows, 16 columns widened to start at an
-    aligned column), its dense weights (float32) and its output row."""
+    windows (16 rows of ``block`` columns: 16 columns widened to start at an
+    aligned column; whole rows at a ragged far edge), its dense weights
+    (float32) and its output row."""
     from jax_roialign import _pallas
 
     c, p = wl.channels, wl.output_size
@@ -249,10 +250,19 @@ def pallas_bytes(wl: Workload, boxes: np.ndarray, itemsize: int) -> float:
     sides = dict(zip(wl.levels, _pallas._sides(plan), strict=True))
     weights = p * (max(s[1] for s in shapes) + max(s[2] for s in shapes)) * 4
     total = 0.0
-    for name, need_y, need_x in _spans(wl, boxes):
-        h, w, cols, _ = sides[name]
-        tiles = np.maximum(1, -(-need_y // h)) * np.maximum(1, -(-need_x // w))
-        total += float(tiles.sum()) * h * cols * c * itemsize
+    for name, _, need_y, lo_x, need_x in _spans(wl, boxes):
+        side, width = sides[name], LEVELS[name][1]
+        for ny, lx, nx in zip(need_y, lo_x, need_x, strict=True):
+            down = max(1, -(-int(ny) // side.h))
+            for j in range(max(1, -(-int(nx) // side.w))):
+                from_x = min(int(lx), width - 1) + j * side.w
+                first = int(
+                    _pallas._first_col(
+                        jnp.int32(min(from_x, width - side.w)), width, side.block, side.align
+                    )
+                )
+                held = first + side.block >= min(from_x + side.w, width)
+                total += down * side.h * (side.block if held else width) * c * itemsize
         total += len(need_y) * (weights + p * p * c * itemsize)
     return total
 
