@@ -150,12 +150,12 @@ def forward(plan, maps, wy: Array, wx: Array, batch, branch, span_y, span_x) -> 
     return jax.lax.platform_dependent(*args, tpu=kernel, default=interpreted)
 
 
-def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool) -> Array:
-    k_boxes, ph, hm = wy.shape
-    pw, wm = wx.shape[1], wx.shape[2]
-    c = plan.channels
-    nmaps = len(maps)
-    sides = _sides(plan)
+def _table(plan, batch, branch, span_y, span_x) -> tuple[Array, ...]:
+    """The box table the kernels read from SMEM (scalar prefetch), ``[K]`` each
+    unless said: the order boxes are visited in (by level), each box's image,
+    level, first row and column in its map and windows down and across, and
+    each level's first and last position in the order (``[L]``)."""
+    k_boxes, nmaps, sides = branch.shape[0], len(plan.shapes), _sides(plan)
     level = _levels(plan, branch).astype(jnp.int32)
     if nmaps == 1:
         order = jnp.arange(k_boxes, dtype=jnp.int32)
@@ -175,7 +175,16 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
     max_x = (widths + side_x - 1) // side_x
     down = jnp.clip((span_y[:, 1] + side_y - 1) // side_y, 1, max_y).astype(jnp.int32)
     across = jnp.clip((span_x[:, 1] + side_x - 1) // side_x, 1, max_x).astype(jnp.int32)
-    table = (order, batch.astype(jnp.int32), level, lo_y, lo_x, down, across, starts, ends)
+    return (order, batch.astype(jnp.int32), level, lo_y, lo_x, down, across, starts, ends)
+
+
+def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool) -> Array:
+    k_boxes, ph, hm = wy.shape
+    pw, wm = wx.shape[1], wx.shape[2]
+    c = plan.channels
+    nmaps = len(maps)
+    sides = _sides(plan)
+    table = _table(plan, batch, branch, span_y, span_x)
 
     def window_map(lv):
         height, width = plan.heights[lv], plan.widths[lv]
@@ -194,9 +203,7 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
         shape = (pl.Element(1), pl.Element(h), pl.Element(block), pl.Element(c))
         return pl.BlockSpec(shape, index)
 
-    def box_block(*shape):
-        return lambda j, order, *_: (order[j],) + (_ZERO,) * len(shape)
-
+    box_block = _box_block
     in_specs = [
         pl.BlockSpec((None, ph, hm), box_block(ph, hm), memory_space=pltpu.SMEM),
         pl.BlockSpec((None, pw, wm), box_block(pw, wm)),
@@ -231,6 +238,47 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
     )(*table, wy, wx, *maps, *maps)
 
 
+def _box_block(*shape):
+    """Index map of a per-box block: box ``order[j]`` at grid step ``j``."""
+    return lambda j, order, *_: (order[j],) + (_ZERO,) * len(shape)
+
+
+def _x_weights(wx_ref, x0, cols: int, from_x, w: int, dtype, *, transposed: bool) -> Array:
+    """The x-weights of a copy of ``cols`` columns from ``x0``, ``[PW, cols]`` (or
+    ``[cols, PW]``), counting columns ``from_x .. from_x + w`` only: the box's
+    dense row times a one-hot matrix (exact at HIGHEST)."""
+    wm = wx_ref.shape[-1]
+    at = x0 + jax.lax.broadcasted_iota(jnp.int32, (cols, wm), 0)
+    pick = jax.lax.broadcasted_iota(jnp.int32, (cols, wm), 1) == at
+    pick = (pick & (at >= from_x) & (at < from_x + w)).astype(dtype)
+    pair = (pick, wx_ref[...].astype(dtype)) if transposed else (wx_ref[...].astype(dtype), pick)
+    return jax.lax.dot_general(
+        *pair, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=dtype
+    )
+
+
+class _Box:
+    """Box ``k``'s windows in map ``lv`` (inside a kernel): window ``t`` of its
+    span, row-major, ``down x across`` of them."""
+
+    def __init__(self, plan, side: Sides, lv: int, k, lo_y, lo_x, down, across):
+        self.side, self.height, self.width = side, plan.heights[lv], plan.widths[lv]
+        self.first_y, self.first_x, self.across = lo_y[k], lo_x[k], across[k]
+        self.count = down[k] * self.across
+
+    def at(self, t) -> tuple[Array, Array, Array, Array, Array]:
+        """The first row and column window ``t`` owns, where its copy starts, and
+        whether the copy of ``block`` columns holds it. ``t >= 0``: truncating
+        division and remainder (as in _first_col)."""
+        h, w, block, align = self.side.h, self.side.w, self.side.block, self.side.align
+        from_y = self.first_y + jax.lax.div(t, self.across) * h
+        from_x = self.first_x + jax.lax.rem(t, self.across) * w
+        y0 = jnp.minimum(from_y, self.height - h)
+        x0 = _first_col(jnp.minimum(from_x, self.width - w), self.width, block, align)
+        held = x0 + block >= jnp.minimum(from_x + w, self.width)
+        return from_y, from_x, y0, pl.multiple_of(x0, align), held
+
+
 def _kernel(plan, sides, ph, *refs):
     nmaps = len(sides)
     order, batch, level, lo_y, lo_x, down, across, _, _ = refs[:9]
@@ -249,18 +297,7 @@ def _kernel(plan, sides, ph, *refs):
         """``out += wy[:, y0 : y0 + h] . win . wx[:, x0 : x0 + cols]^T``, counting
         rows from ``from_y`` on and columns ``from_x .. from_x + w`` only (the
         window's share of the box's span; other windows count the rest)."""
-        cols, wm = win.shape[1], wx_ref.shape[-1]
-        at = x0 + jax.lax.broadcasted_iota(jnp.int32, (cols, wm), 0)
-        pick = jax.lax.broadcasted_iota(jnp.int32, (cols, wm), 1) == at
-        pick = pick & (at >= from_x) & (at < from_x + w)
-        # The window's x-weights [PW, cols]: a one-hot product, exact at HIGHEST.
-        wxw = jax.lax.dot_general(
-            wx_ref[...].astype(dtype),
-            pick.astype(dtype),
-            (((1,), (1,)), ((), ())),
-            precision=_HIGHEST,
-            preferred_element_type=dtype,
-        )
+        wxw = _x_weights(wx_ref, x0, win.shape[1], from_x, w, dtype, transposed=False)
         for r in range(h):
             part = jnp.dot(
                 wxw, win[r].astype(dtype), precision=_HIGHEST, preferred_element_type=dtype
@@ -270,28 +307,14 @@ def _kernel(plan, sides, ph, *refs):
                 out_ref[p] += weight.astype(dtype) * part
 
     for lv in range(nmaps):
-        height, width = plan.heights[lv], plan.widths[lv]
         side = sides[lv]
 
         @pl.when(level[k] == lv)
-        def _(lv=lv, height=height, width=width, side=side):
-            h, w, block, align = side.h, side.w, side.block, side.align
-            first_y, first_x = lo_y[k], lo_x[k]
-            n_across = across[k]
-            n = down[k] * n_across
+        def _(lv=lv, side=side):
+            h, w, block = side.h, side.w, side.block
+            box = _Box(plan, side, lv, k, lo_y, lo_x, down, across)
+            window_at, n = box.at, box.count
             one = jnp.int32(1)
-
-            def window_at(t) -> tuple[Array, Array, Array, Array, Array]:
-                """Window ``t`` of the box's span (row-major): the first row and
-                column it owns, where its copy starts, and whether the copy of
-                ``block`` columns holds it. ``t >= 0``: truncating division and
-                remainder (as in _first_col)."""
-                from_y = first_y + jax.lax.div(t, n_across) * h
-                from_x = first_x + jax.lax.rem(t, n_across) * w
-                y0 = jnp.minimum(from_y, height - h)
-                x0 = _first_col(jnp.minimum(from_x, width - w), width, block, align)
-                held = x0 + block >= jnp.minimum(from_x + w, width)
-                return from_y, from_x, y0, pl.multiple_of(x0, align), held
 
             def copy(t, slot):
                 _, _, y0, x0, _ = window_at(t)
@@ -312,7 +335,7 @@ def _kernel(plan, sides, ph, *refs):
                 """Window ``t`` from a copy of its whole rows (a ragged far edge)."""
                 from_y, from_x, y0, _, _ = window_at(t)
                 src = whole[lv].at[batch[k], pl.ds(y0, h)]
-                strip = pltpu.make_async_copy(src, strips[lv], sem.at[2])
+                strip = pltpu.make_async_copy(src, strips[lv], sem.at[np.int32(2)])
                 strip.start()
                 strip.wait()
                 add(strips[lv], h, w, y0, jnp.int32(0), from_y, from_x)
@@ -354,3 +377,115 @@ def _kernel(plan, sides, ph, *refs):
                     @pl.when(~held)
                     def _():
                         read_strip(t)
+
+
+def transpose(plan, g, wy, wx, batch, branch, span_y, span_x, images: int | None = None):
+    """The feature gradient, as :func:`jax_roialign._window._transpose` (flat
+    tables), by a Pallas kernel: ``wy[k]^T . g[k] . wx[k]`` added into each box's
+    windows of its map. Interpreted off TPU. Returns one array per map, in the
+    compute dtype."""
+    kernel = functools.partial(_transpose_call, plan, images=images, interpret=False)
+    interpreted = functools.partial(_transpose_call, plan, images=images, interpret=True)
+    args = (g, wy, wx, batch, branch, span_y, span_x)
+    return jax.lax.platform_dependent(*args, tpu=kernel, default=interpreted)
+
+
+def _transpose_call(plan, g, wy, wx, batch, branch, span_y, span_x, *, images, interpret: bool):
+    k_boxes, ph, hm = wy.shape
+    pw, wm = wx.shape[1], wx.shape[2]
+    c, nmaps, sides = plan.channels, len(plan.shapes), _sides(plan)
+    shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
+    table = _table(plan, batch, branch, span_y, span_x)
+    in_specs = [
+        pl.BlockSpec((None, ph, pw, c), _box_block(ph, pw, c)),
+        pl.BlockSpec((None, ph, hm), _box_block(ph, hm), memory_space=pltpu.SMEM),
+        pl.BlockSpec((None, pw, wm), _box_block(pw, wm)),
+    ]
+    in_specs += [pl.BlockSpec(memory_space=pl.ANY) for _ in range(nmaps)]
+    # Per map: one window of the gradient (read, added to, written back) and,
+    # where needed, a whole-row strip.
+    scratch: list = [pltpu.VMEM((side.h, side.block, c), plan.dtype) for side in sides]
+    scratch += [
+        pltpu.VMEM((side.h, width if side.strip else 8, c), plan.dtype)
+        for side, width in zip(sides, plan.widths, strict=True)
+    ]
+    scratch.append(pltpu.SemaphoreType.DMA((2,)))
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(table),
+        grid=(k_boxes,),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec(memory_space=pl.ANY) for _ in range(nmaps)],
+        scratch_shapes=scratch,
+    )
+    zeros = [jnp.zeros(s, plan.dtype) for s in shapes]
+    first = len(table) + 3  # the zero maps, updated in place
+    return pl.pallas_call(
+        functools.partial(_transpose_kernel, plan, sides, ph),
+        grid_spec=spec,
+        out_shape=[jax.ShapeDtypeStruct(s, plan.dtype) for s in shapes],
+        input_output_aliases={first + lv: lv for lv in range(nmaps)},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+        interpret=interpret,
+    )(*table, g, wy, wx, *zeros)
+
+
+def _transpose_kernel(plan, sides, ph, *refs):
+    """One box per grid step, in the table's order (so the sum is the same on
+    every run): each of its windows of the gradient is copied in, added to and
+    copied back before the next, so boxes sharing cells add in turn."""
+    nmaps = len(sides)
+    order, batch, level, lo_y, lo_x, down, across, _, _ = refs[:9]
+    g_ref, wy_ref, wx_ref = refs[9:12]
+    grads = refs[12 + nmaps : 12 + 2 * nmaps]
+    bufs = refs[12 + 2 * nmaps : 12 + 3 * nmaps]
+    strips = refs[12 + 3 * nmaps : 12 + 4 * nmaps]
+    sem = refs[12 + 4 * nmaps]
+    dtype = plan.dtype
+    k = order[pl.program_id(0)]
+
+    def spread(win, h, w, y0, x0, from_y, from_x):
+        """``win += (wy[:, y0 : y0 + h]^T . g . wx[:, x0 : x0 + cols])``, rows from
+        ``from_y`` on and columns ``from_x .. from_x + w`` only."""
+        wxt = _x_weights(wx_ref, x0, win.shape[1], from_x, w, dtype, transposed=True)
+        for r in range(h):
+            row = None
+            for p in range(ph):
+                weight = jnp.where(y0 + r >= from_y, wy_ref[p, y0 + r], 0.0)
+                term = weight.astype(dtype) * g_ref[p].astype(dtype)  # [PW, C]
+                row = term if row is None else row + term
+            win[r] += jnp.dot(wxt, row, precision=_HIGHEST, preferred_element_type=dtype)
+
+    def add_into(target, scratch, box, t, x0, h, w):
+        from_y, from_x, y0, _, _ = box.at(t)
+        if scratch.shape[1] == target.shape[2]:  # whole rows
+            src = target.at[batch[k], pl.ds(y0, h)]
+        else:
+            src = target.at[batch[k], pl.ds(y0, h), pl.ds(x0, scratch.shape[1]), :]
+        read = pltpu.make_async_copy(src, scratch, sem.at[np.int32(0)])
+        read.start()
+        read.wait()
+        spread(scratch, h, w, y0, x0, from_y, from_x)
+        write = pltpu.make_async_copy(scratch, src, sem.at[np.int32(1)])
+        write.start()
+        write.wait()
+
+    for lv in range(nmaps):
+        side = sides[lv]
+
+        @pl.when(level[k] == lv)
+        def _(lv=lv, side=side):
+            box = _Box(plan, side, lv, k, lo_y, lo_x, down, across)
+
+            @pl.loop(0, box.count)
+            def _(t):
+                _, _, _, x0, held = box.at(t)
+
+                @pl.when(held)
+                def _():
+                    add_into(grads[lv], bufs[lv], box, t, x0, side.h, side.w)
+
+                if side.strip:
+
+                    @pl.when(~held)
+                    def _():
+                        add_into(grads[lv], strips[lv], box, t, jnp.int32(0), side.h, side.w)

@@ -281,6 +281,12 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
     boxes go in a fixed order, so the sum is the same on every run. ``images``
     overrides the maps' batch size (a vmapped call folded into the images).
     """
+    if plan.pallas:
+        from . import _pallas
+
+        if _pallas.supported(plan, wy.shape[1]):
+            acc = _pallas.transpose(plan, g, wy, wx, batch, branch, span_y, span_x, images)
+            return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
     acc = _shard.varying(
         tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x
