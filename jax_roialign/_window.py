@@ -108,7 +108,9 @@ class Plan:
     (``[K, S, C]``), instead of the separable grid ``[K, PH, PW, C]``. ``taps``:
     the weights are taps ``w [K, S, T]`` at rows ``idx [K, S, T]`` (int tables
     passed with the spans), made dense inside each window, instead of dense
-    weights over the whole map.
+    weights over the whole map. ``group``: points summed per output row (the
+    ``group`` consecutive points ``s``, e.g. the samples of one bin), so the
+    output is ``[K, S / group, C]``.
     """
 
     def __init__(
@@ -119,9 +121,10 @@ class Plan:
         dtype,
         points: bool = False,
         taps: bool = False,
+        group: int = 1,
     ):
         self.layout = layout
-        self.points, self.taps = bool(points), bool(taps)
+        self.points, self.taps, self.group = bool(points), bool(taps), int(group)
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.map_dtypes = tuple(np.dtype(d) for d in map_dtypes)
         self.dtype = np.dtype(dtype)
@@ -130,7 +133,8 @@ class Plan:
         self.branch_offset = list(np.cumsum([0] + [len(t) for t in self.tiers])[:-1])
 
     def key(self):
-        return (self.layout, self.shapes, self.map_dtypes, self.dtype, self.points, self.taps)
+        key = (self.layout, self.shapes, self.map_dtypes, self.dtype)
+        return key + (self.points, self.taps, self.group)
 
     @property
     def nhwc(self) -> bool:
@@ -207,13 +211,21 @@ def _add_weights_grad(acc: Array, d: Array, tk: Array | None, start) -> Array:
     return acc + jnp.sum(jnp.where(tk[..., None] == rows, d[:, None, :], 0.0), axis=-1)
 
 
+def _point_weights(plan: Plan, wyw: Array, wxw: Array) -> Array:
+    """The points' outer-product weights on the window, ``[S / group, h * w]``
+    (each group of points summed)."""
+    h, w = wyw.shape[1], wxw.shape[1]
+    w2 = (wyw[:, :, None] * wxw[:, None, :]).reshape(-1, plan.group, h * w)
+    return jnp.sum(w2, axis=1) if plan.group > 1 else w2[:, 0]
+
+
 def _contract(plan: Plan, win: Array, wyw: Array, wxw: Array) -> Array:
     """One window's part of a box's output: ``wy . win . wx^T`` ``[PH, PW, C]``, or
-    per point (``plan.points``) ``[S, C]``: the points' outer-product weights
-    ``[S, h * w]`` times the window ``[h * w, C]`` (one matmul)."""
+    per point (``plan.points``) ``[S / group, C]``: the points' outer-product
+    weights ``[S / group, h * w]`` times the window ``[h * w, C]`` (one matmul)."""
     if plan.points:
         h, w, c = win.shape
-        w2 = (wyw[:, :, None] * wxw[:, None, :]).reshape(-1, h * w)
+        w2 = _point_weights(plan, wyw, wxw)
         return jnp.einsum("sk,kc->sc", w2, win.reshape(h * w, c), precision=_HIGHEST)
     z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
     return jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
@@ -223,7 +235,7 @@ def _contract_t(plan: Plan, gk: Array, wyw: Array, wxw: Array) -> Array:
     """The transpose of :func:`_contract`: the window's gradient ``[h, w, C]``."""
     h, w = wyw.shape[1], wxw.shape[1]
     if plan.points:
-        w2 = (wyw[:, :, None] * wxw[:, None, :]).reshape(-1, h * w)
+        w2 = _point_weights(plan, wyw, wxw)
         val = jnp.einsum("sk,sc->kc", w2, gk, precision=_HIGHEST)
         return val.reshape(h, w, -1)
     u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
@@ -235,6 +247,8 @@ def _contract_dw(plan: Plan, win: Array, gk: Array, wyw: Array, wxw: Array):
     if plan.points:
         h, w, c = win.shape
         d_w2 = jnp.einsum("sc,kc->sk", gk, win.reshape(h * w, c), precision=_HIGHEST)
+        if plan.group > 1:  # each point of a group gets the group's gradient
+            d_w2 = jnp.repeat(d_w2, plan.group, axis=0)
         d_w2 = d_w2.reshape(-1, h, w)
         d_wy = jnp.einsum("shw,sw->sh", d_w2, wxw, precision=_HIGHEST)
         d_wx = jnp.einsum("shw,sh->sw", d_w2, wyw, precision=_HIGHEST)
@@ -315,7 +329,7 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps):
     """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``
     (``[K, S, C]`` for points), each box's row written in place into the output.
     ``taps``: the tap rows and columns ``[K, S, T]`` of tap weights."""
-    shape = (wy.shape[1],) if plan.points else (wy.shape[1], wx.shape[1])
+    shape = (wy.shape[1] // plan.group,) if plan.points else (wy.shape[1], wx.shape[1])
     refs = (maps, wy, wx, batch, span_y, span_x, taps)  # what the loops' carries vary with
     out = _shard.varying(jnp.zeros((wy.shape[0],) + shape + (plan.channels,), plan.dtype), *refs)
 
@@ -658,13 +672,14 @@ def contract_window(
     return _read(maps, layout, wy, wx, level, (lo_y, need_y, lo_x, need_x), dtype, batch)
 
 
-def _read(maps, layout, wy, wx, level, span, dtype, batch, *, points=False, taps=None):
+def _read(maps, layout, wy, wx, level, span, dtype, batch, *, points=False, taps=None, group=1):
     """:func:`contract_window` and :func:`contract_points`: ``taps`` the tap rows and
     columns ``(idx_y, idx_x)`` when ``wy``, ``wx`` are tap weights."""
     maps = tuple(maps)
-    plan = Plan(
-        layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, points, taps is not None
-    )
+    if wy.shape[-2] % group:
+        raise ValueError(f"{wy.shape[-2]} points do not split into groups of {group}")
+    shapes, dtypes = [m.shape for m in maps], [m.dtype for m in maps]
+    plan = Plan(layout, shapes, dtypes, dtype, points, taps is not None, group)
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
     if taps is None:
@@ -699,6 +714,7 @@ def contract_points(
     dtype,
     *,
     batch: Array | None = None,
+    group: int = 1,
 ) -> Array:
     """``out[k, s] = sum_hw wy[k, s, h] wx[k, s, w] F_level[k][batch[k], h, w, :]``, box-locally.
 
@@ -708,10 +724,11 @@ def contract_points(
     average, or one sample). Each box still reads one window (or the tiles of
     its span), contracted with its points' outer-product weights (one matmul per
     window); the same loops, transposes and weight gradients. Returns ``[K, S, C]``
-    (``[N, R, S, C]`` per image).
+    (``[N, R, S, C]`` per image); with ``group``, each ``group`` consecutive points
+    summed: ``[K, S / group, C]`` (a bin's samples, never ``[K, S, C]``).
     """
     span = (lo_y, need_y, lo_x, need_x)
-    return _read(maps, layout, wy, wx, level, span, dtype, batch, points=True)
+    return _read(maps, layout, wy, wx, level, span, dtype, batch, points=True, group=group)
 
 
 def read_taps(
@@ -751,17 +768,21 @@ def read_point_taps(
     dtype,
     *,
     level: Array | None = None,
+    group: int = 1,
 ) -> Array:
     """:func:`contract_points` of taps ``(idx, w, live)`` per axis (``idx, w [K, S, T]``,
     ``live [K, S]`` or ``[K, S, T]`` the taps that count: every tap whose weight
     or whose weight's derivative can be nonzero): each point reads
     ``sum_ab wy[k, s, a] wx[k, s, b] F[idx_y[k, s, a], idx_x[k, s, b]]``. The taps
     stay taps (``[K, S, T]``, no dense weights over the map): each window makes
-    its own rows of them dense. Returns ``[K, S, C]``."""
+    its own rows of them dense. Returns ``[K, S / group, C]``."""
     (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
     lo_y, need_y = _sampling.taps_span(iy, live_y)
     lo_x, need_x = _sampling.taps_span(ix, live_x)
     if level is None:  # one map (typed like the boxes, for explicit sharding)
         level = jnp.zeros_like(lo_y)
     span = (lo_y, need_y, lo_x, need_x)
-    return _read(maps, layout, wy, wx, level, span, dtype, batch, points=True, taps=(iy, ix))
+    taps = (iy, ix)
+    return _read(
+        maps, layout, wy, wx, level, span, dtype, batch, points=True, taps=taps, group=group
+    )
