@@ -7,7 +7,8 @@ grid, so the average still factorises per bin: the y and x sample grids are
 (the y start of a bin depends on ``pw`` through the offset, and the x start on
 ``ph``). Everything else is the core's machinery: two taps per sample for fixed
 grids, exact closed-form per-row weights in a static window for adaptive grids,
-and the dense (matmul) path when a bin needs more rows than the window.
+and the dense (matmul) path when a bin needs more rows than the window. On TPU
+(:func:`window_per_bin`) every bin is a point of the box-local window reader.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _sampling
+from . import _contract, _sampling, _shard
 from ._roi_align import fast_window
 from ._validation import (
     DataFormat,
+    Method,
     prepare,
     sampling_ratio_int,
 )
@@ -65,6 +67,10 @@ def deform_roi_align(
     rois and ``offset`` ``[K, 2, PH, PW]`` = ``jnp.moveaxis(offsets, -1, 1)``.
     mmcv's ``ModulatedDeformRoIPoolPack`` applies a sigmoid to its mask before
     multiplying; here ``mask`` is used as given.
+
+    On TPU each bin is read box-locally (the window reader: one window per box
+    holding all its moved bins, no gather or scatter, forward or backward); per-image
+    boxes on batch-sharded features pool per device.
 
     Args:
       features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
@@ -128,6 +134,7 @@ def deform_roi_align(
         mask = _per_bin(mask, "mask", lead + (ph, pw), jnp.shape(boxes))
     dtype = jnp.result_type(call.dtype, offsets.dtype)
     k = rois.coords.shape[0]
+    per_image = len(lead) == 2
 
     def body() -> Array:
         offs = offsets.reshape(k, ph, pw, 2).astype(dtype)
@@ -143,14 +150,27 @@ def deform_roi_align(
             gamma=gamma,
             dtype=dtype,
         )
-        out = aggregate_avg_per_bin(
-            call.features, call.layout, rois.batch, bin_ok.astype(dtype), gy, gx, (ph, pw), dtype
-        )
+        okb = bin_ok.astype(dtype)
+
+        def build(how: Method):
+            def pool(f, batch, okb, gy, gx):
+                read = window_per_bin if how is Method.WINDOW else aggregate_avg_per_bin
+                return read(f, call.layout, batch, okb, gy, gx, (ph, pw), dtype)
+
+            if per_image:  # on batch-sharded features each device pools its own images
+                return lambda: _shard.per_image_pool(pool, call.features, rois.batch, okb, gy, gx)
+            return lambda: pool(call.features, rois.batch, okb, gy, gx)
+
+        out = _READER.run(build)
         if mask is not None:
             out = out * mask.reshape(k, ph, pw, 1).astype(dtype)
         return out
 
     return call.output(body)
+
+
+# The reader ``deform_roi_align`` takes: ``AUTO`` picks the platform's (tests set others).
+_READER = Method.AUTO
 
 
 def _finite_number(value: Any, name: str) -> float:
@@ -264,3 +284,51 @@ def aggregate_avg_per_bin(
         _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
     )
     return jax.lax.switch(index, [fast, dense], None)
+
+
+def window_per_bin(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    ok: Array,
+    gy: _sampling.AxisGrid,
+    gx: _sampling.AxisGrid,
+    pooled: tuple[int, int],
+    dtype: Any,
+) -> Array:
+    """:func:`aggregate_avg_per_bin` through the box-local window reader (the TPU
+    path: no gather or scatter, forward or backward).
+
+    Each bin is a point of :func:`._window.contract_points`: its separable weights
+    (the y and x average of its own grid) over the rows and columns its samples
+    touch, read from one window per box that holds every bin (the tiles of the
+    box's span when larger). A fixed grid passes its two taps per sample (made
+    dense inside each window); an adaptive grid its exact dense per-row weights
+    (:func:`_sampling.dense_weights`, any bin size).
+    """
+    from . import _window
+
+    k = gy.first.shape[0]
+    ph, pw = pooled
+    okp = ok.reshape(k, ph * pw)
+    if gy.static_count is not None and gx.static_count is not None:
+
+        def taps(grid: _sampling.AxisGrid):
+            idx, w = _sampling.sample_taps(grid)  # [K, P, 2 s]: low taps, then high
+            y = _sampling.sample_positions(grid, jnp.arange(grid.static_count, dtype=dtype))
+            valid = (y >= -1.0) & (y <= float(grid.length))
+            live = jnp.concatenate([valid, valid], axis=-1) & (okp[..., None] > 0)
+            return idx, w * okp[..., None], live
+
+        out = _window.read_point_taps([features], layout, batch, taps(gy), taps(gx), dtype)
+    else:
+        gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
+        wy = _sampling.dense_weights(gy) * okp[..., None]
+        wx = _sampling.dense_weights(gx)
+        live = jnp.any(okp > 0, axis=1)
+        (lo_y, need_y), (lo_x, need_x) = _sampling.tap_span(gy, live), _sampling.tap_span(gx, live)
+        level = jnp.zeros_like(lo_y)
+        out = _window.contract_points(
+            [features], layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+        )
+    return out.reshape(k, ph, pw, -1)

@@ -1,17 +1,19 @@
-"""How to read, as one Pallas TPU kernel: the window reader's forward, box by box.
+"""How to read, as Pallas TPU kernels: the window reader's forward and transpose, box by box.
 
 The same contraction as :func:`jax_roialign._window.contract_window` (and the
 same inputs: the dense weights ``wy [K, PH, H]``, ``wx [K, PW, W]`` of
 :mod:`jax_roialign._sampling` and each box's span of rows and columns), written
 as a kernel instead of an XLA loop. One grid step per box:
 
-- The box's first window ``[h, w, C]`` (``h = min(16, H)``, ``w`` likewise, at
-  the box's first row and column, moved inside the map) is a block of the map
-  with element offsets (``pl.Element``) read from the box table in SMEM (scalar
-  prefetch), so Pallas copies the next box's window while this one is
+- The box's first window (``h = min(16, H)`` rows and ``w = min(16, W)``
+  columns at the box's first row and column, moved inside the map; copied as
+  ``w + 8`` columns from an aligned column, see :class:`Sides`) is a block of
+  the map with element offsets (``pl.Element``) read from the box table in SMEM
+  (scalar prefetch), so Pallas copies the next box's window while this one is
   contracted. A box that spans more than one window reads the rest of its span
-  in further windows, each copied by a DMA of its own (the rows and columns a
-  window shares with the one before it count once), so no box is truncated.
+  in further windows, each copied by a DMA of its own while the one before is
+  contracted (the rows and columns a window shares with the one before it
+  count once), so no box is truncated.
 - The window's x-weights are taken from the box's dense row of weights by a
   one-hot matrix product (exact at HIGHEST precision), and each row of the
   window is contracted with them on the MXU (``[PW, w] . [w, C]``).
@@ -24,9 +26,13 @@ where its last box left it while other levels' boxes go by, so nothing is
 copied twice. Off TPU the kernel runs in Pallas' interpreter (the same
 program, evaluated by XLA: slow, for tests).
 
-Only the forward is a kernel: the feature and weight gradients are the window
-reader's own transposes (:mod:`jax_roialign._window`), so ``method="pallas"``
-has every gradient the window path has, with no gather or scatter.
+The feature gradient is a kernel too (:func:`transpose`): one box per grid
+step, in the table's order, each of its windows of the gradient copied into
+VMEM, added to (``wy^T . g . wx``) and copied back before the next, so boxes
+that share cells add in turn and the sum is the same on every run. The
+weights' gradient (the box gradient) is the window reader's own
+(:mod:`jax_roialign._window`), so ``method="pallas"`` has every gradient the
+window path has, with no gather or scatter.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ def supported(plan, ph: int) -> bool:
     (the TPU's layout for convolutions; in NCHW a window's columns would be lanes,
     whose copies must start at multiples of 128), at most ``MAX_ROWS`` rows, and
     whole-row strips (:class:`Sides`) of at most ``MAX_STRIP`` bytes."""
+    if plan.points or plan.taps or plan.group != 1:  # separable dense weights only
+        return False
     if not plan.nhwc or ph > MAX_ROWS or plan.dtype == np.dtype(np.float16):
         return False
     return all(

@@ -17,7 +17,8 @@ range is at most about twice the map's diagonal long. Bins whose ranges fit a
 small window (ordinary boxes) take one unrolled pass; otherwise a ``lax.switch``
 picks a ``lax.scan`` over the needed samples with the smallest of a few
 geometrically growing static lengths, so the cost follows the largest box
-instead of the worst case, and every box is exact.
+instead of the worst case, and every box is exact. On TPU a fixed grid takes
+:func:`window_rotated` (each sample a point of the box-local window reader).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from . import _sampling, _shard
 from ._max import bilinear_2d, point_taps
 from ._validation import (
     DataFormat,
+    Method,
     check_bool,
     prepare,
     sampling_ratio_int,
@@ -121,6 +123,10 @@ def roi_align_rotated(
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
       per-image boxes, in the features' dtype (computed in float32 or wider).
 
+    On TPU a fixed grid (``sampling_ratio > 0``) is read box-locally (the window
+    reader: every sample from one window per box, no gather or scatter, forward
+    or backward); per-image boxes on batch-sharded features pool per device.
+
     Differentiable with respect to the features and the boxes (centre, size and
     angle). Boxes whose parameters are not finite, or whose batch index is
     outside ``[0, N)``, give zeros. Negative sizes follow the formula
@@ -172,9 +178,28 @@ def roi_align_rotated(
             dtype=dtype,
         )
         ok = rois.ok.astype(dtype)[:, None, None]
-        return aggregate_rotated(call.features, call.layout, rois.batch, ok, geo, dtype)
+        static = ratio > 0
+        parts = (geo.gy, geo.gx, geo.cy, geo.cx, geo.cos, geo.sin)
+
+        def build(how: Method):
+            def pool(f, batch, ok, *parts):
+                geo = RotatedGeometry(*parts)
+                if how is Method.WINDOW and static:
+                    return window_rotated(f, call.layout, batch, ok, geo, dtype)
+                return aggregate_rotated(f, call.layout, batch, ok, geo, dtype)
+
+            if len(rois.lead_shape) == 2:  # batch-sharded features: each device its images
+                return lambda: _shard.per_image_pool(pool, call.features, rois.batch, ok, *parts)
+            return lambda: pool(call.features, rois.batch, ok, *parts)
+
+        # Adaptive grids (an unbounded number of samples per bin) have no window path.
+        return _READER.run(build) if static else build(Method.GATHER)()
 
     return call.output(body)
+
+
+# The reader ``roi_align_rotated`` takes: ``AUTO`` picks the platform's (tests set others).
+_READER = Method.AUTO
 
 
 class RotatedGeometry:
@@ -334,6 +359,59 @@ def aggregate_rotated(
     tier = sum(((total > t).astype(jnp.int32) for t in lengths[:-1]), jnp.int32(0))
     acc = jax.lax.switch(tier, [branch(n) for n in lengths], None)
     return acc * ok[..., None] / count
+
+
+def window_rotated(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    ok: Array,
+    geo: RotatedGeometry,
+    dtype: Any,
+) -> Array:
+    """:func:`aggregate_rotated` for fixed grids through the box-local window reader
+    (the TPU path: no gather or scatter, forward or backward).
+
+    Every sample is a point of :func:`._window.read_point_taps`: its two taps per
+    map axis (:func:`._max.point_taps`, the same rule), read from one window per
+    box holding the rotated box's samples (the tiles of its span when larger,
+    so any box is exact). Each bin's samples are summed inside the reader.
+    """
+    from ._window import read_point_taps
+
+    gy, gx = geo.gy, geo.gx
+    sy, sx = gy.static_count, gx.static_count
+    assert sy is not None and sx is not None
+    k, ph = gy.first.shape
+    pw = gx.first.shape[1]
+
+    def positions(grid: _sampling.AxisGrid, s: int) -> Array:
+        return _sampling.sample_positions(grid, jnp.arange(s, dtype=dtype))  # [K, P, s]
+
+    # Samples ordered (ph, pw, iy, ix): a bin's samples are consecutive.
+    yy = positions(gy, sy)[:, :, None, :, None]
+    xx = positions(gx, sx)[:, None, :, None, :]
+
+    def per_box(a: Array) -> Array:
+        return a[:, None, None, None, None]
+
+    cos, sin, cy, cx = (per_box(a) for a in (geo.cos, geo.sin, geo.cy, geo.cx))
+    y = yy * cos - xx * sin + cy
+    x = yy * sin + xx * cos + cx
+    ty, tx = point_taps(y, gy.length), point_taps(x, gx.length)
+    valid_y = (y >= -1.0) & (y <= float(gy.length))
+    valid_x = (x >= -1.0) & (x <= float(gx.length))
+    s = ph * pw * sy * sx
+    live = (valid_y & valid_x & (ok[:, :, :, None, None] > 0)).reshape(k, s)
+
+    def taps(t):
+        low, high, w_low, w_high = t
+        idx = jnp.stack([low, high], axis=-1).reshape(k, s, 2)
+        return idx, jnp.stack([w_low, w_high], axis=-1).reshape(k, s, 2), live
+
+    out = read_point_taps([features], layout, batch, taps(ty), taps(tx), dtype, group=sy * sx)
+    count = float(max(sy * sx, 1))
+    return out.reshape(k, ph, pw, -1) * ok[..., None] / count
 
 
 def _max_window(h: int, w: int) -> int:

@@ -101,11 +101,33 @@ def _layout(layout: DataFormat, shapes: tuple[tuple[int, ...], ...]):
 
 
 class Plan:
-    """Static description of a window read: layouts, map sizes, tiers, dtypes."""
+    """Static description of a window read: layouts, map sizes, tiers, dtypes.
 
-    def __init__(self, layout: DataFormat, shapes, map_dtypes, dtype, pallas: bool = False):
+    ``points``: each row ``s`` of the weights is one point (a sample, or a bin of
+    its own), read as ``out[k, s] = sum_hw wy[k, s, h] wx[k, s, w] F[h, w]``
+    (``[K, S, C]``), instead of the separable grid ``[K, PH, PW, C]``. ``taps``:
+    the weights are taps ``w [K, S, T]`` at rows ``idx [K, S, T]`` (int tables
+    passed with the spans), made dense inside each window, instead of dense
+    weights over the whole map. ``group``: points summed per output row (the
+    ``group`` consecutive points ``s``, e.g. the samples of one bin), so the
+    output is ``[K, S / group, C]``. ``pallas``: the separable read by the
+    Pallas kernels of :mod:`jax_roialign._pallas` where they fit.
+    """
+
+    def __init__(
+        self,
+        layout: DataFormat,
+        shapes,
+        map_dtypes,
+        dtype,
+        points: bool = False,
+        taps: bool = False,
+        group: int = 1,
+        pallas: bool = False,
+    ):
         self.layout = layout
-        self.pallas = pallas
+        self.points, self.taps, self.group = bool(points), bool(taps), int(group)
+        self.pallas = bool(pallas)
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.map_dtypes = tuple(np.dtype(d) for d in map_dtypes)
         self.dtype = np.dtype(dtype)
@@ -114,7 +136,8 @@ class Plan:
         self.branch_offset = list(np.cumsum([0] + [len(t) for t in self.tiers])[:-1])
 
     def key(self):
-        return (self.layout, self.shapes, self.map_dtypes, self.dtype, self.pallas)
+        key = (self.layout, self.shapes, self.map_dtypes, self.dtype)
+        return key + (self.points, self.taps, self.group, self.pallas)
 
     @property
     def nhwc(self) -> bool:
@@ -167,7 +190,84 @@ def _set_row(a: Array, k, value: Array) -> Array:
     return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), k, axis=0)
 
 
-def _per_tile(plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, whole=False):
+def _window_weights(plan: Plan, wk: Array, tk: Array | None, start, size: int, own) -> Array:
+    """One box's weights ``[P, size]`` on the rows (columns) ``start + [0, size)``: a
+    slice of its dense weights, or its taps ``wk [P, T]`` at ``tk [P, T]`` made
+    dense there (a compare, no gather). Rows the tile does not own get 0."""
+    if tk is None:
+        w = jax.lax.dynamic_slice_in_dim(wk, start, size, axis=1)
+    else:
+        rows = start + jnp.arange(size, dtype=jnp.int32)
+        w = jnp.sum(jnp.where(tk[..., None] == rows, wk[..., None], 0.0), axis=-2)
+    w = w.astype(plan.dtype)
+    return w if own is None else jnp.where(own, w, 0.0)
+
+
+def _add_weights_grad(acc: Array, d: Array, tk: Array | None, start) -> Array:
+    """Adds a window's weight gradient ``d [P, size]`` into one box's ``acc``:
+    its dense rows from ``start`` (a slice update), or its taps ``[P, T]``
+    (each tap takes the gradient of its row)."""
+    if tk is None:
+        cur = jax.lax.dynamic_slice_in_dim(acc, start, d.shape[1], axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(acc, cur + d, start, axis=1)
+    rows = start + jnp.arange(d.shape[1], dtype=jnp.int32)
+    return acc + jnp.sum(jnp.where(tk[..., None] == rows, d[:, None, :], 0.0), axis=-1)
+
+
+def _point_weights(plan: Plan, wyw: Array, wxw: Array) -> Array:
+    """The points' outer-product weights on the window, ``[S / group, h * w]``
+    (each group of points summed)."""
+    h, w = wyw.shape[1], wxw.shape[1]
+    w2 = (wyw[:, :, None] * wxw[:, None, :]).reshape(-1, plan.group, h * w)
+    return jnp.sum(w2, axis=1) if plan.group > 1 else w2[:, 0]
+
+
+def _contract(plan: Plan, win: Array, wyw: Array, wxw: Array) -> Array:
+    """One window's part of a box's output: ``wy . win . wx^T`` ``[PH, PW, C]``, or
+    per point (``plan.points``) ``[S / group, C]``: the points' outer-product
+    weights ``[S / group, h * w]`` times the window ``[h * w, C]`` (one matmul)."""
+    if plan.points:
+        h, w, c = win.shape
+        w2 = _point_weights(plan, wyw, wxw)
+        return jnp.einsum("sk,kc->sc", w2, win.reshape(h * w, c), precision=_HIGHEST)
+    z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
+    return jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
+
+
+def _contract_t(plan: Plan, gk: Array, wyw: Array, wxw: Array) -> Array:
+    """The transpose of :func:`_contract`: the window's gradient ``[h, w, C]``."""
+    h, w = wyw.shape[1], wxw.shape[1]
+    if plan.points:
+        w2 = _point_weights(plan, wyw, wxw)
+        val = jnp.einsum("sk,sc->kc", w2, gk, precision=_HIGHEST)
+        return val.reshape(h, w, -1)
+    u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
+    return jnp.einsum("ph,pwc->hwc", wyw, u, precision=_HIGHEST)
+
+
+def _contract_dw(plan: Plan, win: Array, gk: Array, wyw: Array, wxw: Array):
+    """The gradient of ``<gk, _contract(win, wyw, wxw)>`` in ``wyw`` and ``wxw``."""
+    if plan.points:
+        h, w, c = win.shape
+        d_w2 = jnp.einsum("sc,kc->sk", gk, win.reshape(h * w, c), precision=_HIGHEST)
+        if plan.group > 1:  # each point of a group gets the group's gradient
+            d_w2 = jnp.repeat(d_w2, plan.group, axis=0)
+        d_w2 = d_w2.reshape(-1, h, w)
+        d_wy = jnp.einsum("shw,sw->sh", d_w2, wxw, precision=_HIGHEST)
+        d_wx = jnp.einsum("shw,sh->sw", d_w2, wyw, precision=_HIGHEST)
+        return d_wy, d_wx
+    # Contract the window over its minor axes only (w, c), with rows as a
+    # batch axis, so it is read in the map's own layout.
+    z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
+    d_wy = jnp.einsum("pqc,hqc->ph", gk, z, precision=_HIGHEST)
+    t = jnp.einsum("ph,pqc->hqc", wyw, gk, precision=_HIGHEST)
+    d_wx = jnp.einsum("hwc,hqc->hqw", win, t, precision=_HIGHEST).sum(0)
+    return d_wy, d_wx
+
+
+def _per_tile(
+    plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, whole=False, taps=(None, None)
+):
     """Runs ``fn(carry, y0, x0, wy_window, wx_window, own)`` over the windows of one tier.
 
     ``span_y``, ``span_x``: ``[2]`` int32, the box's first row (column) and how
@@ -179,20 +279,19 @@ def _per_tile(plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, 
     (columns) get zero weight in it (``own``: the ``[h]``, ``[w]`` masks of the
     rows and columns a tile owns; ``None`` for a single window). ``whole``: the
     tiles of the whole map instead (a static trip count, which reverse-mode
-    autodiff can go through).
+    autodiff can go through). ``taps``: the box's tap rows and columns when
+    ``wyk``, ``wxk`` are tap weights (:func:`_window_weights`).
     """
     h, w, ny, nx = tier
     height, width = plan.heights[lv], plan.widths[lv]
 
     def window(carry, y0, x0, from_y, from_x):
         y0, x0 = jnp.asarray(y0, jnp.int32), jnp.asarray(x0, jnp.int32)
-        wyw = jax.lax.dynamic_slice_in_dim(wyk, y0, h, axis=1).astype(plan.dtype)
-        wxw = jax.lax.dynamic_slice_in_dim(wxk, x0, w, axis=1).astype(plan.dtype)
         own = None
         if from_y is not None:
             own = (y0 + jnp.arange(h) >= from_y, x0 + jnp.arange(w) >= from_x)
-            wyw = jnp.where(own[0], wyw, 0.0)
-            wxw = jnp.where(own[1], wxw, 0.0)
+        wyw = _window_weights(plan, wyk, taps[0], y0, h, None if own is None else own[0])
+        wxw = _window_weights(plan, wxk, taps[1], x0, w, None if own is None else own[1])
         return fn(carry, y0, x0, wyw, wxw, own)
 
     lo_y, lo_x = jnp.clip(span_y[0], 0, height - 1), jnp.clip(span_x[0], 0, width - 1)
@@ -224,29 +323,36 @@ def _branches(plan: Plan, body):
     ]
 
 
-def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x):
-    """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``,
-    each box's row written in place into the output (by the Pallas kernel of
-    :mod:`jax_roialign._pallas` where the plan asks for it and it fits)."""
+def _box_taps(taps, k):
+    """Box ``k``'s tap rows and columns, ``(None, None)`` for dense weights."""
+    return (_row(taps[0], k), _row(taps[1], k)) if taps else (None, None)
+
+
+def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps):
+    """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``
+    (``[K, S, C]`` for points), each box's row written in place into the output
+    (by the Pallas kernel of :mod:`jax_roialign._pallas` where the plan asks for
+    it and it fits). ``taps``: the tap rows and columns ``[K, S, T]`` of tap
+    weights."""
     if plan.pallas:
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
             return _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
-    ph, pw = wy.shape[1], wx.shape[1]
-    refs = (maps, wy, wx, batch, span_y, span_x)  # what the loops' carries vary with
-    out = _shard.varying(jnp.zeros((wy.shape[0], ph, pw, plan.channels), plan.dtype), *refs)
+    shape = (wy.shape[1] // plan.group,) if plan.points else (wy.shape[1], wx.shape[1])
+    refs = (maps, wy, wx, batch, span_y, span_x, taps)  # what the loops' carries vary with
+    out = _shard.varying(jnp.zeros((wy.shape[0],) + shape + (plan.channels,), plan.dtype), *refs)
 
     def body(lv, tier, k, out):
         b, ly, lx, wyk, wxk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx))
 
         def read(acc, y0, x0, wyw, wxw, own):
             win = _window(plan, maps[lv], b, y0, x0, tier[0], tier[1])
-            z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
-            return acc + jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
+            return acc + _contract(plan, win, wyw, wxw)
 
-        zero = _shard.varying(jnp.zeros((ph, pw, plan.channels), plan.dtype), *refs)
-        return _set_row(out, k, _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero))
+        zero = _shard.varying(jnp.zeros(shape + (plan.channels,), plan.dtype), *refs)
+        tk = _box_taps(taps, k)
+        return _set_row(out, k, _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero, taps=tk))
 
     return _each_box(plan, branch, body, out)
 
@@ -274,7 +380,9 @@ def _each_box(plan: Plan, branch: Array, body, carry):
     return carry
 
 
-def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int | None = None):
+def _transpose(
+    plan: Plan, g, wy, wx, batch, branch, span_y, span_x, *taps, images: int | None = None
+):
     """The feature gradient: per map, ``sum_k`` of ``wy[k]^T . g[k] . wx[k]`` in its window.
 
     Each box adds its windows into the map in place (:func:`_each_box`); the
@@ -289,7 +397,7 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
             return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
     acc = _shard.varying(
-        tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x
+        tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x, taps
     )
     g = g.astype(plan.dtype)
 
@@ -298,56 +406,44 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
         wyk, wxk, gk = _row(wy, k), _row(wx, k), _row(g, k)
 
         def add(acc, y0, x0, wyw, wxw, own):
-            u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
-            val = jnp.einsum("ph,pwc->hwc", wyw, u, precision=_HIGHEST)
             acc = list(acc)
-            acc[lv] = _add_window(plan, acc[lv], val, b, y0, x0)
+            acc[lv] = _add_window(plan, acc[lv], _contract_t(plan, gk, wyw, wxw), b, y0, x0)
             return tuple(acc)
 
-        return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc)
+        return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc, taps=_box_taps(taps, k))
 
     acc = _each_box(plan, branch, body, acc)
     return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
 
 
-def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk):
+def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk, tk=(None, None)):
     """``fn`` for :func:`_per_tile`: adds one window's part of the weights' gradient
-    of box ``k`` into its rows ``(d_wy [PH, H], d_wx [PW, W])``."""
+    of box ``k`` into its rows ``(d_wy [PH, H], d_wx [PW, W])`` (or its taps)."""
     h, w = tier[:2]
 
     def grad(rows, y0, x0, wyw, wxw, own):
         win = _window(plan, maps[lv], b, y0, x0, h, w)
-        # Contract the window over its minor axes only (w, c), with rows as a
-        # batch axis, so it is read in the map's own layout.
-        z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
-        d_wy = jnp.einsum("pqc,hqc->ph", gk, z, precision=_HIGHEST)
-        t = jnp.einsum("ph,pqc->hqc", wyw, gk, precision=_HIGHEST)
-        d_wx = jnp.einsum("hwc,hqc->hqw", win, t, precision=_HIGHEST).sum(0)
+        d_wy, d_wx = _contract_dw(plan, win, gk, wyw, wxw)
         if own is not None:  # rows and columns a tile does not own get nothing
             d_wy = jnp.where(own[0], d_wy, 0.0)
             d_wx = jnp.where(own[1], d_wx, 0.0)
         ry, rx = rows
-        ry = jax.lax.dynamic_update_slice_in_dim(
-            ry, jax.lax.dynamic_slice_in_dim(ry, y0, h, axis=1) + d_wy, y0, axis=1
-        )
-        rx = jax.lax.dynamic_update_slice_in_dim(
-            rx, jax.lax.dynamic_slice_in_dim(rx, x0, w, axis=1) + d_wx, x0, axis=1
-        )
-        return ry, rx
+        return _add_weights_grad(ry, d_wy, tk[0], y0), _add_weights_grad(rx, d_wx, tk[1], x0)
 
     return grad
 
 
-def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
+def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
     g = g.astype(plan.dtype)
-    refs = (maps, g, wy, wx, batch, span_y, span_x)
+    refs = (maps, g, wy, wx, batch, span_y, span_x, taps)
 
     def body(lv, tier, k, out):
         b, ly, lx, wyk, wxk, gk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx, g))
         wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
+        tk = _box_taps(taps, k)
         zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
-        grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk)
-        ry, rx = _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros)
+        grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk, tk)
+        ry, rx = _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros, taps=tk)
         return _set_row(out[0], k, ry), _set_row(out[1], k, rx)
 
     out = _shard.varying((jnp.zeros(wy.shape, plan.dtype), jnp.zeros(wx.shape, plan.dtype)), *refs)
@@ -355,7 +451,7 @@ def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_
     return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
 
 
-def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
+def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
     """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them).
 
     Computed by one loop per tier over its boxes, large boxes by the tiles of
@@ -377,22 +473,23 @@ def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
         return (*vjp(cot), None)
 
     wg.defvjp(fwd, bwd)
-    return wg(tuple(maps), g, wy, wx, (batch, branch, span_y, span_x))
+    return wg(tuple(maps), g, wy, wx, (batch, branch, span_y, span_x, *taps))
 
 
-def _weights_grad_static(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x):
+def _weights_grad_static(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
     """:func:`_weights_grad` with static loops, for differentiating it again."""
     g = g.astype(plan.dtype)
-    refs = (maps, g, wy, wx, batch, span_y, span_x)
+    refs = (maps, g, wy, wx, batch, span_y, span_x, taps)
 
     def box(_, row):
-        b, br, ly, lx, wyk, wxk, gk = row
+        b, br, ly, lx, wyk, wxk, gk, tk = row
         wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
+        tk = tk if tk else (None, None)
 
         def body(lv, tier):
-            grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk)
+            grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk, tk)
             zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
-            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros, whole=True)
+            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros, whole=True, taps=tk)
 
         branches = _branches(plan, body)
         return None, branches[0]() if len(branches) == 1 else jax.lax.switch(br, branches)
@@ -400,7 +497,8 @@ def _weights_grad_static(plan: Plan, maps, g, wy, wx, batch, branch, span_y, spa
     # A scan with a switch per box and whole-map tiles: static trip counts, which
     # reverse mode can go through (second-order gradients). Slower: a large box
     # reads every tile of the map.
-    _, (d_wy, d_wx) = jax.lax.scan(box, None, (batch, branch, span_y, span_x, wy, wx, g))
+    rows = (batch, branch, span_y, span_x, wy, wx, g, tuple(taps))
+    _, (d_wy, d_wx) = jax.lax.scan(box, None, rows)
     return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
 
 
@@ -585,28 +683,88 @@ def contract_window(
         exact (:func:`jax_roialign._sampling.tap_span`).
       dtype: the compute dtype; the windows are widened to it as they are read.
       batch: ``[K]`` image of each box (flat tables only).
-      pallas: read with the Pallas kernel of :mod:`jax_roialign._pallas` (its
-        forward; the gradients are this reader's). Interpreted off TPU.
+      pallas: read with the Pallas kernels of :mod:`jax_roialign._pallas` (the
+        forward and the feature gradient; the weights' gradient is this
+        reader's). Interpreted off TPU.
 
     Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``) in ``dtype``.
     """
+    return _read(
+        maps, layout, wy, wx, level, (lo_y, need_y, lo_x, need_x), dtype, batch, pallas=pallas
+    )
+
+
+def _read(
+    maps,
+    layout,
+    wy,
+    wx,
+    level,
+    span,
+    dtype,
+    batch,
+    *,
+    points=False,
+    taps=None,
+    group=1,
+    pallas=False,
+):
+    """:func:`contract_window` and :func:`contract_points`: ``taps`` the tap rows and
+    columns ``(idx_y, idx_x)`` when ``wy``, ``wx`` are tap weights."""
     maps = tuple(maps)
-    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, pallas)
+    if wy.shape[-2] % group:
+        raise ValueError(f"{wy.shape[-2]} points do not split into groups of {group}")
+    shapes, dtypes = [m.shape for m in maps], [m.dtype for m in maps]
+    plan = Plan(layout, shapes, dtypes, dtype, points, taps is not None, group, pallas)
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
-    if wy.shape[-1] < heights or wx.shape[-1] < widths:
-        raise ValueError("window weights must cover the largest map")
-    wy = wy[..., :heights].astype(dtype)
-    wx = wx[..., :widths].astype(dtype)
+    if taps is None:
+        if wy.shape[-1] < heights or wx.shape[-1] < widths:
+            raise ValueError("window weights must cover the largest map")
+        wy, wx = wy[..., :heights], wx[..., :widths]
+    wy, wx = wy.astype(dtype), wx.astype(dtype)
+    lo_y, need_y, lo_x, need_x = span
     branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
     branch = branch.reshape(level.shape)
     span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
     span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
     idx: tuple[Array, ...] = (branch, span_y, span_x)
+    if taps is not None:
+        idx += tuple(t.astype(jnp.int32) for t in taps)
     if batch is not None:
         idx = (batch.astype(jnp.int32),) + idx
     op, _ = _ops(plan.key(), per_image)
     return op(maps, wy, wx, idx)
+
+
+def contract_points(
+    maps: Sequence[Array],
+    layout: DataFormat,
+    wy: Array,
+    wx: Array,
+    level: Array,
+    lo_y: Array,
+    need_y: Array,
+    lo_x: Array,
+    need_x: Array,
+    dtype,
+    *,
+    batch: Array | None = None,
+    group: int = 1,
+) -> Array:
+    """``out[k, s] = sum_hw wy[k, s, h] wx[k, s, w] F_level[k][batch[k], h, w, :]``, box-locally.
+
+    :func:`contract_window` for points that are not one separable grid (bins
+    moved each by its own offset, rotated samples): row ``s`` of ``wy``
+    ``[K, S, H]`` and ``wx`` ``[K, S, W]`` weighs one point (a bin's separable
+    average, or one sample). Each box still reads one window (or the tiles of
+    its span), contracted with its points' outer-product weights (one matmul per
+    window); the same loops, transposes and weight gradients. Returns ``[K, S, C]``
+    (``[N, R, S, C]`` per image); with ``group``, each ``group`` consecutive points
+    summed: ``[K, S / group, C]`` (a bin's samples, never ``[K, S, C]``).
+    """
+    span = (lo_y, need_y, lo_x, need_x)
+    return _read(maps, layout, wy, wx, level, span, dtype, batch, points=True, group=group)
 
 
 def read_taps(
@@ -636,4 +794,33 @@ def read_taps(
         level = jnp.zeros_like(lo_y)
     return contract_window(
         maps, layout, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch, pallas=pallas
+    )
+
+
+def read_point_taps(
+    maps: Sequence[Array],
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
+    dtype,
+    *,
+    level: Array | None = None,
+    group: int = 1,
+) -> Array:
+    """:func:`contract_points` of taps ``(idx, w, live)`` per axis (``idx, w [K, S, T]``,
+    ``live [K, S]`` or ``[K, S, T]`` the taps that count: every tap whose weight
+    or whose weight's derivative can be nonzero): each point reads
+    ``sum_ab wy[k, s, a] wx[k, s, b] F[idx_y[k, s, a], idx_x[k, s, b]]``. The taps
+    stay taps (``[K, S, T]``, no dense weights over the map): each window makes
+    its own rows of them dense. Returns ``[K, S / group, C]``."""
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    lo_y, need_y = _sampling.taps_span(iy, live_y)
+    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    if level is None:  # one map (typed like the boxes, for explicit sharding)
+        level = jnp.zeros_like(lo_y)
+    span = (lo_y, need_y, lo_x, need_x)
+    taps = (iy, ix)
+    return _read(
+        maps, layout, wy, wx, level, span, dtype, batch, points=True, taps=taps, group=group
     )

@@ -97,6 +97,68 @@ def test_gradients_features_boxes_offsets_mask(sampling_ratio):
     )
 
 
+@pytest.mark.parametrize("sampling_ratio, data_format", [(2, "NHWC"), (0, "NCHW")])
+def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format, monkeypatch):
+    # The box-local window reader (``auto`` on TPU) runs here too: each bin a
+    # point of one window per box. Against the default path, float64: outputs and
+    # gradients in the features, boxes, offsets and mask; per-image boxes, a map
+    # larger than the windows, a box larger than the map, one partly outside, a
+    # zero-size one, a bin with a non-finite offset.
+    from jax_roialign._validation import Method
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 40, 70, 3))
+    boxes = rng.uniform(-10, 80, (2, 12, 4))
+    boxes[..., 2:] = boxes[..., :2] + rng.uniform(-5, 45, (2, 12, 2))
+    boxes[0, 0] = [-60.0, -50.0, 130.0, 90.0]  # larger than the map
+    boxes[0, 1] = [10.0, 10.0, 10.0, 20.0]  # zero width
+    boxes[1, 0] = [60.0, 30.0, 90.0, 60.0]  # partly outside
+    offsets = rng.normal(0.0, 1.0, (2, 12, 3, 4, 2))
+    mask = rng.uniform(0.0, 1.0, (2, 12, 3, 4))
+    f = x if data_format == "NHWC" else x.transpose(0, 3, 1, 2)
+
+    def run(reader, offsets):
+        monkeypatch.setattr(_deform, "_READER", reader)
+
+        def pool(f, b, o, m):  # a new function: traced anew
+            return jr.deform_roi_align(
+                f,
+                b,
+                o,
+                mask=m,
+                output_size=(3, 4),
+                spatial_scale=0.9,
+                sampling_ratio=sampling_ratio,
+                gamma=0.3,
+                data_format=data_format,
+            )
+
+        out, vjp = jax.vjp(jax.jit(pool), f, boxes, offsets, mask)
+        return out, *vjp(np.cos(np.arange(out.size)).reshape(out.shape))
+
+    got = run(Method.WINDOW, offsets)
+    ref = deform_roi_align_ref(
+        x,
+        boxes.reshape(-1, 4),
+        np.repeat([0, 1], 12),
+        offsets.reshape(-1, 3, 4, 2),
+        (3, 4),
+        0.9,
+        sampling_ratio,
+        0.3,
+        mask.reshape(-1, 3, 4),
+    )
+    out = np.asarray(got[0]).reshape(-1, 3, 4, 3) if data_format == "NHWC" else None
+    if out is None:
+        out = np.asarray(got[0]).reshape(-1, 3, 3, 4).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    assert np.abs(np.asarray(got[2])).max() > 0.1  # box gradients flow
+    offsets[1, 2, 0, 1, 0] = np.nan  # that bin gives 0
+    got, want = run(Method.WINDOW, offsets), run(Method.AUTO, offsets)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
+
+
 def test_forms_layouts_dtypes_and_invalid(data):
     x, boxes, batch, offsets, mask = data
     boxes, batch, offsets, mask = boxes[:16], batch[:16], offsets[:16], mask[:16]

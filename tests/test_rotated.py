@@ -81,6 +81,54 @@ def test_mmcv_convention(data, sampling_ratio):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_tpu_reader_same_numbers_and_gradients(data, data_format, monkeypatch):
+    # The box-local window reader (``auto`` on TPU, fixed grids) runs here too:
+    # every sample a point of one window per box (tiles when larger). Float64,
+    # against the reference (the module's boxes: huge, zero-size, far outside)
+    # and, per image on a map larger than the windows, against the default path:
+    # outputs and gradients in the features and the boxes.
+    from jax_roialign._validation import Method
+
+    x, boxes, batch = data
+    monkeypatch.setattr(_rotated, "_READER", Method.WINDOW)
+    f = x if data_format == "NHWC" else x.transpose(0, 3, 1, 2)
+    kw = dict(output_size=(3, 4), sampling_ratio=3, data_format=data_format)
+    ours = np.asarray(jr.roi_align_rotated(f, boxes, box_indices=batch, **kw))
+    ref = roi_align_rotated_ref(x, boxes, batch, (3, 4), 1.0, 3)
+    ours = ours if data_format == "NHWC" else ours.transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-13)
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 40, 70, 3))
+    f = x if data_format == "NHWC" else x.transpose(0, 3, 1, 2)
+    per_image = np.concatenate(
+        [
+            rng.uniform(-10, 80, (2, 12, 2)),
+            rng.uniform(0, 40, (2, 12, 2)),
+            rng.uniform(-180, 180, (2, 12, 1)),
+        ],
+        -1,
+    )
+    per_image[0, 0] = [35.0, 20.0, 150.0, 120.0, 30.0]  # larger than the map
+    per_image[0, 1] = [10.0, 10.0, 0.0, 20.0, 10.0]  # zero width
+    per_image[1, 0] = [65.0, 5.0, 30.0, 30.0, 45.0]  # partly outside
+
+    def run(reader):
+        monkeypatch.setattr(_rotated, "_READER", reader)
+
+        def pool(f, b):  # a new function: traced anew
+            return jr.roi_align_rotated(f, b, spatial_scale=0.9, **dict(kw, sampling_ratio=2))
+
+        out, vjp = jax.vjp(jax.jit(pool), f, per_image)
+        return out, *vjp(np.cos(np.arange(out.size)).reshape(out.shape))
+
+    got, want = run(Method.WINDOW), run(Method.AUTO)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
+    assert np.abs(np.asarray(got[2])).max() > 0.1  # box gradients flow
+
+
 def test_tiers_cover_the_static_bound():
     """The longest scan covers every sample that can land on the map."""
     bound = _rotated._max_window(H, W)

@@ -4,11 +4,12 @@ Every public op and Flax module is compiled for one v5e chip and for a 16-chip
 v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
 in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling,
-position-sensitive RoI Align, the TensorFlow crops: ``method="auto"`` lowers to
-the window reader for TPU) have no gather or scatter in the TPU program, no
-collective on the pod and per-chip temporaries bounded by the output (forward)
-and features + output (forward+backward). The ops without one yet compile and
-run replicated-free on the pod; their gathers are recorded by a strict xfail.
+position-sensitive RoI Align, the TensorFlow crops, deformable RoI Align,
+rotated RoI Align with a fixed grid: ``method="auto"`` lowers to the window
+reader for TPU) have no gather or scatter in the TPU program, no collective on
+the pod and per-chip temporaries bounded by the output (forward) and features +
+output (forward+backward). The ops without one yet compile and run
+replicated-free on the pod; their gathers are recorded by a strict xfail.
 A program exported for TPU and CPU runs here with the same numbers.
 """
 
@@ -116,6 +117,21 @@ def _multilevel(f, b):
     return jr.multilevel_crop_and_resize({2: f[0], 3: f[1]}, b, output_size=7)
 
 
+def _deform(sr):
+    def fn(f, b):
+        offsets = jnp.full(b.shape[:-1] + (7, 7, 2), 0.1, jnp.float32)
+        return jr.deform_roi_align(
+            f[0], b, offsets, output_size=7, spatial_scale=0.25, sampling_ratio=sr
+        )
+
+    return fn
+
+
+def _rotated(f, b):
+    boxes = jnp.concatenate([b, jnp.full_like(b[..., :1], 30.0)], -1)  # sharded like b
+    return jr.roi_align_rotated(f[0], boxes, output_size=7, spatial_scale=0.25, sampling_ratio=2)
+
+
 ONE = [(N, H, W, C)]
 TWO = [(N, H, W, C), (N, H // 2, W // 2, C)]
 TPU_PATH = {
@@ -131,6 +147,9 @@ TPU_PATH = {
     "multilevel_crop_and_resize": (_multilevel, TWO),
     "roi_align_max_fixed": (_max, ONE),
     "ps_roi_align": (_ps, ONE),
+    "deform_roi_align": (_deform(0), ONE),
+    "deform_roi_align_fixed": (_deform(2), ONE),
+    "roi_align_rotated_fixed": (_rotated, ONE),
 }
 
 
@@ -187,20 +206,8 @@ def _roi_pool(f, b):
     return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
 
 
-def _rotated(f, b):
-    boxes = jnp.concatenate([b, jnp.full(b.shape[:-1] + (1,), 30.0, b.dtype)], -1)
-    return jr.roi_align_rotated(f[0], boxes, output_size=7, spatial_scale=0.25, sampling_ratio=2)
-
-
-def _deform(f, b):
-    offsets = jnp.full(b.shape[:-1] + (7, 7, 2), 0.1, jnp.float32)
-    return jr.deform_roi_align(f[0], b, offsets, output_size=7, spatial_scale=0.25)
-
-
 NO_TPU_PATH = {
     "roi_pool": _roi_pool,
-    "roi_align_rotated": _rotated,
-    "deform_roi_align": _deform,
 }
 
 
