@@ -103,8 +103,11 @@ def _layout(layout: DataFormat, shapes: tuple[tuple[int, ...], ...]):
 class Plan:
     """Static description of a window read: layouts, map sizes, tiers, dtypes."""
 
-    def __init__(self, layout: DataFormat, shapes, map_dtypes, dtype):
+    def __init__(self, layout: DataFormat, shapes, map_dtypes, dtype, prep=None):
         self.layout = layout
+        # An elementwise map applied to every window as it is read, in the compute
+        # dtype (forward reads only: a read with ``prep`` is not differentiated).
+        self.prep = prep
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.map_dtypes = tuple(np.dtype(d) for d in map_dtypes)
         self.dtype = np.dtype(dtype)
@@ -113,7 +116,7 @@ class Plan:
         self.branch_offset = list(np.cumsum([0] + [len(t) for t in self.tiers])[:-1])
 
     def key(self):
-        return (self.layout, self.shapes, self.map_dtypes, self.dtype)
+        return (self.layout, self.shapes, self.map_dtypes, self.dtype, self.prep)
 
     @property
     def nhwc(self) -> bool:
@@ -140,7 +143,8 @@ def _window(plan: Plan, m: Array, b, y0, x0, h: int, w: int) -> Array:
     else:
         win = jax.lax.dynamic_slice(m, (b, z, y0, x0), (1, plan.channels, h, w))[0]
         win = jnp.moveaxis(win, 0, -1)
-    return win.astype(plan.dtype)
+    win = win.astype(plan.dtype)
+    return win if plan.prep is None else plan.prep(win)
 
 
 def _add_window(plan: Plan, acc: Array, value: Array, b, y0, x0) -> Array:
@@ -278,6 +282,12 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
     acc = _shard.varying(
         tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x
     )
+    acc = _transpose_into(plan, acc, g, wy, wx, batch, branch, span_y, span_x)
+    return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
+
+
+def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x):
+    """``acc`` (maps in the compute dtype) plus :func:`_transpose`'s sums, in place."""
     g = g.astype(plan.dtype)
 
     def body(lv, tier, k, acc):
@@ -293,8 +303,7 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
 
         return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc)
 
-    acc = _each_box(plan, branch, body, acc)
-    return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
+    return _each_box(plan, branch, body, tuple(acc))
 
 
 def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk):
@@ -555,6 +564,7 @@ def contract_window(
     dtype,
     *,
     batch: Array | None = None,
+    prep=None,
 ) -> Array:
     """``out[k] = sum_hw wy[k, :, h] wx[k, :, w] F_level[k][batch[k], h, w, :]``, box-locally.
 
@@ -571,17 +581,27 @@ def contract_window(
         exact (:func:`jax_roialign._sampling.tap_span`).
       dtype: the compute dtype; the windows are widened to it as they are read.
       batch: ``[K]`` image of each box (flat tables only).
+      prep: an elementwise function applied to every window as it is read (in
+        ``dtype``; a module-level function, as it keys the compiled loops); a read
+        with ``prep`` must not be differentiated.
 
     Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``) in ``dtype``.
     """
     maps = tuple(maps)
-    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, prep)
     per_image = batch is None
+    wy, wx, idx = _tables(plan, wy, wx, level, lo_y, need_y, lo_x, need_x, batch)
+    op, _ = _ops(plan.key(), per_image)
+    return op(maps, wy, wx, idx)
+
+
+def _tables(plan: Plan, wy, wx, level, lo_y, need_y, lo_x, need_x, batch):
+    """:func:`contract_window`'s weights cut to the largest map and its integer tables."""
     heights, widths = max(plan.heights), max(plan.widths)
     if wy.shape[-1] < heights or wx.shape[-1] < widths:
         raise ValueError("window weights must cover the largest map")
-    wy = wy[..., :heights].astype(dtype)
-    wx = wx[..., :widths].astype(dtype)
+    wy = wy[..., :heights].astype(plan.dtype)
+    wx = wx[..., :widths].astype(plan.dtype)
     branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
     branch = branch.reshape(level.shape)
     span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
@@ -589,8 +609,21 @@ def contract_window(
     idx: tuple[Array, ...] = (branch, span_y, span_x)
     if batch is not None:
         idx = (batch.astype(jnp.int32),) + idx
-    op, _ = _ops(plan.key(), per_image)
-    return op(maps, wy, wx, idx)
+    return wy, wx, idx
+
+
+def _taps_tables(shapes, layout: DataFormat, batch, taps_y, taps_x, level):
+    """:func:`read_taps`'s dense weights and spans:
+    ``(wy, wx, level, lo_y, need_y, lo_x, need_x)``."""
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    heights, widths, _ = _layout(layout, tuple(tuple(s) for s in shapes))
+    wyd = _sampling.taps_to_dense(iy, wy, max(heights))
+    wxd = _sampling.taps_to_dense(ix, wx, max(widths))
+    lo_y, need_y = _sampling.taps_span(iy, live_y)
+    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    if level is None:  # one map (typed like the boxes, for explicit sharding)
+        level = jnp.zeros_like(lo_y)
+    return wyd, wxd, level, lo_y, need_y, lo_x, need_x
 
 
 def read_taps(
@@ -602,20 +635,34 @@ def read_taps(
     dtype,
     *,
     level: Array | None = None,
+    prep=None,
 ) -> Array:
     """:func:`contract_window` of separable taps ``(idx, w, live)`` per axis
     (``idx, w [K, P, T]``, ``live [K, P]`` the samples whose taps count): each
     box's taps as dense weights over the largest map, each box's span from its
-    live taps. ``level``: the map of each box (default: the first).
-    Returns ``[K, P_y, P_x, C]``."""
-    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
-    heights, widths, _ = _layout(layout, tuple(tuple(m.shape) for m in maps))
-    wyd = _sampling.taps_to_dense(iy, wy, max(heights))
-    wxd = _sampling.taps_to_dense(ix, wx, max(widths))
-    lo_y, need_y = _sampling.taps_span(iy, live_y)
-    lo_x, need_x = _sampling.taps_span(ix, live_x)
-    if level is None:  # one map (typed like the boxes, for explicit sharding)
-        level = jnp.zeros_like(lo_y)
-    return contract_window(
-        maps, layout, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
-    )
+    live taps. ``level``: the map of each box (default: the first); ``prep``: as
+    for :func:`contract_window`. Returns ``[K, P_y, P_x, C]``."""
+    tables = _taps_tables([m.shape for m in maps], layout, batch, taps_y, taps_x, level)
+    return contract_window(maps, layout, *tables, dtype, batch=batch, prep=prep)
+
+
+def add_transpose_taps(
+    acc: Sequence[Array],
+    g: Array,
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
+    *,
+    level: Array | None = None,
+) -> tuple[Array, ...]:
+    """``acc`` plus the transpose of :func:`read_taps` applied to ``g`` ``[K, P_y, P_x, C]``:
+    maps (in their dtype, the compute dtype) with each box's ``wy^T . g[k] . wx`` added
+    into its windows, box by box in place. Not differentiable: for the custom VJPs of
+    callers that sum several reads' transposes into one map."""
+    acc = tuple(acc)
+    dtype = acc[0].dtype
+    plan = Plan(layout, [a.shape for a in acc], [a.dtype for a in acc], dtype)
+    tables = _taps_tables(plan.shapes, layout, batch, taps_y, taps_x, level)
+    wy, wx, idx = _tables(plan, *tables, batch)
+    return _transpose_into(plan, acc, g, wy, wx, *idx)
