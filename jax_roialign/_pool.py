@@ -24,6 +24,7 @@ from ._sampling import exact_divide
 from ._validation import (
     Call,
     DataFormat,
+    Method,
     prepare,
 )
 
@@ -218,20 +219,222 @@ def _roi_pool_nhwc_out(call: Call) -> Array:
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     ys, ye = pool_bins(y1, y2, pooled=pooled[0], length=size[0], spatial_scale=spatial_scale)
     xs, xe = pool_bins(x1, x2, pooled=pooled[1], length=size[1], spatial_scale=spatial_scale)
-    ok = rois.ok[:, None]
+    per_image = len(rois.lead_shape) == 2
+
+    def build(how: Method):
+        if how is not Method.WINDOW:
+            return lambda: _scan_pool(features, layout, rois.batch, rois.ok, ys, ye, xs, xe, dtype)
+
+        def pool(f, b, ok, ys, ye, xs, xe):
+            return window_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
+
+        args = (rois.ok, ys, ye, xs, xe)
+        if per_image:  # on batch-sharded features each device pools its own images
+            return lambda: _shard.per_image_pool(pool, features, rois.batch, *args)
+        return lambda: pool(features, rois.batch, *args)
+
+    return _READER.run(build)
+
+
+# The reader ``roi_pool`` takes: ``AUTO`` picks the platform's (tests set others).
+_READER = Method.AUTO
+
+
+def _scan_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
+    """The running max over a window ladder and one gather at the argmax (CPU, GPU)."""
+    height = features.shape[1] if layout is DataFormat.NHWC else features.shape[2]
+    width = features.shape[2] if layout is DataFormat.NHWC else features.shape[3]
+    live = ok[:, None]
     # Invalid boxes must not force a large window.
-    need_y = jnp.max(jnp.where(ok, ye - ys, 0))
-    need_x = jnp.max(jnp.where(ok, xe - xs, 0))
-    ladder = window_ladder(*size)
+    need_y = jnp.max(jnp.where(live, ye - ys, 0))
+    need_x = jnp.max(jnp.where(live, xe - xs, 0))
+    ladder = window_ladder(height, width)
     level = sum(((need_y > ty) | (need_x > tx)).astype(jnp.int32) for ty, tx in ladder[:-1])
     frozen = jax.lax.stop_gradient(features)
     branches = [
-        lambda win=win: window_argmax(frozen, layout, rois.batch, ys, ye, xs, xe, win, dtype)[1]
+        lambda win=win: window_argmax(frozen, layout, batch, ys, ye, xs, xe, win, dtype)[1]
         for win in ladder
     ]
     flat = branches[0]() if len(branches) == 1 else jax.lax.switch(level, branches)
     empty = (ye <= ys)[:, :, None] | (xe <= xs)[:, None, :]
-    value = gather_flat(features, layout, rois.batch, jnp.maximum(flat, 0)).astype(dtype)
+    value = gather_flat(features, layout, batch, jnp.maximum(flat, 0)).astype(dtype)
     out = jnp.where(flat >= 0, value, -FLT_MAX)
-    keep = rois.ok[:, None, None, None] & ~empty[..., None]
+    keep = ok[:, None, None, None] & ~empty[..., None]
     return jnp.where(keep, out, 0.0)
+
+
+# Cells per bin per axis that one read of the TPU path takes: each read is one
+# block of ``CHUNK`` cells of every bin, ``[K, PH * ty, PW * tx, C]``.
+CHUNK = (1, 1)
+
+
+def _encode(v: Array) -> Array:
+    """The search's window prep: a finite code of every value, in the same order as
+    torchvision's comparisons. A window is read by contracting it with one-hot
+    weights, where one infinity (or NaN) would make every read of its box NaN
+    (``0 * inf``); so NaN and ``-inf`` (which never win) become ``-top``, ``+inf``
+    becomes ``top``, and finite values are divided by 4 (exact but for subnormals),
+    which leaves every finite value below ``top`` and above ``-top``."""
+    top = 2.0 ** (jnp.finfo(v.dtype).maxexp - 2)
+    lose = jnp.isnan(v) | (v == -jnp.inf)
+    return jnp.where(lose, -top, jnp.where(v == jnp.inf, top, v * 0.25))
+
+
+def _decode(code: Array) -> Array:
+    top = 2.0 ** (jnp.finfo(code.dtype).maxexp - 2)
+    return jnp.where(code == top, jnp.inf, code * 4.0)
+
+
+class _Blocks:
+    """The cells of every bin in blocks of ``CHUNK`` cells per axis, as one-tap
+    samples for :func:`._window.read_taps`: block ``(i, j)`` holds the cells
+    ``ys + i * ty + [0, ty)`` by ``xs + j * tx + [0, tx)`` of each bin (those past
+    the bin's end are not live: weight 0, outside the box's span). There are as
+    many blocks as the largest bin of a valid box needs (a run-time count)."""
+
+    def __init__(self, shape, layout: DataFormat, aux, dtype):
+        self.batch, self.ok, self.ys, self.ye, self.xs, self.xe = aux[:6]
+        nhwc = layout is DataFormat.NHWC
+        self.height, self.width = (shape[1], shape[2]) if nhwc else (shape[2], shape[3])
+        self.dtype = dtype
+        self.ty, self.tx = CHUNK
+        live = self.ok[:, None]
+        need_y = jnp.max(jnp.where(live, self.ye - self.ys, 0), initial=0)
+        need_x = jnp.max(jnp.where(live, self.xe - self.xs, 0), initial=0)
+        self.across = (need_x + self.tx - 1) // self.tx
+        self.count = ((need_y + self.ty - 1) // self.ty) * self.across
+
+    def _axis(self, start, end, offset, t: int, length: int):
+        k, p = start.shape
+        cell = start[:, :, None] + offset + jnp.arange(t, dtype=start.dtype)  # [K, P, t]
+        live = (cell < end[:, :, None]) & self.ok[:, None, None]
+        idx = jnp.clip(cell, 0, length - 1).reshape(k, p * t, 1)
+        taps = (idx, live.astype(self.dtype).reshape(k, p * t, 1), live.reshape(k, p * t))
+        return taps, cell, live
+
+    def block(self, i):
+        """``(taps_y, taps_x, flat, live)`` of block ``i``; ``flat``, ``live``
+        ``[K, PH, ty, PW, tx]``: each cell's flat index ``h * W + w`` and whether it
+        is in its bin."""
+        a0 = (i // self.across) * self.ty
+        t0 = (i % self.across) * self.tx
+        taps_y, rows, live_y = self._axis(self.ys, self.ye, a0, self.ty, self.height)
+        taps_x, cols, live_x = self._axis(self.xs, self.xe, t0, self.tx, self.width)
+        flat = rows[:, :, :, None, None] * self.width + cols[:, None, None, :, :]
+        live = live_y[:, :, :, None, None] & live_x[:, None, None, :, :]
+        return taps_y, taps_x, flat, live
+
+    def fold(self, body, init, *refs):
+        """``carry = body(block(i), carry)`` for every block (a while loop)."""
+        init = _shard.varying(init, self.batch, self.ys, self.xs, *refs)
+        return jax.lax.fori_loop(0, self.count, lambda i, c: body(self.block(i), c), init)
+
+    def split(self, v: Array) -> Array:
+        """A block's read ``[K, PH * ty, PW * tx, C]`` as ``[K, PH, ty, PW, tx, C]``."""
+        k, py, px, c = v.shape
+        return v.reshape(k, py // self.ty, self.ty, px // self.tx, self.tx, c)
+
+
+def window_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
+    """roi_pool through the box-local window reader (the TPU path: no gather or scatter).
+
+    The cells of every bin are read in blocks (:class:`_Blocks`), each cell a
+    one-tap sample of weight 1 (:func:`._window.read_taps`, on finite codes of the
+    values: :func:`_encode`), and folded into a running max that keeps the first
+    maximum in row-major order (on equal values the smaller flat index), so any
+    bin of any box is exact. The gradient goes to that cell alone: the feature
+    gradient is the transpose of the same reads with the cotangent kept at each
+    bin's winning cell (:func:`_argmax_ops`), and its own gradient the read again,
+    so reverse mode works to any order.
+    """
+    k, ph = ys.shape
+    pw = xs.shape[1]
+    c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
+    aux = (batch.astype(jnp.int32), ok, ys, ye, xs, xe)
+    blocks = _Blocks(features.shape, layout, aux, dtype)
+    frozen = jax.lax.stop_gradient(features)
+    floor = jnp.asarray(-FLT_MAX * 0.25, dtype)  # torchvision's start, encoded
+
+    def body(blk, carry):
+        from ._window import read_taps
+
+        taps_y, taps_x, flat, live = blk
+        code = read_taps([frozen], layout, blocks.batch, taps_y, taps_x, dtype, prep=_encode)
+        code = blocks.split(code)
+        best, where = carry
+        for a in range(blocks.ty):
+            for t in range(blocks.tx):
+                v = code[:, :, a, :, t]
+                f = flat[:, :, a, :, t, None]
+                better = (v > best) | ((v == best) & (f < where))
+                take = live[:, :, a, :, t, None] & better
+                best = jnp.where(take, v, best)
+                where = jnp.where(take, f, where)
+        return best, where
+
+    init = (jnp.full((k, ph, pw, c), floor, dtype), jnp.full((k, ph, pw, c), -1, jnp.int32))
+    best, argmax = blocks.fold(body, init, frozen)
+    value = jnp.where(argmax >= 0, _decode(best), -FLT_MAX)
+    value = _argmax_ops(layout, features.shape, features.dtype, np.dtype(dtype))[0](
+        features, value, aux + (argmax,)
+    )
+    empty = (ye <= ys)[:, :, None] | (xe <= xs)[:, None, :]
+    keep = ok[:, None, None, None] & ~empty[..., None]
+    return jnp.where(keep, value, 0.0)
+
+
+def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
+    """``(value, pick, pick_t)``: custom-VJP functions of a map, given each bin's winning
+    cell ``argmax`` ``[K, PH, PW, C]`` (flat index, ``-1`` for none) in ``aux``.
+
+    ``pick(m)`` reads ``m`` at the winning cells (the blocks' reads, each cell kept
+    where it won), ``pick_t(g)`` is its transpose (each block's cotangent, kept at
+    the winning cells, added into the map through the reads' transpose); each is
+    the other's VJP. ``value(features, v, aux)`` returns ``v`` (the search's
+    maximum) with ``pick``'s VJP.
+    """
+    from ._window import add_transpose_taps, read_taps
+
+    def hits(blocks, flat, live, argmax):
+        return live[..., None] & (flat[..., None] == argmax[:, :, None, :, None, :])
+
+    def no_aux(aux):
+        return jax.tree.map(lambda _: None, aux)
+
+    @jax.custom_vjp
+    def pick(m, aux):
+        blocks = _Blocks(shape, layout, aux, dtype)
+        argmax = aux[-1]
+
+        def body(blk, acc):
+            taps_y, taps_x, flat, live = blk
+            v = blocks.split(read_taps([m], layout, blocks.batch, taps_y, taps_x, dtype))
+            kept = jnp.where(hits(blocks, flat, live, argmax), v, 0.0)
+            return acc + jnp.sum(kept, axis=(2, 4))
+
+        return blocks.fold(body, jnp.zeros(argmax.shape, dtype), m, argmax)
+
+    @jax.custom_vjp
+    def pick_t(g, aux):
+        blocks = _Blocks(shape, layout, aux, dtype)
+        argmax = aux[-1]
+        g = g.astype(dtype)
+
+        def body(blk, acc):
+            taps_y, taps_x, flat, live = blk
+            kept = jnp.where(hits(blocks, flat, live, argmax), g[:, :, None, :, None, :], 0.0)
+            kept = kept.reshape(g.shape[0], -1, kept.shape[3] * kept.shape[4], g.shape[-1])
+            (acc,) = add_transpose_taps([acc], kept, layout, blocks.batch, taps_y, taps_x)
+            return acc
+
+        return blocks.fold(body, jnp.zeros(shape, dtype), g, argmax).astype(map_dtype)
+
+    pick.defvjp(lambda m, aux: (pick(m, aux), aux), lambda aux, g: (pick_t(g, aux), no_aux(aux)))
+    pick_t.defvjp(lambda g, aux: (pick_t(g, aux), aux), lambda aux, m: (pick(m, aux), no_aux(aux)))
+
+    @jax.custom_vjp
+    def value(features, v, aux):
+        return v
+
+    value.defvjp(lambda f, v, aux: (v, aux), lambda aux, g: (pick_t(g, aux), None, no_aux(aux)))
+    return value, pick, pick_t
