@@ -220,16 +220,19 @@ def _roi_pool_nhwc_out(call: Call) -> Array:
     ys, ye = pool_bins(y1, y2, pooled=pooled[0], length=size[0], spatial_scale=spatial_scale)
     xs, xe = pool_bins(x1, x2, pooled=pooled[1], length=size[1], spatial_scale=spatial_scale)
     per_image = len(rois.lead_shape) == 2
+    # Per-image boxes on batch-sharded features: per device (no collective; the
+    # CPU's gathers would not even trace under explicit sharding). Otherwise the
+    # boxes' own image indices (the CPU program as it was).
+    sharded = _shard.batch_axes(features) is not None
 
     def build(how: Method):
-        if how is not Method.WINDOW:
-            return lambda: _scan_pool(features, layout, rois.batch, rois.ok, ys, ye, xs, xe, dtype)
-
         def pool(f, b, ok, ys, ye, xs, xe):
-            return window_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
+            if how is Method.WINDOW:
+                return window_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
+            return _scan_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
 
         args = (rois.ok, ys, ye, xs, xe)
-        if per_image:  # on batch-sharded features each device pools its own images
+        if per_image and sharded:  # each device pools its own images
             return lambda: _shard.per_image_pool(pool, features, rois.batch, *args)
         return lambda: pool(features, rois.batch, *args)
 

@@ -222,6 +222,37 @@ def test_tpu_reader_layouts_dtypes_and_per_image(monkeypatch, data_format):
         np.testing.assert_allclose(np.asarray(got[1], np.float32), want[1], rtol=tol, atol=tol)
 
 
+def test_tpu_reader_per_device_under_explicit_batch_sharding(monkeypatch):
+    """Batch-sharded features and per-image boxes (the pod recipe): the TPU path
+    pools each device's own images, with the numbers of one device, and its
+    program has no collective; the CPU path too."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    rng = np.random.default_rng(6)
+    features = rng.standard_normal((8, 9, 13, 3))
+    boxes = np.stack([_boxes(rng, 3, 0.5, 15.0, 9, 13) for _ in range(8)])
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(AxisType.Explicit,))
+
+    def step(f, b):
+        out, vjp = jax.vjp(lambda f: roi_pool(f, b, output_size=(2, 3)), f)
+        return out, vjp(jnp.cos(out))[0]
+
+    for reader in (Method.WINDOW, Method.AUTO):
+        monkeypatch.setattr(_pool, "_READER", reader)
+        fn = jax.jit(lambda f, b: step(f, b))  # a new function: traced anew
+        want = fn(features, boxes)
+        with jax.set_mesh(mesh):
+            fs, bs = jax.device_put(features, P("b")), jax.device_put(boxes, P("b"))
+            got = fn(fs, bs)
+            text = fn.lower(fs, bs).compile().as_text()
+        assert not any(op in text for op in ("all-gather", "all-reduce", "collective-permute"))
+        for g, wnt in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(wnt))
+
+
 def test_rounding_is_half_away_from_zero():
     """round(2.5) = 3 and round(-0.5) = -1 (numpy would give 2 and -0)."""
     features = np.arange(8 * 8, dtype=np.float64).reshape(1, 8, 8, 1)

@@ -4,11 +4,10 @@ Every public op and Flax module is compiled for one v5e chip and for a 16-chip
 v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
 in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling,
-position-sensitive RoI Align, the TensorFlow crops: ``method="auto"`` lowers to
-the window reader for TPU) have no gather or scatter in the TPU program, no
+position-sensitive RoI Align, the TensorFlow crops, RoI Pool: ``method="auto"``
+lowers to the window reader for TPU) have no gather or scatter in the TPU program, no
 collective on the pod and per-chip temporaries bounded by the output (forward)
-and features + output (forward+backward). The ops without one yet compile and
-run replicated-free on the pod; their gathers are recorded by a strict xfail.
+and features + output (forward+backward). The ops without one yet compile.
 A program exported for TPU and CPU runs here with the same numbers.
 """
 
@@ -110,6 +109,10 @@ def _multilevel(f, b):
     return jr.multilevel_crop_and_resize({2: f[0], 3: f[1]}, b, output_size=7)
 
 
+def _roi_pool(f, b):
+    return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
+
+
 ONE = [(N, H, W, C)]
 TWO = [(N, H, W, C), (N, H // 2, W // 2, C)]
 TPU_PATH = {
@@ -123,6 +126,7 @@ TPU_PATH = {
     "multilevel_crop_and_resize": (_multilevel, TWO),
     "roi_align_max_fixed": (_max, ONE),
     "ps_roi_align": (_ps, ONE),
+    "roi_pool": (_roi_pool, ONE),
 }
 
 
@@ -175,10 +179,6 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
 
 
 # Ops without a TPU path yet: they compile for a chip and a pod; their gathers are known.
-def _roi_pool(f, b):
-    return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
-
-
 def _rotated(f, b):
     boxes = jnp.concatenate([b, jnp.full(b.shape[:-1] + (1,), 30.0, b.dtype)], -1)
     return jr.roi_align_rotated(f[0], boxes, output_size=7, spatial_scale=0.25, sampling_ratio=2)
@@ -190,7 +190,6 @@ def _deform(f, b):
 
 
 NO_TPU_PATH = {
-    "roi_pool": _roi_pool,
     "roi_align_rotated": _rotated,
     "deform_roi_align": _deform,
 }
@@ -202,14 +201,6 @@ def test_other_ops_compile_for_tpu(name, chip):
     fn = NO_TPU_PATH[name]
     compiled = _compile(_with_backward(fn), _specs(ONE, N, jnp.float32, sharding), None)
     assert compiled.memory_analysis() is not None
-
-
-@pytest.mark.xfail(strict=True, reason="no gather-free TPU path for these ops yet (issue 10)")
-@pytest.mark.parametrize("name", ["roi_pool"])
-def test_other_ops_gather_free_on_tpu(name, chip):
-    sharding, _ = chip
-    compiled = _compile(NO_TPU_PATH[name], _specs(ONE, N, jnp.float32, sharding), None)
-    assert count_ops(compiled.as_text())["gather"] == 0
 
 
 def test_export_for_tpu_and_cpu_runs_here():
