@@ -266,9 +266,11 @@ def _scan_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
     return jnp.where(keep, out, 0.0)
 
 
-# Cells per bin per axis that one read of the TPU path takes: each read is one
-# block of ``CHUNK`` cells of every bin, ``[K, PH * ty, PW * tx, C]``.
-CHUNK = (1, 1)
+# Samples per axis of one read of the TPU path: each read is one block of
+# ``ty = BLOCK // PH`` by ``tx = BLOCK // PW`` cells of every bin (``[PH * ty, PW * tx,
+# C]`` per box, reduced box by box), so bins of up to ``ty x tx`` cells (8 x 8 for a
+# 7 x 7 output) are read in one pass.
+BLOCK = 56
 
 
 def _encode(v: Array) -> Array:
@@ -288,19 +290,31 @@ def _decode(code: Array) -> Array:
     return jnp.where(code == top, jnp.inf, code * 4.0)
 
 
+def _row(a: Array, k) -> Array:
+    return jax.lax.dynamic_index_in_dim(a, k, axis=0, keepdims=False)
+
+
+def _set_row(a: Array, k, value: Array) -> Array:
+    return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), k, axis=0)
+
+
 class _Blocks:
-    """The cells of every bin in blocks of ``CHUNK`` cells per axis, as one-tap
-    samples for :func:`._window.read_taps`: block ``(i, j)`` holds the cells
-    ``ys + i * ty + [0, ty)`` by ``xs + j * tx + [0, tx)`` of each bin (those past
-    the bin's end are not live: weight 0, outside the box's span). There are as
-    many blocks as the largest bin of a valid box needs (a run-time count)."""
+    """The cells of every bin in blocks of ``ty x tx`` cells (:data:`BLOCK`), as one-tap
+    samples for the window reader (:func:`._window.fold_taps`): block ``(i, j)``
+    holds the cells ``ys + i * ty + [0, ty)`` by ``xs + j * tx + [0, tx)`` of each
+    bin (those past the bin's end are not live: weight 0, outside the box's span).
+    There are as many blocks as the largest bin of a valid box needs (a run-time
+    count: one for bins of up to ``ty x tx`` cells)."""
 
     def __init__(self, shape, layout: DataFormat, aux, dtype):
         self.batch, self.ok, self.ys, self.ye, self.xs, self.xe = aux[:6]
+        self.layout = layout
         nhwc = layout is DataFormat.NHWC
         self.height, self.width = (shape[1], shape[2]) if nhwc else (shape[2], shape[3])
+        self.channels = shape[3] if nhwc else shape[1]
         self.dtype = dtype
-        self.ty, self.tx = CHUNK
+        self.ty = max(1, BLOCK // self.ys.shape[1])
+        self.tx = max(1, BLOCK // self.xs.shape[1])
         live = self.ok[:, None]
         need_y = jnp.max(jnp.where(live, self.ye - self.ys, 0), initial=0)
         need_x = jnp.max(jnp.where(live, self.xe - self.xs, 0), initial=0)
@@ -316,16 +330,21 @@ class _Blocks:
         return taps, cell, live
 
     def block(self, i):
-        """``(taps_y, taps_x, flat, live)`` of block ``i``; ``flat``, ``live``
-        ``[K, PH, ty, PW, tx]``: each cell's flat index ``h * W + w`` and whether it
-        is in its bin."""
+        """``(taps_y, taps_x, cells)`` of block ``i``; ``cells(k)``: box ``k``'s flat
+        index ``h * W + w`` of each cell and whether it is in its bin, ``[PH, ty, PW,
+        tx, 1]`` each."""
         a0 = (i // self.across) * self.ty
         t0 = (i % self.across) * self.tx
         taps_y, rows, live_y = self._axis(self.ys, self.ye, a0, self.ty, self.height)
         taps_x, cols, live_x = self._axis(self.xs, self.xe, t0, self.tx, self.width)
-        flat = rows[:, :, :, None, None] * self.width + cols[:, None, None, :, :]
-        live = live_y[:, :, :, None, None] & live_x[:, None, None, :, :]
-        return taps_y, taps_x, flat, live
+
+        def cells(k):
+            r, c = _row(rows, k), _row(cols, k)
+            flat = r[:, :, None, None] * self.width + c[None, None, :, :]
+            live = _row(live_y, k)[:, :, None, None] & _row(live_x, k)[None, None, :, :]
+            return flat[..., None], live[..., None]
+
+        return taps_y, taps_x, cells
 
     def fold(self, body, init, *refs):
         """``carry = body(block(i), carry)`` for every block (a while loop)."""
@@ -333,52 +352,57 @@ class _Blocks:
         return jax.lax.fori_loop(0, self.count, lambda i, c: body(self.block(i), c), init)
 
     def split(self, v: Array) -> Array:
-        """A block's read ``[K, PH * ty, PW * tx, C]`` as ``[K, PH, ty, PW, tx, C]``."""
-        k, py, px, c = v.shape
-        return v.reshape(k, py // self.ty, self.ty, px // self.tx, self.tx, c)
+        """A box's read ``[PH * ty, PW * tx, C]`` as ``[PH, ty, PW, tx, C]``."""
+        py, px, c = v.shape
+        return v.reshape(py // self.ty, self.ty, px // self.tx, self.tx, c)
 
 
 def window_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
     """roi_pool through the box-local window reader (the TPU path: no gather or scatter).
 
     The cells of every bin are read in blocks (:class:`_Blocks`), each cell a
-    one-tap sample of weight 1 (:func:`._window.read_taps`, on finite codes of the
-    values: :func:`_encode`), and folded into a running max that keeps the first
-    maximum in row-major order (on equal values the smaller flat index), so any
-    bin of any box is exact. The gradient goes to that cell alone: the feature
-    gradient is the transpose of the same reads with the cotangent kept at each
-    bin's winning cell (:func:`_argmax_ops`), and its own gradient the read again,
-    so reverse mode works to any order.
+    one-tap sample of weight 1 (:func:`._window.fold_taps`, on finite codes of the
+    values: :func:`_encode`), and each box's block is folded at once into a running
+    max that keeps the first maximum in row-major order (on equal values the
+    smaller flat index), so any bin of any box is exact. The gradient goes to that
+    cell alone: the feature gradient is the transpose of the same reads with the
+    cotangent kept at each bin's winning cell (:func:`_argmax_ops`), and its own
+    gradient the read again, so reverse mode works to any order.
     """
+    from ._window import fold_taps
+
     k, ph = ys.shape
     pw = xs.shape[1]
-    c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
     aux = (batch.astype(jnp.int32), ok, ys, ye, xs, xe)
     blocks = _Blocks(features.shape, layout, aux, dtype)
+    c = blocks.channels
     frozen = jax.lax.stop_gradient(features)
     floor = jnp.asarray(-FLT_MAX * 0.25, dtype)  # torchvision's start, encoded
+    none = jnp.iinfo(jnp.int32).max
 
     def body(blk, carry):
-        from ._window import read_taps
+        taps_y, taps_x, cells = blk
 
-        taps_y, taps_x, flat, live = blk
-        code = read_taps([frozen], layout, blocks.batch, taps_y, taps_x, dtype, prep=_encode)
-        code = blocks.split(code)
-        best, where = carry
-        for a in range(blocks.ty):
-            for t in range(blocks.tx):
-                v = code[:, :, a, :, t]
-                f = flat[:, :, a, :, t, None]
-                better = (v > best) | ((v == best) & (f < where))
-                take = live[:, :, a, :, t, None] & better
-                best = jnp.where(take, v, best)
-                where = jnp.where(take, f, where)
-        return best, where
+        def emit(i, code, carry):
+            best, where = carry
+            flat, live = cells(i)
+            code = jnp.where(live, blocks.split(code), -jnp.inf)
+            top = jnp.max(code, axis=(1, 3))  # the block's largest per bin, [PH, PW, C]
+            first = jnp.min(jnp.where(live & (code == top[:, None, :, None]), flat, none), (1, 3))
+            b, w = _row(best, i), _row(where, i)
+            better = (top > b) | ((top == b) & (first < w))
+            return _set_row(best, i, jnp.where(better, top, b)), _set_row(
+                where, i, jnp.where(better, first, w)
+            )
+
+        return fold_taps(
+            [frozen], layout, blocks.batch, taps_y, taps_x, dtype, emit, carry, prep=_encode
+        )
 
     init = (jnp.full((k, ph, pw, c), floor, dtype), jnp.full((k, ph, pw, c), -1, jnp.int32))
     best, argmax = blocks.fold(body, init, frozen)
     value = jnp.where(argmax >= 0, _decode(best), -FLT_MAX)
-    value = _argmax_ops(layout, features.shape, features.dtype, np.dtype(dtype))[0](
+    value = _argmax_ops(layout, features.shape, features.dtype, np.dtype(dtype))(
         features, value, aux + (argmax,)
     )
     empty = (ye <= ys)[:, :, None] | (xe <= xs)[:, None, :]
@@ -387,22 +411,23 @@ def window_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
 
 
 def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
-    """``(value, pick, pick_t)``: custom-VJP functions of a map, given each bin's winning
-    cell ``argmax`` ``[K, PH, PW, C]`` (flat index, ``-1`` for none) in ``aux``.
+    """``value(features, v, aux)``: ``v`` (the search's maximum), whose VJP takes the
+    cotangent to each bin's winning cell ``argmax`` ``[K, PH, PW, C]`` (the last of
+    ``aux``; a flat index, ``-1`` for none).
 
-    ``pick(m)`` reads ``m`` at the winning cells (the blocks' reads, each cell kept
-    where it won), ``pick_t(g)`` is its transpose (each block's cotangent, kept at
-    the winning cells, added into the map through the reads' transpose); each is
-    the other's VJP. ``value(features, v, aux)`` returns ``v`` (the search's
-    maximum) with ``pick``'s VJP.
+    That VJP is ``pick_t``, the transpose of ``pick(m)``, which reads ``m`` at the
+    winning cells (the blocks' reads, each cell kept where it won); ``pick_t`` adds
+    each block's cotangent, kept at the winning cells, into the map through the
+    reads' transpose. Each is the other's VJP (any order of reverse mode).
     """
-    from ._window import add_transpose_taps, read_taps
-
-    def hits(blocks, flat, live, argmax):
-        return live[..., None] & (flat[..., None] == argmax[:, :, None, :, None, :])
+    from ._window import add_transpose_taps, fold_taps
 
     def no_aux(aux):
         return jax.tree.map(lambda _: None, aux)
+
+    def kept(cells, i, argmax):
+        flat, live = cells(i)
+        return live & (flat == _row(argmax, i)[:, None, :, None, :])
 
     @jax.custom_vjp
     def pick(m, aux):
@@ -410,10 +435,13 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
         argmax = aux[-1]
 
         def body(blk, acc):
-            taps_y, taps_x, flat, live = blk
-            v = blocks.split(read_taps([m], layout, blocks.batch, taps_y, taps_x, dtype))
-            kept = jnp.where(hits(blocks, flat, live, argmax), v, 0.0)
-            return acc + jnp.sum(kept, axis=(2, 4))
+            taps_y, taps_x, cells = blk
+
+            def emit(i, v, acc):
+                v = jnp.where(kept(cells, i, argmax), blocks.split(v), 0.0)
+                return _set_row(acc, i, _row(acc, i) + jnp.sum(v, axis=(1, 3)))
+
+            return fold_taps([m], layout, blocks.batch, taps_y, taps_x, dtype, emit, acc)
 
         return blocks.fold(body, jnp.zeros(argmax.shape, dtype), m, argmax)
 
@@ -422,12 +450,17 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
         blocks = _Blocks(shape, layout, aux, dtype)
         argmax = aux[-1]
         g = g.astype(dtype)
+        ph, pw, c = g.shape[1:]
 
         def body(blk, acc):
-            taps_y, taps_x, flat, live = blk
-            kept = jnp.where(hits(blocks, flat, live, argmax), g[:, :, None, :, None, :], 0.0)
-            kept = kept.reshape(g.shape[0], -1, kept.shape[3] * kept.shape[4], g.shape[-1])
-            (acc,) = add_transpose_taps([acc], kept, layout, blocks.batch, taps_y, taps_x)
+            taps_y, taps_x, cells = blk
+
+            def cot(i):  # box i's cotangent of the block's cells
+                gi = _row(g, i)[:, None, :, None, :]
+                out = jnp.where(kept(cells, i, argmax), gi, 0.0)
+                return out.reshape(ph * blocks.ty, pw * blocks.tx, c)
+
+            (acc,) = add_transpose_taps([acc], cot, layout, blocks.batch, taps_y, taps_x)
             return acc
 
         return blocks.fold(body, jnp.zeros(shape, dtype), g, argmax).astype(map_dtype)
@@ -440,4 +473,4 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
         return v
 
     value.defvjp(lambda f, v, aux: (v, aux), lambda aux, g: (pick_t(g, aux), None, no_aux(aux)))
-    return value, pick, pick_t
+    return value

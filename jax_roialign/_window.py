@@ -227,25 +227,38 @@ def _branches(plan: Plan, body):
     ]
 
 
-def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x):
+def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, emit=None, init=None):
     """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``,
-    each box's row written in place into the output."""
-    ph, pw = wy.shape[1], wx.shape[1]
-    refs = (maps, wy, wx, batch, span_y, span_x)  # what the loops' carries vary with
-    out = _shard.varying(jnp.zeros((wy.shape[0], ph, pw, plan.channels), plan.dtype), *refs)
+    each box's row written in place into the output.
+
+    ``wy``, ``wx`` may also be functions ``k -> [PH, H]`` (weights computed box by
+    box); ``emit(k, value, carry)`` replaces the write of each box's ``[PH, PW, C]``
+    (a fold over the boxes from ``init``)."""
+    refs = (maps, batch, span_y, span_x) + tuple(a for a in (wy, wx) if not callable(a))
+    if init is None:
+        shape = (wy.shape[0], wy.shape[1], wx.shape[1], plan.channels)
+        init = _shard.varying(jnp.zeros(shape, plan.dtype), *refs)
 
     def body(lv, tier, k, out):
-        b, ly, lx, wyk, wxk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx))
+        b, ly, lx = (_row(a, k) for a in (batch, span_y, span_x))
+        wyk, wxk = _box(wy, k), _box(wx, k)
 
         def read(acc, y0, x0, wyw, wxw, own):
             win = _window(plan, maps[lv], b, y0, x0, tier[0], tier[1])
             z = jnp.einsum("hwc,qw->hqc", win, wxw, precision=_HIGHEST)
             return acc + jnp.einsum("ph,hqc->pqc", wyw, z, precision=_HIGHEST)
 
-        zero = _shard.varying(jnp.zeros((ph, pw, plan.channels), plan.dtype), *refs)
-        return _set_row(out, k, _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero))
+        shape = (wyk.shape[0], wxk.shape[0], plan.channels)
+        zero = _shard.varying(jnp.zeros(shape, plan.dtype), *refs)
+        value = _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero)
+        return _set_row(out, k, value) if emit is None else emit(k, value, out)
 
-    return _each_box(plan, branch, body, out)
+    return _each_box(plan, branch, body, init)
+
+
+def _box(a, k) -> Array:
+    """Row ``k`` of a per-box table, or ``a(k)`` for one computed box by box."""
+    return a(k) if callable(a) else _row(a, k)
 
 
 def _by_branch(plan: Plan, branch: Array):
@@ -287,12 +300,12 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
 
 
 def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x):
-    """``acc`` (maps in the compute dtype) plus :func:`_transpose`'s sums, in place."""
-    g = g.astype(plan.dtype)
+    """``acc`` (maps in the compute dtype) plus :func:`_transpose`'s sums, in place
+    (``g``, ``wy``, ``wx`` may be functions of the box, as for :func:`_forward`)."""
 
     def body(lv, tier, k, acc):
         b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)
-        wyk, wxk, gk = _row(wy, k), _row(wx, k), _row(g, k)
+        wyk, wxk, gk = _box(wy, k), _box(wx, k), _box(g, k).astype(plan.dtype)
 
         def add(acc, y0, x0, wyw, wxw, own):
             u = jnp.einsum("pqc,qw->pwc", gk, wxw, precision=_HIGHEST)
@@ -564,7 +577,6 @@ def contract_window(
     dtype,
     *,
     batch: Array | None = None,
-    prep=None,
 ) -> Array:
     """``out[k] = sum_hw wy[k, :, h] wx[k, :, w] F_level[k][batch[k], h, w, :]``, box-locally.
 
@@ -581,27 +593,17 @@ def contract_window(
         exact (:func:`jax_roialign._sampling.tap_span`).
       dtype: the compute dtype; the windows are widened to it as they are read.
       batch: ``[K]`` image of each box (flat tables only).
-      prep: an elementwise function applied to every window as it is read (in
-        ``dtype``; a module-level function, as it keys the compiled loops); a read
-        with ``prep`` must not be differentiated.
 
     Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``) in ``dtype``.
     """
     maps = tuple(maps)
-    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, prep)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype)
     per_image = batch is None
-    wy, wx, idx = _tables(plan, wy, wx, level, lo_y, need_y, lo_x, need_x, batch)
-    op, _ = _ops(plan.key(), per_image)
-    return op(maps, wy, wx, idx)
-
-
-def _tables(plan: Plan, wy, wx, level, lo_y, need_y, lo_x, need_x, batch):
-    """:func:`contract_window`'s weights cut to the largest map and its integer tables."""
     heights, widths = max(plan.heights), max(plan.widths)
     if wy.shape[-1] < heights or wx.shape[-1] < widths:
         raise ValueError("window weights must cover the largest map")
-    wy = wy[..., :heights].astype(plan.dtype)
-    wx = wx[..., :widths].astype(plan.dtype)
+    wy = wy[..., :heights].astype(dtype)
+    wx = wx[..., :widths].astype(dtype)
     branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
     branch = branch.reshape(level.shape)
     span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
@@ -609,21 +611,8 @@ def _tables(plan: Plan, wy, wx, level, lo_y, need_y, lo_x, need_x, batch):
     idx: tuple[Array, ...] = (branch, span_y, span_x)
     if batch is not None:
         idx = (batch.astype(jnp.int32),) + idx
-    return wy, wx, idx
-
-
-def _taps_tables(shapes, layout: DataFormat, batch, taps_y, taps_x, level):
-    """:func:`read_taps`'s dense weights and spans:
-    ``(wy, wx, level, lo_y, need_y, lo_x, need_x)``."""
-    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
-    heights, widths, _ = _layout(layout, tuple(tuple(s) for s in shapes))
-    wyd = _sampling.taps_to_dense(iy, wy, max(heights))
-    wxd = _sampling.taps_to_dense(ix, wx, max(widths))
-    lo_y, need_y = _sampling.taps_span(iy, live_y)
-    lo_x, need_x = _sampling.taps_span(ix, live_x)
-    if level is None:  # one map (typed like the boxes, for explicit sharding)
-        level = jnp.zeros_like(lo_y)
-    return wyd, wxd, level, lo_y, need_y, lo_x, need_x
+    op, _ = _ops(plan.key(), per_image)
+    return op(maps, wy, wx, idx)
 
 
 def read_taps(
@@ -635,34 +624,85 @@ def read_taps(
     dtype,
     *,
     level: Array | None = None,
-    prep=None,
 ) -> Array:
     """:func:`contract_window` of separable taps ``(idx, w, live)`` per axis
     (``idx, w [K, P, T]``, ``live [K, P]`` the samples whose taps count): each
     box's taps as dense weights over the largest map, each box's span from its
-    live taps. ``level``: the map of each box (default: the first); ``prep``: as
-    for :func:`contract_window`. Returns ``[K, P_y, P_x, C]``."""
-    tables = _taps_tables([m.shape for m in maps], layout, batch, taps_y, taps_x, level)
-    return contract_window(maps, layout, *tables, dtype, batch=batch, prep=prep)
+    live taps. ``level``: the map of each box (default: the first).
+    Returns ``[K, P_y, P_x, C]``."""
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    heights, widths, _ = _layout(layout, tuple(tuple(m.shape) for m in maps))
+    wyd = _sampling.taps_to_dense(iy, wy, max(heights))
+    wxd = _sampling.taps_to_dense(ix, wx, max(widths))
+    lo_y, need_y = _sampling.taps_span(iy, live_y)
+    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    if level is None:  # one map (typed like the boxes, for explicit sharding)
+        level = jnp.zeros_like(lo_y)
+    return contract_window(
+        maps, layout, wyd, wxd, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+    )
 
 
-def add_transpose_taps(
-    acc: Sequence[Array],
-    g: Array,
+def _boxwise(plan: Plan, batch, taps_y, taps_x):
+    """Separable taps as per-box functions ``k -> [P, H]`` of dense weights (never a
+    ``[K, P, H]`` table) and the integer tables: ``(wy, wx, batch, branch, span_y,
+    span_x)`` for :func:`_forward` and :func:`_transpose_into`."""
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+
+    def dense(idx, w, length):
+        def rows(k):
+            one = _sampling.taps_to_dense(_row(idx, k)[None], _row(w, k)[None], length)[0]
+            return one.astype(plan.dtype)
+
+        return rows
+
+    lo_y, need_y = _sampling.taps_span(iy, live_y)
+    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    branch = branch_index(plan, jnp.zeros_like(lo_y), need_y, need_x)
+    span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
+    span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
+    wyd, wxd = dense(iy, wy, max(plan.heights)), dense(ix, wx, max(plan.widths))
+    return wyd, wxd, batch.astype(jnp.int32), branch, span_y, span_x
+
+
+def fold_taps(
+    maps: Sequence[Array],
     layout: DataFormat,
     batch: Array,
     taps_y: tuple[Array, Array, Array],
     taps_x: tuple[Array, Array, Array],
+    dtype,
+    emit,
+    init,
     *,
-    level: Array | None = None,
+    prep=None,
+):
+    """:func:`read_taps` of one map, each box's ``[P_y, P_x, C]`` handed to
+    ``carry = emit(k, value, carry)`` instead of written out (a fold over the boxes
+    from ``init``, in the reader's order; ``emit`` updates row ``k`` of its carry in
+    place), with each box's dense weights computed box by box. Not differentiable:
+    for searches and for the custom VJPs of callers. ``prep``: an elementwise
+    function applied to every window as it is read, in ``dtype`` (a module-level
+    function: it keys the plan)."""
+    maps = tuple(maps)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, prep)
+    wy, wx, batch, branch, span_y, span_x = _boxwise(plan, batch, taps_y, taps_x)
+    return _forward(plan, maps, wy, wx, batch, branch, span_y, span_x, emit=emit, init=init)
+
+
+def add_transpose_taps(
+    acc: Sequence[Array],
+    g,
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
 ) -> tuple[Array, ...]:
-    """``acc`` plus the transpose of :func:`read_taps` applied to ``g`` ``[K, P_y, P_x, C]``:
-    maps (in their dtype, the compute dtype) with each box's ``wy^T . g[k] . wx`` added
-    into its windows, box by box in place. Not differentiable: for the custom VJPs of
-    callers that sum several reads' transposes into one map."""
+    """``acc`` plus the transpose of :func:`read_taps` applied to ``g`` ``[K, P_y, P_x, C]``
+    (or a function ``k -> [P_y, P_x, C]``, the cotangent made box by box): maps in
+    the compute dtype (``acc``'s) with each box's ``wy^T . g[k] . wx`` added into its
+    windows, box by box in place. Not differentiable: for the custom VJPs of callers
+    that sum several reads' transposes into one map."""
     acc = tuple(acc)
-    dtype = acc[0].dtype
-    plan = Plan(layout, [a.shape for a in acc], [a.dtype for a in acc], dtype)
-    tables = _taps_tables(plan.shapes, layout, batch, taps_y, taps_x, level)
-    wy, wx, idx = _tables(plan, *tables, batch)
-    return _transpose_into(plan, acc, g, wy, wx, *idx)
+    plan = Plan(layout, [a.shape for a in acc], [a.dtype for a in acc], acc[0].dtype)
+    return _transpose_into(plan, acc, g, *_boxwise(plan, batch, taps_y, taps_x))
