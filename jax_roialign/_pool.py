@@ -8,6 +8,11 @@ the smallest one that holds every bin, so any box is exact and common boxes
 read only a few cells. The running max records the flat index of the first
 maximum in scan order (torchvision's ``argmax``), and the output is one gather
 at that index, so the gradient goes to exactly the cell torchvision picks.
+
+On TPU (``auto``) a gather-free path (:func:`window_pool`) reads the cells of
+every bin through the box-local window reader in blocks, each box's block
+reduced to its first maximum as it is read, and takes the gradient to the same
+cell through the reader's transpose: the same numbers, no gather or scatter.
 """
 
 from __future__ import annotations

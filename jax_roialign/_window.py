@@ -302,6 +302,8 @@ def _transpose(plan: Plan, g, wy, wx, batch, branch, span_y, span_x, images: int
 def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x):
     """``acc`` (maps in the compute dtype) plus :func:`_transpose`'s sums, in place
     (``g``, ``wy``, ``wx`` may be functions of the box, as for :func:`_forward`)."""
+    if not callable(g):
+        g = g.astype(plan.dtype)
 
     def body(lv, tier, k, acc):
         b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)

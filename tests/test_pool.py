@@ -135,12 +135,16 @@ def test_window_argmax_each_rung(window):
     np.testing.assert_array_equal(np.asarray(flat)[keep], arg[keep])
 
 
-def test_tpu_reader_same_numbers_and_gradients(monkeypatch):
+@pytest.mark.parametrize("block", [_pool.BLOCK, 5])
+def test_tpu_reader_same_numbers_and_gradients(monkeypatch, block):
     """The TPU path (the window reader, forced here on the CPU) against the loop
     reference and the default path: boxes from one cell to larger than the map
-    (one trace, blocks as many as the largest bin needs), boxes outside the map
-    (empty bins), invalid boxes, ties (the gradient to the first maximum), NaN and
-    infinities; output and feature gradient equal, and the second order too."""
+    (one trace, blocks as many as the largest bin needs: one, or with small
+    blocks of 1 x 2 cells many, a tie between blocks going to the first),
+    boxes outside the map (empty bins), invalid boxes, ties (the gradient to the
+    first maximum), NaN and infinities; output and feature gradient equal, and
+    the second order too."""
+    monkeypatch.setattr(_pool, "BLOCK", block)
     rng = np.random.default_rng(4)
     h, w = 17, 23
     features = rng.integers(-3, 4, (2, h, w, 3)).astype(np.float64)  # many ties
