@@ -246,7 +246,7 @@ def pallas_bytes(wl: Workload, boxes: np.ndarray, itemsize: int) -> float:
     c, p = wl.channels, wl.output_size
     dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
     shapes = [(1, LEVELS[n][0], LEVELS[n][1], c) for n in wl.levels]
-    plan = _window.Plan(DataFormat.NHWC, shapes, [dtype] * len(shapes), jnp.float32, True)
+    plan = _window.Plan(DataFormat.NHWC, shapes, [dtype] * len(shapes), jnp.float32, pallas=True)
     sides = dict(zip(wl.levels, _pallas._sides(plan), strict=True))
     weights = p * (max(s[1] for s in shapes) + max(s[2] for s in shapes)) * 4
     total = 0.0

@@ -66,7 +66,7 @@ def supported(plan, ph: int) -> bool:
     (the TPU's layout for convolutions; in NCHW a window's columns would be lanes,
     whose copies must start at multiples of 128), at most ``MAX_ROWS`` rows, and
     whole-row strips (:class:`Sides`) of at most ``MAX_STRIP`` bytes."""
-    if plan.points or plan.taps or plan.group != 1:  # separable dense weights only
+    if plan.points or plan.taps or plan.group != 1 or plan.prep is not None:  # plain reads only
         return False
     if not plan.nhwc or ph > MAX_ROWS or plan.dtype == np.dtype(np.float16):
         return False

@@ -8,6 +8,11 @@ the smallest one that holds every bin, so any box is exact and common boxes
 read only a few cells. The running max records the flat index of the first
 maximum in scan order (torchvision's ``argmax``), and the output is one gather
 at that index, so the gradient goes to exactly the cell torchvision picks.
+
+On TPU (``auto``) a gather-free path (:func:`window_pool`) reads the cells of
+every bin through the box-local window reader in blocks, each box's block
+reduced to its first maximum as it is read, and takes the gradient to the same
+cell through the reader's transpose: the same numbers, no gather or scatter.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ._sampling import exact_divide
 from ._validation import (
     Call,
     DataFormat,
+    Method,
     prepare,
 )
 
@@ -218,20 +224,258 @@ def _roi_pool_nhwc_out(call: Call) -> Array:
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     ys, ye = pool_bins(y1, y2, pooled=pooled[0], length=size[0], spatial_scale=spatial_scale)
     xs, xe = pool_bins(x1, x2, pooled=pooled[1], length=size[1], spatial_scale=spatial_scale)
-    ok = rois.ok[:, None]
+    per_image = len(rois.lead_shape) == 2
+    # Per-image boxes on batch-sharded features: per device (no collective; the
+    # CPU's gathers would not even trace under explicit sharding). Otherwise the
+    # boxes' own image indices (the CPU program as it was).
+    sharded = _shard.batch_axes(features) is not None
+
+    def build(how: Method):
+        def pool(f, b, ok, ys, ye, xs, xe):
+            if how is Method.WINDOW:
+                return window_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
+            return _scan_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
+
+        args = (rois.ok, ys, ye, xs, xe)
+        if per_image and sharded:  # each device pools its own images
+            return lambda: _shard.per_image_pool(pool, features, rois.batch, *args)
+        return lambda: pool(features, rois.batch, *args)
+
+    return _READER.run(build)
+
+
+# The reader ``roi_pool`` takes: ``AUTO`` picks the platform's (tests set others).
+_READER = Method.AUTO
+
+
+def _scan_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
+    """The running max over a window ladder and one gather at the argmax (CPU, GPU)."""
+    height = features.shape[1] if layout is DataFormat.NHWC else features.shape[2]
+    width = features.shape[2] if layout is DataFormat.NHWC else features.shape[3]
+    live = ok[:, None]
     # Invalid boxes must not force a large window.
-    need_y = jnp.max(jnp.where(ok, ye - ys, 0))
-    need_x = jnp.max(jnp.where(ok, xe - xs, 0))
-    ladder = window_ladder(*size)
+    need_y = jnp.max(jnp.where(live, ye - ys, 0))
+    need_x = jnp.max(jnp.where(live, xe - xs, 0))
+    ladder = window_ladder(height, width)
     level = sum(((need_y > ty) | (need_x > tx)).astype(jnp.int32) for ty, tx in ladder[:-1])
     frozen = jax.lax.stop_gradient(features)
     branches = [
-        lambda win=win: window_argmax(frozen, layout, rois.batch, ys, ye, xs, xe, win, dtype)[1]
+        lambda win=win: window_argmax(frozen, layout, batch, ys, ye, xs, xe, win, dtype)[1]
         for win in ladder
     ]
     flat = branches[0]() if len(branches) == 1 else jax.lax.switch(level, branches)
     empty = (ye <= ys)[:, :, None] | (xe <= xs)[:, None, :]
-    value = gather_flat(features, layout, rois.batch, jnp.maximum(flat, 0)).astype(dtype)
+    value = gather_flat(features, layout, batch, jnp.maximum(flat, 0)).astype(dtype)
     out = jnp.where(flat >= 0, value, -FLT_MAX)
-    keep = rois.ok[:, None, None, None] & ~empty[..., None]
+    keep = ok[:, None, None, None] & ~empty[..., None]
     return jnp.where(keep, out, 0.0)
+
+
+# Samples per axis of one read of the TPU path: each read is one block of
+# ``ty = BLOCK // PH`` by ``tx = BLOCK // PW`` cells of every bin (``[PH * ty, PW * tx,
+# C]`` per box, reduced box by box), so bins of up to ``ty x tx`` cells (8 x 8 for a
+# 7 x 7 output) are read in one pass.
+BLOCK = 56
+
+
+def _encode(v: Array) -> Array:
+    """The search's window prep: a finite code of every value, in the same order as
+    torchvision's comparisons. A window is read by contracting it with one-hot
+    weights, where one infinity (or NaN) would make every read of its box NaN
+    (``0 * inf``); so NaN and ``-inf`` (which never win) become ``-top``, ``+inf``
+    becomes ``top``, and finite values are divided by 4 (exact but for subnormals),
+    which leaves every finite value below ``top`` and above ``-top``."""
+    top = 2.0 ** (jnp.finfo(v.dtype).maxexp - 2)
+    lose = jnp.isnan(v) | (v == -jnp.inf)
+    return jnp.where(lose, -top, jnp.where(v == jnp.inf, top, v * 0.25))
+
+
+def _decode(code: Array) -> Array:
+    top = 2.0 ** (jnp.finfo(code.dtype).maxexp - 2)
+    return jnp.where(code == top, jnp.inf, code * 4.0)
+
+
+def _row(a: Array, k) -> Array:
+    return jax.lax.dynamic_index_in_dim(a, k, axis=0, keepdims=False)
+
+
+def _set_row(a: Array, k, value: Array) -> Array:
+    return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), k, axis=0)
+
+
+class _Blocks:
+    """The cells of every bin in blocks of ``ty x tx`` cells (:data:`BLOCK`), as one-tap
+    samples for the window reader (:func:`._window.fold_taps`): block ``(i, j)``
+    holds the cells ``ys + i * ty + [0, ty)`` by ``xs + j * tx + [0, tx)`` of each
+    bin (those past the bin's end are not live: weight 0, outside the box's span).
+    There are as many blocks as the largest bin of a valid box needs (a run-time
+    count: one for bins of up to ``ty x tx`` cells)."""
+
+    def __init__(self, shape, layout: DataFormat, aux, dtype):
+        self.batch, self.ok, self.ys, self.ye, self.xs, self.xe = aux[:6]
+        self.layout = layout
+        nhwc = layout is DataFormat.NHWC
+        self.height, self.width = (shape[1], shape[2]) if nhwc else (shape[2], shape[3])
+        self.channels = shape[3] if nhwc else shape[1]
+        self.dtype = dtype
+        self.ty = max(1, BLOCK // self.ys.shape[1])
+        self.tx = max(1, BLOCK // self.xs.shape[1])
+        live = self.ok[:, None]
+        need_y = jnp.max(jnp.where(live, self.ye - self.ys, 0), initial=0)
+        need_x = jnp.max(jnp.where(live, self.xe - self.xs, 0), initial=0)
+        self.across = (need_x + self.tx - 1) // self.tx
+        self.count = ((need_y + self.ty - 1) // self.ty) * self.across
+
+    def _axis(self, start, end, offset, t: int, length: int):
+        k, p = start.shape
+        cell = start[:, :, None] + offset + jnp.arange(t, dtype=start.dtype)  # [K, P, t]
+        live = (cell < end[:, :, None]) & self.ok[:, None, None]
+        idx = jnp.clip(cell, 0, length - 1).reshape(k, p * t, 1)
+        taps = (idx, live.astype(self.dtype).reshape(k, p * t, 1), live.reshape(k, p * t))
+        return taps, cell, live
+
+    def block(self, i):
+        """``(taps_y, taps_x, cells)`` of block ``i``; ``cells(k)``: box ``k``'s flat
+        index ``h * W + w`` of each cell and whether it is in its bin, ``[PH, ty, PW,
+        tx, 1]`` each."""
+        a0 = (i // self.across) * self.ty
+        t0 = (i % self.across) * self.tx
+        taps_y, rows, live_y = self._axis(self.ys, self.ye, a0, self.ty, self.height)
+        taps_x, cols, live_x = self._axis(self.xs, self.xe, t0, self.tx, self.width)
+
+        def cells(k):
+            r, c = _row(rows, k), _row(cols, k)
+            flat = r[:, :, None, None] * self.width + c[None, None, :, :]
+            live = _row(live_y, k)[:, :, None, None] & _row(live_x, k)[None, None, :, :]
+            return flat[..., None], live[..., None]
+
+        return taps_y, taps_x, cells
+
+    def fold(self, body, init, *refs):
+        """``carry = body(block(i), carry)`` for every block (a while loop)."""
+        init = _shard.varying(init, self.batch, self.ys, self.xs, *refs)
+        return jax.lax.fori_loop(0, self.count, lambda i, c: body(self.block(i), c), init)
+
+    def split(self, v: Array) -> Array:
+        """A box's read ``[PH * ty, PW * tx, C]`` as ``[PH, ty, PW, tx, C]``."""
+        py, px, c = v.shape
+        return v.reshape(py // self.ty, self.ty, px // self.tx, self.tx, c)
+
+
+def window_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
+    """roi_pool through the box-local window reader (the TPU path: no gather or scatter).
+
+    The cells of every bin are read in blocks (:class:`_Blocks`), each cell a
+    one-tap sample of weight 1 (:func:`._window.fold_taps`, on finite codes of the
+    values: :func:`_encode`), and each box's block is folded at once into a running
+    max that keeps the first maximum in row-major order (on equal values the
+    smaller flat index), so any bin of any box is exact. The gradient goes to that
+    cell alone: the feature gradient is the transpose of the same reads with the
+    cotangent kept at each bin's winning cell (:func:`_argmax_ops`), and its own
+    gradient the read again, so reverse mode works to any order.
+    """
+    from ._window import fold_taps
+
+    k, ph = ys.shape
+    pw = xs.shape[1]
+    aux = (batch.astype(jnp.int32), ok, ys, ye, xs, xe)
+    blocks = _Blocks(features.shape, layout, aux, dtype)
+    c = blocks.channels
+    frozen = jax.lax.stop_gradient(features)
+    floor = jnp.asarray(-FLT_MAX * 0.25, dtype)  # torchvision's start, encoded
+    none = jnp.iinfo(jnp.int32).max
+
+    def body(blk, carry):
+        taps_y, taps_x, cells = blk
+
+        def emit(i, code, carry):
+            best, where = carry
+            flat, live = cells(i)
+            code = jnp.where(live, blocks.split(code), -jnp.inf)
+            top = jnp.max(code, axis=(1, 3))  # the block's largest per bin, [PH, PW, C]
+            first = jnp.min(jnp.where(live & (code == top[:, None, :, None]), flat, none), (1, 3))
+            b, w = _row(best, i), _row(where, i)
+            better = (top > b) | ((top == b) & (first < w))
+            return _set_row(best, i, jnp.where(better, top, b)), _set_row(
+                where, i, jnp.where(better, first, w)
+            )
+
+        return fold_taps(
+            [frozen], layout, blocks.batch, taps_y, taps_x, dtype, emit, carry, prep=_encode
+        )
+
+    init = (jnp.full((k, ph, pw, c), floor, dtype), jnp.full((k, ph, pw, c), -1, jnp.int32))
+    best, argmax = blocks.fold(body, init, frozen)
+    value = jnp.where(argmax >= 0, _decode(best), -FLT_MAX)
+    value = _argmax_ops(layout, features.shape, features.dtype, np.dtype(dtype))(
+        features, value, aux + (argmax,)
+    )
+    empty = (ye <= ys)[:, :, None] | (xe <= xs)[:, None, :]
+    keep = ok[:, None, None, None] & ~empty[..., None]
+    return jnp.where(keep, value, 0.0)
+
+
+def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
+    """``value(features, v, aux)``: ``v`` (the search's maximum), whose VJP takes the
+    cotangent to each bin's winning cell ``argmax`` ``[K, PH, PW, C]`` (the last of
+    ``aux``; a flat index, ``-1`` for none).
+
+    That VJP is ``pick_t``, the transpose of ``pick(m)``, which reads ``m`` at the
+    winning cells (the blocks' reads, each cell kept where it won); ``pick_t`` adds
+    each block's cotangent, kept at the winning cells, into the map through the
+    reads' transpose. Each is the other's VJP (any order of reverse mode).
+    """
+    from ._window import add_transpose_taps, fold_taps
+
+    def no_aux(aux):
+        return jax.tree.map(lambda _: None, aux)
+
+    def kept(cells, i, argmax):
+        flat, live = cells(i)
+        return live & (flat == _row(argmax, i)[:, None, :, None, :])
+
+    @jax.custom_vjp
+    def pick(m, aux):
+        blocks = _Blocks(shape, layout, aux, dtype)
+        argmax = aux[-1]
+
+        def body(blk, acc):
+            taps_y, taps_x, cells = blk
+
+            def emit(i, v, acc):
+                v = jnp.where(kept(cells, i, argmax), blocks.split(v), 0.0)
+                return _set_row(acc, i, _row(acc, i) + jnp.sum(v, axis=(1, 3)))
+
+            return fold_taps([m], layout, blocks.batch, taps_y, taps_x, dtype, emit, acc)
+
+        return blocks.fold(body, jnp.zeros(argmax.shape, dtype), m, argmax)
+
+    @jax.custom_vjp
+    def pick_t(g, aux):
+        blocks = _Blocks(shape, layout, aux, dtype)
+        argmax = aux[-1]
+        g = g.astype(dtype)
+        ph, pw, c = g.shape[1:]
+
+        def body(blk, acc):
+            taps_y, taps_x, cells = blk
+
+            def cot(i):  # box i's cotangent of the block's cells
+                gi = _row(g, i)[:, None, :, None, :]
+                out = jnp.where(kept(cells, i, argmax), gi, 0.0)
+                return out.reshape(ph * blocks.ty, pw * blocks.tx, c)
+
+            (acc,) = add_transpose_taps([acc], cot, layout, blocks.batch, taps_y, taps_x)
+            return acc
+
+        return blocks.fold(body, jnp.zeros(shape, dtype), g, argmax).astype(map_dtype)
+
+    pick.defvjp(lambda m, aux: (pick(m, aux), aux), lambda aux, g: (pick_t(g, aux), no_aux(aux)))
+    pick_t.defvjp(lambda g, aux: (pick_t(g, aux), aux), lambda aux, m: (pick(m, aux), no_aux(aux)))
+
+    @jax.custom_vjp
+    def value(features, v, aux):
+        return v
+
+    value.defvjp(lambda f, v, aux: (v, aux), lambda aux, g: (pick_t(g, aux), None, no_aux(aux)))
+    return value

@@ -111,7 +111,9 @@ class Plan:
     weights over the whole map. ``group``: points summed per output row (the
     ``group`` consecutive points ``s``, e.g. the samples of one bin), so the
     output is ``[K, S / group, C]``. ``pallas``: the separable read by the
-    Pallas kernels of :mod:`jax_roialign._pallas` where they fit.
+    Pallas kernels of :mod:`jax_roialign._pallas` where they fit. ``prep``: an
+    elementwise map applied to every window as it is read, in the compute dtype
+    (forward reads only: a read with ``prep`` is not differentiated).
     """
 
     def __init__(
@@ -124,10 +126,12 @@ class Plan:
         taps: bool = False,
         group: int = 1,
         pallas: bool = False,
+        prep=None,
     ):
         self.layout = layout
         self.points, self.taps, self.group = bool(points), bool(taps), int(group)
         self.pallas = bool(pallas)
+        self.prep = prep
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.map_dtypes = tuple(np.dtype(d) for d in map_dtypes)
         self.dtype = np.dtype(dtype)
@@ -137,7 +141,7 @@ class Plan:
 
     def key(self):
         key = (self.layout, self.shapes, self.map_dtypes, self.dtype)
-        return key + (self.points, self.taps, self.group, self.pallas)
+        return key + (self.points, self.taps, self.group, self.pallas, self.prep)
 
     @property
     def nhwc(self) -> bool:
@@ -164,7 +168,8 @@ def _window(plan: Plan, m: Array, b, y0, x0, h: int, w: int) -> Array:
     else:
         win = jax.lax.dynamic_slice(m, (b, z, y0, x0), (1, plan.channels, h, w))[0]
         win = jnp.moveaxis(win, 0, -1)
-    return win.astype(plan.dtype)
+    win = win.astype(plan.dtype)
+    return win if plan.prep is None else plan.prep(win)
 
 
 def _add_window(plan: Plan, acc: Array, value: Array, b, y0, x0) -> Array:
@@ -328,33 +333,51 @@ def _box_taps(taps, k):
     return (_row(taps[0], k), _row(taps[1], k)) if taps else (None, None)
 
 
-def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps):
+def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps, emit=None, init=None):
     """``out[k] = wy[k] . window_k . wx[k]^T`` for every box: ``[K, PH, PW, C]``
     (``[K, S, C]`` for points), each box's row written in place into the output
     (by the Pallas kernel of :mod:`jax_roialign._pallas` where the plan asks for
     it and it fits). ``taps``: the tap rows and columns ``[K, S, T]`` of tap
-    weights."""
-    if plan.pallas:
+    weights.
+
+    ``wy``, ``wx`` may also be functions ``k -> [PH, H]`` (weights computed box by
+    box); ``emit(k, value, carry)`` replaces the write of each box's ``[PH, PW, C]``
+    (a fold over the boxes from ``init``)."""
+    if plan.pallas and emit is None and not callable(wy) and not callable(wx):
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
             return _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
-    shape = (wy.shape[1] // plan.group,) if plan.points else (wy.shape[1], wx.shape[1])
-    refs = (maps, wy, wx, batch, span_y, span_x, taps)  # what the loops' carries vary with
-    out = _shard.varying(jnp.zeros((wy.shape[0],) + shape + (plan.channels,), plan.dtype), *refs)
+    refs = (maps, batch, span_y, span_x, taps) + tuple(a for a in (wy, wx) if not callable(a))
+    if init is None:
+        shape = (wy.shape[1] // plan.group,) if plan.points else (wy.shape[1], wx.shape[1])
+        init = _shard.varying(
+            jnp.zeros((wy.shape[0],) + shape + (plan.channels,), plan.dtype), *refs
+        )
 
     def body(lv, tier, k, out):
-        b, ly, lx, wyk, wxk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx))
+        b, ly, lx = (_row(a, k) for a in (batch, span_y, span_x))
+        wyk, wxk = _box(wy, k), _box(wx, k)
 
         def read(acc, y0, x0, wyw, wxw, own):
             win = _window(plan, maps[lv], b, y0, x0, tier[0], tier[1])
             return acc + _contract(plan, win, wyw, wxw)
 
+        if plan.points:
+            shape: tuple[int, ...] = (wyk.shape[0] // plan.group,)
+        else:
+            shape = (wyk.shape[0], wxk.shape[0])
         zero = _shard.varying(jnp.zeros(shape + (plan.channels,), plan.dtype), *refs)
         tk = _box_taps(taps, k)
-        return _set_row(out, k, _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero, taps=tk))
+        value = _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero, taps=tk)
+        return _set_row(out, k, value) if emit is None else emit(k, value, out)
 
-    return _each_box(plan, branch, body, out)
+    return _each_box(plan, branch, body, init)
+
+
+def _box(a, k) -> Array:
+    """Row ``k`` of a per-box table, or ``a(k)`` for one computed box by box."""
+    return a(k) if callable(a) else _row(a, k)
 
 
 def _by_branch(plan: Plan, branch: Array):
@@ -399,11 +422,19 @@ def _transpose(
     acc = _shard.varying(
         tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x, taps
     )
-    g = g.astype(plan.dtype)
+    acc = _transpose_into(plan, acc, g, wy, wx, batch, branch, span_y, span_x, *taps)
+    return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
+
+
+def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x, *taps):
+    """``acc`` (maps in the compute dtype) plus :func:`_transpose`'s sums, in place
+    (``g``, ``wy``, ``wx`` may be functions of the box, as for :func:`_forward`)."""
+    if not callable(g):
+        g = g.astype(plan.dtype)
 
     def body(lv, tier, k, acc):
         b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)
-        wyk, wxk, gk = _row(wy, k), _row(wx, k), _row(g, k)
+        wyk, wxk, gk = _box(wy, k), _box(wx, k), _box(g, k).astype(plan.dtype)
 
         def add(acc, y0, x0, wyw, wxw, own):
             acc = list(acc)
@@ -412,8 +443,7 @@ def _transpose(
 
         return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc, taps=_box_taps(taps, k))
 
-    acc = _each_box(plan, branch, body, acc)
-    return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
+    return _each_box(plan, branch, body, tuple(acc))
 
 
 def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk, tk=(None, None)):
@@ -824,3 +854,68 @@ def read_point_taps(
     return _read(
         maps, layout, wy, wx, level, span, dtype, batch, points=True, taps=taps, group=group
     )
+
+
+def _boxwise(plan: Plan, batch, taps_y, taps_x):
+    """Separable taps as per-box functions ``k -> [P, H]`` of dense weights (never a
+    ``[K, P, H]`` table) and the integer tables: ``(wy, wx, batch, branch, span_y,
+    span_x)`` for :func:`_forward` and :func:`_transpose_into`."""
+    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+
+    def dense(idx, w, length):
+        def rows(k):
+            one = _sampling.taps_to_dense(_row(idx, k)[None], _row(w, k)[None], length)[0]
+            return one.astype(plan.dtype)
+
+        return rows
+
+    lo_y, need_y = _sampling.taps_span(iy, live_y)
+    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    branch = branch_index(plan, jnp.zeros_like(lo_y), need_y, need_x)
+    span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
+    span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
+    wyd, wxd = dense(iy, wy, max(plan.heights)), dense(ix, wx, max(plan.widths))
+    return wyd, wxd, batch.astype(jnp.int32), branch, span_y, span_x
+
+
+def fold_taps(
+    maps: Sequence[Array],
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
+    dtype,
+    emit,
+    init,
+    *,
+    prep=None,
+):
+    """:func:`read_taps` of one map, each box's ``[P_y, P_x, C]`` handed to
+    ``carry = emit(k, value, carry)`` instead of written out (a fold over the boxes
+    from ``init``, in the reader's order; ``emit`` updates row ``k`` of its carry in
+    place), with each box's dense weights computed box by box. Not differentiable:
+    for searches and for the custom VJPs of callers. ``prep``: an elementwise
+    function applied to every window as it is read, in ``dtype`` (a module-level
+    function: it keys the plan)."""
+    maps = tuple(maps)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, prep=prep)
+    wy, wx, batch, branch, span_y, span_x = _boxwise(plan, batch, taps_y, taps_x)
+    return _forward(plan, maps, wy, wx, batch, branch, span_y, span_x, emit=emit, init=init)
+
+
+def add_transpose_taps(
+    acc: Sequence[Array],
+    g,
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
+) -> tuple[Array, ...]:
+    """``acc`` plus the transpose of :func:`read_taps` applied to ``g`` ``[K, P_y, P_x, C]``
+    (or a function ``k -> [P_y, P_x, C]``, the cotangent made box by box): maps in
+    the compute dtype (``acc``'s) with each box's ``wy^T . g[k] . wx`` added into its
+    windows, box by box in place. Not differentiable: for the custom VJPs of callers
+    that sum several reads' transposes into one map."""
+    acc = tuple(acc)
+    plan = Plan(layout, [a.shape for a in acc], [a.dtype for a in acc], acc[0].dtype)
+    return _transpose_into(plan, acc, g, *_boxwise(plan, batch, taps_y, taps_x))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from reference_pool import load_golden, roi_pool_grad_ref, roi_pool_ref
 
-from jax_roialign import roi_pool
+from jax_roialign import _pool, roi_pool
 from jax_roialign._pool import FLT_MAX, pool_bins, window_argmax, window_ladder
-from jax_roialign._validation import DataFormat
+from jax_roialign._validation import DataFormat, Method
 
 GOLDEN, CONFIGS = load_golden("roi_pool.npz")
 SIZES = sorted({tuple(c["output_size"]) for c in CONFIGS})
@@ -133,6 +133,128 @@ def test_window_argmax_each_rung(window):
     )
     _, arg = roi_pool_ref(features, boxes, np.zeros(12, int), (2, 2), 1.0)
     np.testing.assert_array_equal(np.asarray(flat)[keep], arg[keep])
+
+
+@pytest.mark.parametrize("block", [_pool.BLOCK, 5])
+def test_tpu_reader_same_numbers_and_gradients(monkeypatch, block):
+    """The TPU path (the window reader, forced here on the CPU) against the loop
+    reference and the default path: boxes from one cell to larger than the map
+    (one trace, blocks as many as the largest bin needs: one, or with small
+    blocks of 1 x 2 cells many, a tie between blocks going to the first),
+    boxes outside the map (empty bins), invalid boxes, ties (the gradient to the
+    first maximum), NaN and infinities; output and feature gradient equal, and
+    the second order too."""
+    monkeypatch.setattr(_pool, "BLOCK", block)
+    rng = np.random.default_rng(4)
+    h, w = 17, 23
+    features = rng.integers(-3, 4, (2, h, w, 3)).astype(np.float64)  # many ties
+    features[1, :4, :, 2] = -np.inf  # bins of -inf only: -FLT_MAX, no gradient
+    features[0, 6, 3:9, 1] = np.inf  # the first +inf wins
+    features[0, 10, 5, 0] = np.nan  # never wins
+    features[1, 12, :, 0] = -FLT_MAX  # never wins either
+    boxes = np.concatenate(
+        [_boxes(rng, 8, lo, hi, h, w) for lo, hi in [(0, 3), (4, 12), (14, 30), (40, 90)]]
+    )
+    boxes[0] = [30.0, 25.0, 40.0, 31.0]  # outside the map: every bin empty
+    boxes[1] = [-3.0, 2.0, 1.4, 20.0]  # partly outside: some bins empty
+    boxes[2] = [-50.0, -60.0, 80.0, 70.0]  # larger than the map
+    idx = rng.integers(0, 2, len(boxes))
+    rows = np.concatenate([idx[:, None].astype(np.float64), boxes], axis=1)
+    rows[3, 0] = 7  # batch index out of range: zeros
+    rows[4, 1] = np.nan  # non-finite box: zeros
+    cot = rng.standard_normal((len(boxes), 3, 2, 3))
+    ref, arg = roi_pool_ref(features, boxes, idx, (3, 2), 1.0)
+    ref[3:5] = 0.0
+
+    def run(reader):
+        monkeypatch.setattr(_pool, "_READER", reader)
+
+        def pool(f):  # a new function: traced anew
+            return roi_pool(f, rows, output_size=(3, 2))
+
+        out, vjp = jax.vjp(jax.jit(pool), features)
+        (grad,) = vjp(cot)
+        # Second order: the gradient of <grad, v> (zero, as the op is linear
+        # piecewise), and the gradient's own VJP (the output's read again).
+        v = np.sin(np.arange(features.size)).reshape(features.shape)
+        second = jax.grad(lambda f: jnp.sum(jax.vjp(pool, f)[1](cot)[0] * v))(features)
+        _, vjp_of_vjp = jax.vjp(lambda c: jax.vjp(pool, features)[1](c)[0], cot)
+        (back,) = vjp_of_vjp(v)
+        return out, grad, second, back
+
+    got, want = run(Method.WINDOW), run(Method.AUTO)
+    np.testing.assert_array_equal(got[0], ref)
+    np.testing.assert_array_equal(got[0], want[0])
+    # A cell that wins several bins sums their cotangents in another order.
+    arg[3:5] = -1
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got[1], roi_pool_grad_ref(features, idx, arg, cot), atol=1e-12)
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_array_equal(got[3], want[3])
+    assert np.any(np.asarray(got[0]) == -FLT_MAX) and np.any(np.asarray(got[0]) == np.inf)
+    assert np.all(np.asarray(got[0])[0] == 0) and np.abs(np.asarray(got[3])).max() > 0
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_tpu_reader_layouts_dtypes_and_per_image(monkeypatch, data_format):
+    """The TPU path for both layouts, per-image boxes and float32 / bfloat16 maps:
+    the default path's numbers and gradients (within the rounding of a sum of
+    cotangents added in another order)."""
+    rng = np.random.default_rng(5)
+    features = rng.standard_normal((2, 9, 13, 4)).astype(np.float32)
+    if data_format == "NCHW":
+        features = features.transpose(0, 3, 1, 2)
+    boxes = np.stack([_boxes(rng, 3, 0.5, 12.0, 9, 13), _boxes(rng, 3, 0.5, 12.0, 9, 13)])
+    boxes = boxes.astype(np.float32)
+
+    def run(reader, dtype):
+        monkeypatch.setattr(_pool, "_READER", reader)
+
+        def pool(f):
+            kw = dict(output_size=(2, 3), spatial_scale=0.5, data_format=data_format)
+            return roi_pool(f, boxes, **kw)
+
+        f = jnp.asarray(features, dtype)
+        out, vjp = jax.vjp(jax.jit(pool), f)
+        return out, vjp(jnp.cos(out))[0]
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got, want = run(Method.WINDOW, dtype), run(Method.AUTO, dtype)
+        assert got[0].dtype == dtype and got[1].dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        tol = 1e-6 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(got[1], np.float32), want[1], rtol=tol, atol=tol)
+
+
+def test_tpu_reader_per_device_under_explicit_batch_sharding(monkeypatch):
+    """Batch-sharded features and per-image boxes (the pod recipe): the TPU path
+    pools each device's own images, with the numbers of one device, and its
+    program has no collective; the CPU path too."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    rng = np.random.default_rng(6)
+    features = rng.standard_normal((8, 9, 13, 3))
+    boxes = np.stack([_boxes(rng, 3, 0.5, 15.0, 9, 13) for _ in range(8)])
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(AxisType.Explicit,))
+
+    def step(f, b):
+        out, vjp = jax.vjp(lambda f: roi_pool(f, b, output_size=(2, 3)), f)
+        return out, vjp(jnp.cos(out))[0]
+
+    for reader in (Method.WINDOW, Method.AUTO):
+        monkeypatch.setattr(_pool, "_READER", reader)
+        fn = jax.jit(lambda f, b: step(f, b))  # a new function: traced anew
+        want = fn(features, boxes)
+        with jax.set_mesh(mesh):
+            fs, bs = jax.device_put(features, P("b")), jax.device_put(boxes, P("b"))
+            got = fn(fs, bs)
+            text = fn.lower(fs, bs).compile().as_text()
+        assert not any(op in text for op in ("all-gather", "all-reduce", "collective-permute"))
+        for g, wnt in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(wnt))
 
 
 def test_rounding_is_half_away_from_zero():

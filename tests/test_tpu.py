@@ -4,12 +4,12 @@ Every public op and Flax module is compiled for one v5e chip and for a 16-chip
 v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
 in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling,
-position-sensitive RoI Align, the TensorFlow crops, deformable RoI Align,
-rotated RoI Align with a fixed grid: ``method="auto"`` lowers to the window
-reader for TPU) have no gather or scatter in the TPU program, no collective on
-the pod and per-chip temporaries bounded by the output (forward) and features +
-output (forward+backward). The ops without one yet compile and run
-replicated-free on the pod; their gathers are recorded by a strict xfail.
+position-sensitive RoI Align, the TensorFlow crops, RoI Pool, deformable RoI
+Align, rotated RoI Align with a fixed grid: ``method="auto"`` lowers to the
+window reader for TPU) have no gather or scatter in the TPU program, no
+collective on the pod and per-chip temporaries bounded by the output (forward)
+and features + output (forward+backward). The one without (rotated RoI Align
+with an adaptive grid) compiles for a chip.
 A program exported for TPU and CPU runs here with the same numbers.
 """
 
@@ -127,9 +127,18 @@ def _deform(sr):
     return fn
 
 
-def _rotated(f, b):
-    boxes = jnp.concatenate([b, jnp.full_like(b[..., :1], 30.0)], -1)  # sharded like b
-    return jr.roi_align_rotated(f[0], boxes, output_size=7, spatial_scale=0.25, sampling_ratio=2)
+def _rotated(sr):
+    def fn(f, b):
+        boxes = jnp.concatenate([b, jnp.full_like(b[..., :1], 30.0)], -1)  # sharded like b
+        return jr.roi_align_rotated(
+            f[0], boxes, output_size=7, spatial_scale=0.25, sampling_ratio=sr
+        )
+
+    return fn
+
+
+def _roi_pool(f, b):
+    return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
 
 
 ONE = [(N, H, W, C)]
@@ -149,7 +158,8 @@ TPU_PATH = {
     "ps_roi_align": (_ps, ONE),
     "deform_roi_align": (_deform(0), ONE),
     "deform_roi_align_fixed": (_deform(2), ONE),
-    "roi_align_rotated_fixed": (_rotated, ONE),
+    "roi_align_rotated_fixed": (_rotated(2), ONE),
+    "roi_pool": (_roi_pool, ONE),
 }
 
 
@@ -202,12 +212,8 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
 
 
 # Ops without a TPU path yet: they compile for a chip and a pod; their gathers are known.
-def _roi_pool(f, b):
-    return jr.roi_pool(f[0], b, output_size=7, spatial_scale=0.25)
-
-
 NO_TPU_PATH = {
-    "roi_pool": _roi_pool,
+    "roi_align_rotated_adaptive": _rotated(0),
 }
 
 
@@ -217,14 +223,6 @@ def test_other_ops_compile_for_tpu(name, chip):
     fn = NO_TPU_PATH[name]
     compiled = _compile(_with_backward(fn), _specs(ONE, N, jnp.float32, sharding), None)
     assert compiled.memory_analysis() is not None
-
-
-@pytest.mark.xfail(strict=True, reason="no gather-free TPU path for these ops yet (issue 10)")
-@pytest.mark.parametrize("name", ["roi_pool"])
-def test_other_ops_gather_free_on_tpu(name, chip):
-    sharding, _ = chip
-    compiled = _compile(NO_TPU_PATH[name], _specs(ONE, N, jnp.float32, sharding), None)
-    assert count_ops(compiled.as_text())["gather"] == 0
 
 
 def test_export_for_tpu_and_cpu_runs_here():
