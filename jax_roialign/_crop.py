@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _contract, _shard, _window
 from ._sampling import exact_divide, rounded
-from ._validation import DataFormat, Method, _check_static_indices
+from ._validation import DataFormat, Method, _check_static_indices, fence
 
 Array = jax.Array
 
@@ -597,4 +597,5 @@ def multilevel_crop_and_resize(
         return lambda: _shard.per_image_pool(pool, maps, batch, level, iy, wy, ix, wx)
 
     out = _READER.run(read)
-    return out.reshape(b, num, pooled, pooled, c).astype(out_dtype)
+    # Behind a fence: a loss on the output would otherwise store every corner's term.
+    return fence(out.reshape(b, num, pooled, pooled, c).astype(out_dtype))

@@ -103,6 +103,24 @@ def test_multiscale_loss_stores_no_taps():
     _check(op, feats, jax.eval_shape(op, feats).shape, jnp.float32)
 
 
+def test_multilevel_crop_loss_stores_no_corners():
+    # Model Garden's pyramid: four corner terms per sample; a loss on the output
+    # once stored each of them (4x the output).
+    rng = np.random.default_rng(0)
+    feats = {
+        str(lv): jnp.asarray(rng.standard_normal((2, 256 >> lv, 256 >> lv, 16)), jnp.float32)
+        for lv in range(2, 5)
+    }
+    side = rng.uniform(16.0, 200.0, (2, 48, 1))
+    lo = rng.uniform(0.0, 200.0, (2, 48, 2))
+    boxes = jnp.asarray(np.concatenate([lo, lo + side], -1), jnp.float32)
+
+    def op(feats):
+        return jr.multilevel_crop_and_resize(feats, boxes, output_size=7)
+
+    _check(op, feats, jax.eval_shape(op, feats).shape, jnp.float32)
+
+
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
 def test_box_gradient_stores_no_taps(sampling_ratio):
     """value_and_grad in the boxes too: the weights' gradient reads every tap pair
