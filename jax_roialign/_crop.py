@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _contract, _shard, _window
-from ._sampling import exact_divide, rounded
+from ._sampling import by_level, exact_divide, rounded
 from ._validation import DataFormat, Method, _check_static_indices, fence
 
 Array = jax.Array
@@ -466,15 +466,6 @@ def _pyramid(features: Any) -> tuple[list[int], list[Array]]:
     return order, maps
 
 
-def _per_level(values: np.ndarray, level: Array, dtype: Any) -> Array:
-    """``values[level]`` for a small static table, by selects: no gather, and the
-    result is typed (sharded) like ``level``."""
-    out = jnp.zeros_like(level, dtype=dtype)
-    for i, v in enumerate(np.asarray(values).tolist()):
-        out = jnp.where(level == i, jnp.asarray(v, dtype), out)
-    return out
-
-
 def multilevel_crop_and_resize(
     features: Mapping[Any, Array],
     boxes: Array,
@@ -558,11 +549,11 @@ def multilevel_crop_and_resize(
     widths = np.array([jnp.shape(m)[2] for m in maps])
     offsets = np.concatenate([[0], np.cumsum(heights * widths)[:-1]])
     # 2**-level is exact, like Model Garden's division by 2**level.
-    inv = _per_level(2.0 ** -np.arange(min_level, max_level + 1), level, dtype)
+    inv = by_level(2.0 ** -np.arange(min_level, max_level + 1), level, dtype)
     y1, x1 = coords[:, 0] * inv, coords[:, 1] * inv
     h = (coords[:, 2] - coords[:, 0]) * inv
     w = (coords[:, 3] - coords[:, 1]) * inv
-    stride = _per_level(2.0 ** np.arange(len(order)), level, jnp.float32)
+    stride = by_level(2.0 ** np.arange(len(order)), level, jnp.float32)
     bound_y = (exact_divide(jnp.full_like(stride, float(heights[0])), stride) - 1.0).astype(dtype)
     bound_x = (exact_divide(jnp.full_like(stride, float(widths[0])), stride) - 1.0).astype(dtype)
     iy, wy = clamped_bin_taps(y1, h, bound_y, pooled=pooled, sample_offset=sample_offset)
@@ -573,8 +564,8 @@ def multilevel_crop_and_resize(
             if how is Method.WINDOW:  # TPU: box-local windows of each box's level
                 # Taps stay inside their level (they do when each level is half
                 # the one below it, as Model Garden assumes; the flat read runs on).
-                rows = jnp.minimum(iy, _per_level(heights - 1, level, jnp.int32)[:, None, None])
-                cols = jnp.minimum(ix, _per_level(widths - 1, level, jnp.int32)[:, None, None])
+                rows = jnp.minimum(iy, by_level(heights - 1, level, jnp.int32)[:, None, None])
+                cols = jnp.minimum(ix, by_level(widths - 1, level, jnp.int32)[:, None, None])
                 live = jnp.ones(rows.shape[:2], bool)
                 taps_y, taps_x = (rows, wy, live), (cols, wx, live)
                 return _window.read_taps(
@@ -584,8 +575,8 @@ def multilevel_crop_and_resize(
             flat = jnp.concatenate([m.reshape(m.shape[0], -1, c) for m in maps], axis=1)
             ints = (
                 batch,
-                _per_level(offsets, level, jnp.int32),
-                _per_level(widths, level, jnp.int32),
+                by_level(offsets, level, jnp.int32),
+                by_level(widths, level, jnp.int32),
                 iy,
                 ix,
             )

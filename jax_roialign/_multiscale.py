@@ -216,14 +216,6 @@ def multiscale_roi_align(
     return finish_output(out, rois, layout, out_dtype)
 
 
-def _pick(values: Any, level: Array, dtype: Any) -> Array:
-    """``values[level]`` for a short static table, by selects (no gather)."""
-    out = jnp.zeros(level.shape, dtype)
-    for i, v in enumerate(values):
-        out = jnp.where(level == i, jnp.asarray(v, dtype), out)
-    return out
-
-
 def _check_maps(features: Any, layout: DataFormat) -> tuple[list[Array], list[tuple]]:
     if not isinstance(features, Sequence) or isinstance(features, str):
         raise TypeError(
@@ -345,9 +337,9 @@ def _pool(
     ws = np.array([w for _, w in sizes])
     offsets = np.concatenate([[0], np.cumsum(hs * ws)[:-1]])
     ok = rois.ok & has_level
-    scale = _pick(scales, level, dtype)
-    ext_h = _pick(hs, level, jnp.int32)
-    ext_w = _pick(ws, level, jnp.int32)
+    scale = _sampling.by_level(scales, level, dtype)
+    ext_h = _sampling.by_level(hs, level, jnp.int32)
+    ext_w = _sampling.by_level(ws, level, jnp.int32)
     coords = jnp.where(ok[:, None], rois.coords.astype(dtype), 0.0)
     x1, y1, x2, y2 = (coords[:, i] for i in range(4))
     common: dict[str, Any] = dict(
@@ -358,7 +350,7 @@ def _pool(
     )
     gy = _sampling.axis_grid(y1, y2, pooled=pooled[0], length=int(hs.max()), extent=ext_h, **common)
     gx = _sampling.axis_grid(x1, x2, pooled=pooled[1], length=int(ws.max()), extent=ext_w, **common)
-    geo = (_pick(offsets, level, jnp.int32), ext_w, level)
+    geo = (_sampling.by_level(offsets, level, jnp.int32), ext_w, level)
     okf = ok.astype(dtype)[:, None, None]
     per_image = len(rois.lead_shape) == 2
     if path in ("window", "pallas"):

@@ -46,6 +46,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import _sampling
+
 Array = jax.Array
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -125,13 +127,10 @@ def _levels(plan, branch: Array) -> Array:
 
 
 def _select(level: Array, values: list[int]) -> Array | int:
-    """``values[level]`` per box, by selects (a table lookup would be a gather)."""
+    """``values[level]`` per box (a plain int when every level has the same)."""
     if len(set(values)) == 1:
         return values[0]
-    out = jnp.full(level.shape, values[0], jnp.int32)
-    for lv, v in enumerate(values[1:], start=1):
-        out = jnp.where(level == lv, v, out)
-    return out
+    return _sampling.by_level(values, level, jnp.int32)
 
 
 def _first_col(x0, width: int, cols: int, align: int):

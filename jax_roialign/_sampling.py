@@ -25,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -417,3 +418,12 @@ def tap_span(grid: AxisGrid, live: Array | None = None) -> tuple[Array, Array]:
         count = jnp.where(live, count, 0)
     first = jnp.where(count > 0, first, 0)
     return first.astype(jnp.int32), count.astype(jnp.int32)
+
+
+def by_level(values, level: Array, dtype) -> Array:
+    """``values[level]`` for a short static table (one value per FPN level or map),
+    by selects: no gather, and the result is typed (sharded) like ``level``."""
+    out = jnp.zeros_like(level, dtype=dtype)
+    for i, v in enumerate(np.asarray(values).tolist()):
+        out = jnp.where(level == i, jnp.asarray(v, dtype), out)
+    return out
