@@ -72,8 +72,8 @@ def test_matches_onnxruntime_float64(data, aligned, sampling_ratio):
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, 0])
-def test_gradients_per_image_and_vmap_match_window(data, sampling_ratio):
+def test_gradients_per_image_and_vmap_match_window(data, sampling_ratio=0):
+    # Adaptive sampling (fixed grids go through the same kernels: the ONNX test).
     x, boxes, _ = data
     feats = jnp.asarray(x.transpose(0, 2, 3, 1))
     per_image = jnp.asarray(boxes.reshape(2, 6, 4))
