@@ -812,7 +812,7 @@ def read_taps(
     (``idx, w [K, P, T]``, ``live [K, P]`` the samples whose taps count): each
     box's taps as dense weights over the largest map, each box's span from its
     live taps. ``level``: the map of each box (default: the first). ``pallas``:
-    the forward by the Pallas kernel.
+    the forward and feature gradient by the Pallas kernels.
     Returns ``[K, P_y, P_x, C]``."""
     (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
     heights, widths, _ = _layout(layout, tuple(tuple(m.shape) for m in maps))
