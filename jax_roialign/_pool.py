@@ -32,6 +32,7 @@ from ._validation import (
     Method,
     prepare,
 )
+from ._window import _row, _set_row, add_transpose_taps, fold_taps
 
 Array = jax.Array
 
@@ -295,14 +296,6 @@ def _decode(code: Array) -> Array:
     return jnp.where(code == top, jnp.inf, code * 4.0)
 
 
-def _row(a: Array, k) -> Array:
-    return jax.lax.dynamic_index_in_dim(a, k, axis=0, keepdims=False)
-
-
-def _set_row(a: Array, k, value: Array) -> Array:
-    return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), k, axis=0)
-
-
 class _Blocks:
     """The cells of every bin in blocks of ``ty x tx`` cells (:data:`BLOCK`), as one-tap
     samples for the window reader (:func:`._window.fold_taps`): block ``(i, j)``
@@ -374,8 +367,6 @@ def window_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
     cotangent kept at each bin's winning cell (:func:`_argmax_ops`), and its own
     gradient the read again, so reverse mode works to any order.
     """
-    from ._window import fold_taps
-
     k, ph = ys.shape
     pw = xs.shape[1]
     aux = (batch.astype(jnp.int32), ok, ys, ye, xs, xe)
@@ -425,7 +416,6 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
     each block's cotangent, kept at the winning cells, into the map through the
     reads' transpose. Each is the other's VJP (any order of reverse mode).
     """
-    from ._window import add_transpose_taps, fold_taps
 
     def no_aux(aux):
         return jax.tree.map(lambda _: None, aux)
