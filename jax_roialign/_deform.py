@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _contract, _sampling, _shard
+from ._max import inside
 from ._roi_align import fast_window
 from ._validation import (
     DataFormat,
@@ -316,7 +317,7 @@ def window_per_bin(
         def taps(grid: _sampling.AxisGrid):
             idx, w = _sampling.sample_taps(grid)  # [K, P, 2 s]: low taps, then high
             y = _sampling.sample_positions(grid, jnp.arange(grid.static_count, dtype=dtype))
-            valid = (y >= -1.0) & (y <= float(grid.length))
+            valid = inside(y, grid.length)
             live = jnp.concatenate([valid, valid], axis=-1) & (okp[..., None] > 0)
             return idx, w * okp[..., None], live
 

@@ -36,6 +36,22 @@ Array = jax.Array
 TILE = 2
 
 
+def inside(y: Array, length: int) -> Array:
+    """Whether positions ``y`` are read at all: ``-1 <= y <= L`` (False for NaN)."""
+    return (y >= -1.0) & (y <= float(length))
+
+
+def point_tap_table(y: Array, length: int, live: Array) -> tuple[Array, Array, Array]:
+    """:func:`point_taps` of positions ``y [K, ...]`` as a tap table of the window
+    reader: ``idx, w [K, S, 2]`` (low, high) and ``live [K, S]``, ``S`` the
+    positions of a box in row-major order and ``live [K, ...]`` those that count."""
+    k = y.shape[0]
+    low, high, w_low, w_high = point_taps(y, length)
+    idx = jnp.stack([low, high], axis=-1).reshape(k, -1, 2)
+    w = jnp.stack([w_low, w_high], axis=-1).reshape(k, -1, 2)
+    return idx, w, live.reshape(k, -1)
+
+
 def point_taps(y: Array, length: int) -> tuple[Array, Array, Array, Array]:
     """torchvision's bilinear rule for positions ``y`` (any shape) on an axis of ``length``.
 
@@ -43,7 +59,7 @@ def point_taps(y: Array, length: int) -> tuple[Array, Array, Array, Array]:
     Outside ``[-1, L]`` (or NaN) both weights are 0; else ``y`` is clamped to
     ``>= 0`` and at or past ``L - 1`` both neighbours are ``L - 1``.
     """
-    valid = (y >= -1.0) & (y <= float(length))
+    valid = inside(y, length)
     u = jnp.maximum(jnp.where(valid, y, 0.0), 0.0)
     low = jnp.floor(u)
     at_end = low >= length - 1
@@ -266,14 +282,8 @@ def window_max(
     def taps(grid: _sampling.AxisGrid):
         s = grid.static_count
         assert s is not None
-        k, p = grid.first.shape
         y = _sampling.sample_positions(grid, jnp.arange(s, dtype=grid.first.dtype))  # [K, P, s]
-        low, high, w_low, w_high = point_taps(y, grid.length)
-        valid = (y >= -1.0) & (y <= float(grid.length))
-        live = (valid & (ok[:, :, :1] > 0)).reshape(k, p * s)
-        idx = jnp.stack([low, high], axis=-1).reshape(k, p * s, 2)
-        w = jnp.stack([w_low, w_high], axis=-1).reshape(k, p * s, 2)
-        return idx, w, live
+        return point_tap_table(y, grid.length, inside(y, grid.length) & (ok[:, :, :1] > 0))
 
     values = read_taps([features], layout, batch, taps(gy), taps(gx), dtype, pallas=pallas)
     # [K, PH * s_y, PW * s_x, C]

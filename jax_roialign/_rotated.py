@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _sampling, _shard
-from ._max import bilinear_2d, point_taps
+from ._max import bilinear_2d, inside, point_tap_table, point_taps
 from ._validation import (
     DataFormat,
     Method,
@@ -398,18 +398,9 @@ def window_rotated(
     cos, sin, cy, cx = (per_box(a) for a in (geo.cos, geo.sin, geo.cy, geo.cx))
     y = yy * cos - xx * sin + cy
     x = yy * sin + xx * cos + cx
-    ty, tx = point_taps(y, gy.length), point_taps(x, gx.length)
-    valid_y = (y >= -1.0) & (y <= float(gy.length))
-    valid_x = (x >= -1.0) & (x <= float(gx.length))
-    s = ph * pw * sy * sx
-    live = (valid_y & valid_x & (ok[:, :, :, None, None] > 0)).reshape(k, s)
-
-    def taps(t):
-        low, high, w_low, w_high = t
-        idx = jnp.stack([low, high], axis=-1).reshape(k, s, 2)
-        return idx, jnp.stack([w_low, w_high], axis=-1).reshape(k, s, 2), live
-
-    out = read_point_taps([features], layout, batch, taps(ty), taps(tx), dtype, group=sy * sx)
+    live = inside(y, gy.length) & inside(x, gx.length) & (ok[:, :, :, None, None] > 0)
+    ty, tx = point_tap_table(y, gy.length, live), point_tap_table(x, gx.length, live)
+    out = read_point_taps([features], layout, batch, ty, tx, dtype, group=sy * sx)
     count = float(max(sy * sx, 1))
     return out.reshape(k, ph, pw, -1) * ok[..., None] / count
 
