@@ -753,18 +753,28 @@ def _read(
             raise ValueError("window weights must cover the largest map")
         wy, wx = wy[..., :heights], wx[..., :widths]
     wy, wx = wy.astype(dtype), wx.astype(dtype)
-    lo_y, need_y, lo_x, need_x = span
-    branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
-    branch = branch.reshape(level.shape)
-    span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
-    span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
-    idx: tuple[Array, ...] = (branch, span_y, span_x)
+    idx: tuple[Array, ...] = _box_tables(plan, level, *span)
     if taps is not None:
         idx += tuple(t.astype(jnp.int32) for t in taps)
     if batch is not None:
         idx = (batch.astype(jnp.int32),) + idx
     op, _ = _ops(plan.key(), per_image)
     return op(maps, wy, wx, idx)
+
+
+def _box_tables(plan: Plan, level, lo_y, need_y, lo_x, need_x) -> tuple[Array, Array, Array]:
+    """The loops' integer tables (any leading shape): each box's branch and its
+    spans ``[..., 2]`` (first row or column, how many) per axis."""
+    branch = branch_index(plan, level.reshape(-1), need_y.reshape(-1), need_x.reshape(-1))
+    span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
+    span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
+    return branch.reshape(level.shape), span_y, span_x
+
+
+def _taps_spans(taps_y, taps_x) -> tuple[Array, Array, Array, Array]:
+    """``(lo_y, need_y, lo_x, need_x)`` of separable tap tables ``(idx, w, live)``."""
+    (iy, _, live_y), (ix, _, live_x) = taps_y, taps_x
+    return (*_sampling.taps_span(iy, live_y), *_sampling.taps_span(ix, live_x))
 
 
 def contract_points(
@@ -814,12 +824,11 @@ def read_taps(
     live taps. ``level``: the map of each box (default: the first). ``pallas``:
     the forward and feature gradient by the Pallas kernels.
     Returns ``[K, P_y, P_x, C]``."""
-    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    (iy, wy, _), (ix, wx, _) = taps_y, taps_x
     heights, widths, _ = _layout(layout, tuple(tuple(m.shape) for m in maps))
     wyd = _sampling.taps_to_dense(iy, wy, max(heights))
     wxd = _sampling.taps_to_dense(ix, wx, max(widths))
-    lo_y, need_y = _sampling.taps_span(iy, live_y)
-    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    lo_y, need_y, lo_x, need_x = _taps_spans(taps_y, taps_x)
     if level is None:  # one map (typed like the boxes, for explicit sharding)
         level = jnp.zeros_like(lo_y)
     return contract_window(
@@ -844,12 +853,10 @@ def read_point_taps(
     ``sum_ab wy[k, s, a] wx[k, s, b] F[idx_y[k, s, a], idx_x[k, s, b]]``. The taps
     stay taps (``[K, S, T]``, no dense weights over the map): each window makes
     its own rows of them dense. Returns ``[K, S / group, C]``."""
-    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
-    lo_y, need_y = _sampling.taps_span(iy, live_y)
-    lo_x, need_x = _sampling.taps_span(ix, live_x)
+    (iy, wy, _), (ix, wx, _) = taps_y, taps_x
+    span = _taps_spans(taps_y, taps_x)
     if level is None:  # one map (typed like the boxes, for explicit sharding)
-        level = jnp.zeros_like(lo_y)
-    span = (lo_y, need_y, lo_x, need_x)
+        level = jnp.zeros_like(span[0])
     taps = (iy, ix)
     return _read(
         maps, layout, wy, wx, level, span, dtype, batch, points=True, taps=taps, group=group
@@ -860,7 +867,7 @@ def _boxwise(plan: Plan, batch, taps_y, taps_x):
     """Separable taps as per-box functions ``k -> [P, H]`` of dense weights (never a
     ``[K, P, H]`` table) and the integer tables: ``(wy, wx, batch, branch, span_y,
     span_x)`` for :func:`_forward` and :func:`_transpose_into`."""
-    (iy, wy, live_y), (ix, wx, live_x) = taps_y, taps_x
+    (iy, wy, _), (ix, wx, _) = taps_y, taps_x
 
     def dense(idx, w, length):
         def rows(k):
@@ -869,13 +876,10 @@ def _boxwise(plan: Plan, batch, taps_y, taps_x):
 
         return rows
 
-    lo_y, need_y = _sampling.taps_span(iy, live_y)
-    lo_x, need_x = _sampling.taps_span(ix, live_x)
-    branch = branch_index(plan, jnp.zeros_like(lo_y), need_y, need_x)
-    span_y = jnp.stack([lo_y, need_y], axis=-1).astype(jnp.int32)
-    span_x = jnp.stack([lo_x, need_x], axis=-1).astype(jnp.int32)
+    span = _taps_spans(taps_y, taps_x)
+    tables = _box_tables(plan, jnp.zeros_like(span[0]), *span)
     wyd, wxd = dense(iy, wy, max(plan.heights)), dense(ix, wx, max(plan.widths))
-    return wyd, wxd, batch.astype(jnp.int32), branch, span_y, span_x
+    return wyd, wxd, batch.astype(jnp.int32), *tables
 
 
 def fold_taps(
