@@ -46,7 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from . import _sampling
+from . import _sampling, _window
 
 Array = jax.Array
 
@@ -162,15 +162,9 @@ def _table(plan, batch, branch, span_y, span_x) -> tuple[Array, ...]:
     unless said: the order boxes are visited in (by level), each box's image,
     level, first row and column in its map and windows down and across, and
     each level's first and last position in the order (``[L]``)."""
-    k_boxes, nmaps, sides = branch.shape[0], len(plan.shapes), _sides(plan)
+    nmaps, sides = len(plan.shapes), _sides(plan)
     level = _levels(plan, branch).astype(jnp.int32)
-    if nmaps == 1:
-        order = jnp.arange(k_boxes, dtype=jnp.int32)
-    else:
-        order = jnp.argsort(level, stable=True).astype(jnp.int32)
-    counts = jnp.sum(level[None, :] == jnp.arange(nmaps, dtype=jnp.int32)[:, None], axis=1)
-    ends = jnp.cumsum(counts).astype(jnp.int32)
-    starts = ends - counts.astype(jnp.int32)
+    order, starts, ends = _window.groups(level, nmaps)
     # Per box: its first row and column in its own map, and how many windows it reads.
     heights = _select(level, list(plan.heights))
     widths = _select(level, list(plan.widths))
@@ -223,10 +217,7 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
         pltpu.VMEM((2, side.h, side.block, c), dt)
         for side, dt in zip(sides, plan.map_dtypes, strict=True)
     ]
-    scratch += [
-        pltpu.VMEM((side.h, width if side.strip else 8, c), dt)
-        for side, width, dt in zip(sides, plan.widths, plan.map_dtypes, strict=True)
-    ]
+    scratch += _strips(plan, sides, plan.map_dtypes)
     scratch.append(pltpu.SemaphoreType.DMA((3,)))
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(table),
@@ -243,6 +234,15 @@ def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool)
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=interpret,
     )(*table, wy, wx, *maps, *maps)
+
+
+def _strips(plan, sides: list[Sides], dtypes) -> list:
+    """Per map, the VMEM buffer of a whole-row strip (a stand-in of 8 columns where
+    the map needs none)."""
+    return [
+        pltpu.VMEM((side.h, width if side.strip else 8, plan.channels), dt)
+        for side, width, dt in zip(sides, plan.widths, dtypes, strict=True)
+    ]
 
 
 def _box_block(*shape):
@@ -412,10 +412,7 @@ def _transpose_call(plan, g, wy, wx, batch, branch, span_y, span_x, *, images, i
     # Per map: one window of the gradient (read, added to, written back) and,
     # where needed, a whole-row strip.
     scratch: list = [pltpu.VMEM((side.h, side.block, c), plan.dtype) for side in sides]
-    scratch += [
-        pltpu.VMEM((side.h, width if side.strip else 8, c), plan.dtype)
-        for side, width in zip(sides, plan.widths, strict=True)
-    ]
+    scratch += _strips(plan, sides, [plan.dtype] * nmaps)
     scratch.append(pltpu.SemaphoreType.DMA((2,)))
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(table),

@@ -380,14 +380,19 @@ def _box(a, k) -> Array:
     return a(k) if callable(a) else _row(a, k)
 
 
-def _by_branch(plan: Plan, branch: Array):
-    """Boxes grouped by branch: ``(order, starts, ends)``, boxes ``order[starts[i]:ends[i]]``
-    (in their own order) being those of branch ``i``."""
-    count = sum(len(t) for t in plan.tiers)
-    order = jnp.argsort(branch, stable=True).astype(jnp.int32)
-    sizes = jnp.sum(branch[None, :] == jnp.arange(count, dtype=branch.dtype)[:, None], axis=1)
+def groups(key: Array, count: int) -> tuple[Array, Array, Array]:
+    """Boxes grouped by ``key [K]`` (values ``0 .. count - 1``): ``(order, starts,
+    ends)``, boxes ``order[starts[i]:ends[i]]`` (in their own order) being those
+    of key ``i`` (a stable sort; int32)."""
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sizes = jnp.sum(key[None, :] == jnp.arange(count, dtype=key.dtype)[:, None], axis=1)
     ends = jnp.cumsum(sizes).astype(jnp.int32)
     return order, ends - sizes.astype(jnp.int32), ends
+
+
+def _by_branch(plan: Plan, branch: Array):
+    """Boxes grouped by branch (:func:`groups`)."""
+    return groups(branch, sum(len(t) for t in plan.tiers))
 
 
 def _each_box(plan: Plan, branch: Array, body, carry):
