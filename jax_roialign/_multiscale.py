@@ -329,7 +329,7 @@ def _pool(
     ``path``: ``"fast"`` (windowed taps only; exact for boxes that fit),
     ``"exact"`` (dense per-level weights), ``"auto"`` (the first when every box
     fits, else the second), ``"window"`` (box-local windows of each box's level)
-    or ``"pallas"`` (those windows read by the Pallas kernel). ``row_vjp``: the
+    or ``"pallas"`` (those windows read by the Pallas kernels). ``row_vjp``: the
     taps' feature gradient by :func:`_contract.contract_rows` rather than
     autodiff's scatter-add.
     """

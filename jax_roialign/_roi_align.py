@@ -84,9 +84,10 @@ def roi_align(
         forward-mode ``jax.jvp``/``jacfwd`` work), ``"window"`` (one window of the
         map per box by ``dynamic_slice``, contracted with the box's weights: no
         gather or scatter, box-local work; reverse-mode autodiff), ``"pallas"``
-        (``"window"``'s forward as one Pallas TPU kernel that copies each box's
-        window while the previous box is contracted; off TPU it runs in Pallas'
-        interpreter, slowly; experimental, not yet timed on a TPU) or
+        (``"window"``'s forward and feature gradient as Pallas TPU kernels that
+        copy each box's window while the previous box is contracted; off TPU
+        they run in Pallas' interpreter, slowly; experimental, not yet timed on
+        a TPU) or
         ``"matmul"`` (dense interpolation matrices over the whole map, no gather
         or scatter; any autodiff). All give the same numbers. With
         ``mode="max"``, ``"window"`` and ``"pallas"`` (so ``auto`` on TPU) read
@@ -374,7 +375,7 @@ def window_read(
     per axis, and one window per box. ``per_image``: boxes are ``N`` equal groups,
     group ``n`` reading image ``n`` (partitioned over a batch-sharded mesh).
     ``dense`` and ``span``: those weights and spans when already computed.
-    ``pallas``: the forward by the Pallas kernel (:mod:`._pallas`).
+    ``pallas``: the forward and feature gradient by the Pallas kernels (:mod:`._pallas`).
     """
     from . import _window
 

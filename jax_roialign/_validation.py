@@ -60,10 +60,10 @@ class Method(enum.Enum):
     forward-mode autodiff); ``WINDOW`` reads one window of the map per box by
     ``dynamic_slice`` and contracts it with the box's interpolation weights (no
     gather, no scatter, work per box proportional to its size: the TPU path);
-    ``PALLAS`` is ``WINDOW`` with its forward as one Pallas TPU kernel (each
-    box's window copied into VMEM while the previous box is contracted;
-    :mod:`jax_roialign._pallas`), interpreted (slowly) off TPU, with
-    ``WINDOW``'s gradients; ``MATMUL`` contracts dense interpolation matrices
+    ``PALLAS`` is ``WINDOW`` with its forward and feature gradient as Pallas TPU
+    kernels (each box's window copied into VMEM while the previous box is
+    contracted; :mod:`jax_roialign._pallas`), interpreted (slowly) off TPU, with
+    ``WINDOW``'s box gradient; ``MATMUL`` contracts dense interpolation matrices
     with the whole map (no gather, no scatter, work proportional to the map for
     every box; any autodiff); ``AUTO`` picks by the platform the program is
     lowered for (:meth:`run`).
