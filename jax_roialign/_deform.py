@@ -259,8 +259,8 @@ def aggregate_avg_per_bin(
     okw = ok[..., None]
 
     def dense(_):
-        wy = per_bin(_sampling.dense_weights(gy)) * okw
-        wx = per_bin(_sampling.dense_weights(gx))
+        wy, wx = _sampling.both_dense(gy, gx)
+        wy, wx = per_bin(wy) * okw, per_bin(wx)
         return _contract.contract_dense(features, layout, batch, wy, wx, dtype)
 
     if gy.static_count is not None and gx.static_count is not None:
@@ -274,8 +274,7 @@ def aggregate_avg_per_bin(
     tx = fast_window(gx.length, pw)
 
     def fast(_):
-        iy, wy = _sampling.axis_taps(gy, ty)
-        ix, wx = _sampling.axis_taps(gx, tx)
+        (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
         return _contract.contract_taps(
             features, layout, batch, per_bin(iy), per_bin(wy) * okw, per_bin(ix), per_bin(wx), dtype
         )
@@ -323,9 +322,9 @@ def window_per_bin(
 
         out = _window.read_point_taps([features], layout, batch, taps(gy), taps(gx), dtype)
     else:
-        gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
-        wy = _sampling.dense_weights(gy) * okp[..., None]
-        wx = _sampling.dense_weights(gx)
+        gy, gx = _sampling.with_geometry(gy, gx)
+        wy, wx = _sampling.both_dense(gy, gx)
+        wy = wy * okp[..., None]
         live = jnp.any(okp > 0, axis=1)
         (lo_y, need_y), (lo_x, need_x) = _sampling.tap_span(gy, live), _sampling.tap_span(gx, live)
         level = jnp.zeros_like(lo_y)

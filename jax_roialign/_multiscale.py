@@ -380,8 +380,7 @@ def _pool(
 
     def fast(f, m, b, gy, gx, ok, geo):
         off, row_len, _ = geo
-        iy, wy = _sampling.axis_taps(gy, ty)
-        ix, wx = _sampling.axis_taps(gx, tx)
+        (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
         return _contract.contract_rows(
             f,
             layout,
@@ -400,8 +399,8 @@ def _pool(
     def exact(f, m, b, gy, gx, ok, geo):
         # Dense weights over the largest level once (zero beyond each box's own
         # extent), cut to each level's size; each level contracts only its boxes.
-        wy_all = _sampling.dense_weights(gy) * ok
-        wx_all = _sampling.dense_weights(gx)
+        wy_all, wx_all = _sampling.both_dense(gy, gx)
+        wy_all = wy_all * ok
         out = None
         for i, (h, w) in enumerate(sizes):
             on = (geo[2] == i).astype(dtype)[:, None, None]

@@ -213,14 +213,12 @@ def _ps_nhwc_out(call: Call, sampling_ratio: int) -> Array:
             reader = group_reader(f, layout, batch, pooled)
 
             def fast():
-                iy, wy = _sampling.axis_taps(gy, ty)
-                ix, wx = _sampling.axis_taps(gx, tx)
+                (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
                 return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
 
             def dense():
-                wy = _sampling.dense_weights(gy) * ok
-                wx = _sampling.dense_weights(gx)
-                return contract_dense_grouped(f, layout, batch, wy, wx, dtype)
+                wy, wx = _sampling.both_dense(gy, gx)
+                return contract_dense_grouped(f, layout, batch, wy * ok, wx, dtype)
 
             if sampling_ratio > 0:
                 return fast()
@@ -251,7 +249,7 @@ def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
     k, ph = gy.first.shape
     pw = gx.first.shape[1]
     live = ok[:, 0, 0] > 0
-    gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
+    gy, gx = _sampling.with_geometry(gy, gx)
     level = jnp.zeros_like(batch)
     full = window_read([features], layout, batch, level, live, gy, gx, ok, dtype, per_image=False)
     full = full.reshape(k, ph, pw, -1, ph, pw)  # channels as (C_out, PH, PW)

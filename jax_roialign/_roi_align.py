@@ -308,7 +308,7 @@ class _Shared:
     Only the parts that ``method`` can use are computed; the rest are ``None``."""
 
     def __init__(self, gy, gx, ok, method: Method):
-        gy, gx = _sampling.with_valid_range(gy), _sampling.with_valid_range(gx)
+        gy, gx = _sampling.with_geometry(gy, gx)
         self.gy, self.gx = gy, gx
         self.static = gy.static_count is not None and gx.static_count is not None
         self.live = live = ok[:, 0, 0] > 0
@@ -317,31 +317,39 @@ class _Shared:
         self.taps: tuple[Any, Any] | None = None
         self.choice: Array | None = None
         self.windows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        # Dense weights here only when every branch may read them: with fixed
-        # sampling only the window path (TPU) does, and under ``auto`` its copy
-        # outside the branches would be differentiated on every platform (box
-        # gradients on CPU: 1.8x the output in temporaries instead of 1.1x).
-        if method in (Method.WINDOW, Method.PALLAS, Method.MATMUL) or not self.static:
-            self.dense = (_sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx))
         if method in (Method.AUTO, Method.WINDOW, Method.PALLAS):
             self.span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
-        if method not in (Method.AUTO, Method.GATHER, Method.SCATTER):
-            return
+        reads_taps = method in (Method.AUTO, Method.GATHER, Method.SCATTER)
         if self.static:
-            self._set_taps(0, 0, ok)
+            # Dense weights only where the window path may read them: under
+            # ``auto`` their copy outside the branches would be differentiated
+            # on every platform (box gradients on CPU: 1.8x the output in
+            # temporaries instead of 1.1x).
+            if method in (Method.WINDOW, Method.PALLAS, Method.MATMUL):
+                wy, wx = _sampling.both_dense(gy, gx)
+                self.dense = (wy * ok, wx)
+            if reads_taps:
+                iy, wy = _sampling.sample_taps(gy)
+                self.taps = ((iy, wy * ok), _sampling.sample_taps(gx))
             return
         # Adaptive: the smallest window that every bin fits, else the dense path.
-        self.windows = window_tiers(gy.length, gx.length, (gy.first.shape[1], gx.first.shape[1]))
-        # Taps of the widest window once; narrower windows take their first rows.
-        self._set_taps(self.windows[0][-1], self.windows[1][-1], ok)
-        self.choice = jnp.maximum(
-            _sampling.window_choice(gy, self.windows[0], live[:, None]),
-            _sampling.window_choice(gx, self.windows[1], live[:, None]),
-        )
-
-    def _set_taps(self, ty: int, tx: int, ok) -> None:
-        iy, wy = _sampling.axis_taps(self.gy, ty)
-        self.taps = ((iy, wy * ok), _sampling.axis_taps(self.gx, tx))
+        # The taps of the widest window (narrower windows take their first rows)
+        # and the dense weights come from one closed form.
+        if reads_taps:
+            self.windows = window_tiers(
+                gy.length, gx.length, (gy.first.shape[1], gx.first.shape[1])
+            )
+            self.choice = jnp.maximum(
+                _sampling.window_choice(gy, self.windows[0], live[:, None]),
+                _sampling.window_choice(gx, self.windows[1], live[:, None]),
+            )
+        widest = None if self.windows is None else (self.windows[0][-1], self.windows[1][-1])
+        taps, dense = _sampling.closed_form((gy, gx), taps=widest, dense=True)
+        assert dense is not None
+        self.dense = (dense[0] * ok, dense[1])
+        if taps is not None:
+            (iy, wy), tx = taps
+            self.taps = ((iy, wy * ok), tx)
 
 
 def _aggregate_avg_any(features, layout, batch, ok, gy, gx, method, dtype, per_image):
@@ -380,7 +388,8 @@ def window_read(
     from . import _window
 
     if dense is None:
-        dense = (_sampling.dense_weights(gy) * ok, _sampling.dense_weights(gx))
+        wy, wx = _sampling.both_dense(gy, gx)
+        dense = (wy * ok, wx)
     wy, wx = dense
     if span is None:
         span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))

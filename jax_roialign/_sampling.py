@@ -22,6 +22,7 @@ Two constructions give the taps:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,8 @@ class AxisGrid:
       valid: optional ``(lo, hi)``, :func:`valid_range` computed once
         (:func:`with_valid_range`) and reused by the taps, the window choice
         and the dense weights, instead of being traced and compiled for each.
+      rows: optional ``(first_row, need)``, :func:`row_window` computed once
+        (:func:`with_geometry`), for the same reason.
     """
 
     first: Array
@@ -80,6 +83,7 @@ class AxisGrid:
     length: int
     extent: Array | None = None
     valid: tuple[Array, Array] | None = None
+    rows: tuple[Array, Array] | None = None
 
     @property
     def limit(self) -> Array | int:
@@ -89,7 +93,7 @@ class AxisGrid:
 
 jax.tree_util.register_dataclass(
     AxisGrid,
-    data_fields=["first", "bin", "count", "extent", "valid"],
+    data_fields=["first", "bin", "count", "extent", "valid", "rows"],
     meta_fields=["static_count", "length"],
 )
 
@@ -312,6 +316,8 @@ def row_window(grid: AxisGrid) -> tuple[Array, Array]:
     From the first and last valid sample (exact: :func:`valid_range` and
     :func:`sample_positions` follow the reference's arithmetic), clamped into the map.
     """
+    if grid.rows is not None:
+        return grid.rows
     lo, hi = valid_range(grid)
     y_first = sample_positions(grid, lo[..., None])[..., 0]
     y_last = sample_positions(grid, (hi - 1.0)[..., None])[..., 0]
@@ -360,10 +366,21 @@ def window_choice(grid: AxisGrid, windows: tuple[int, ...], live: Array) -> Arra
     return index
 
 
+def every_row(length: int, lead: tuple[int, ...]) -> Array:
+    """``0 .. length - 1`` along a new last axis, broadcast to ``lead``, int32.
+
+    Not a constant to XLA: a constant index grid of ``[K, P, L]`` made XLA
+    evaluate the weights' integer and float arithmetic on it while compiling
+    (constant folding: most of an adaptive call's compile time).
+    """
+    rows = jax.lax.optimization_barrier(jnp.arange(length, dtype=jnp.int32))
+    return jnp.broadcast_to(rows, lead + (length,))
+
+
 def dense_weights(grid: AxisGrid) -> Array:
     """Weights over every row of the map, ``[K, P, L]``: exact for any grid."""
     k, p = grid.first.shape
-    rows = jnp.broadcast_to(jnp.arange(grid.length, dtype=jnp.int32), (k, p, grid.length))
+    rows = every_row(grid.length, (k, p))
     if grid.static_count is not None:
         idx, w = sample_taps(grid)
         return taps_to_dense(idx, w, grid.length)
@@ -418,6 +435,166 @@ def tap_span(grid: AxisGrid, live: Array | None = None) -> tuple[Array, Array]:
         count = jnp.where(live, count, 0)
     first = jnp.where(count > 0, first, 0)
     return first.astype(jnp.int32), count.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Several adaptive grids at once (both axes, a call's windows and dense rows):
+# one closed form in the program instead of one per axis and use. XLA compiles
+# each copy of the closed form on its own (hundreds of fused elementwise ops),
+# so the copies, not the arithmetic, were most of an adaptive call's compile time.
+# ---------------------------------------------------------------------------
+
+
+def _bins(grid: AxisGrid) -> AxisGrid:
+    """The grid's ``[K, P]`` bins as ``K * P`` boxes of one bin each, ``[K * P, 1]``,
+    each with the map length it sees as an explicit extent (the same numbers)."""
+    k, p = grid.first.shape
+
+    def col(a: Array) -> Array:
+        return jnp.broadcast_to(a, (k, p)).reshape(k * p, 1)
+
+    extent = grid.extent if grid.extent is not None else float(grid.length)
+    extent = jnp.asarray(extent, grid.first.dtype)
+    valid = None if grid.valid is None else (col(grid.valid[0]), col(grid.valid[1]))
+    rows = None if grid.rows is None else (col(grid.rows[0]), col(grid.rows[1]))
+    return AxisGrid(
+        col(grid.first), col(grid.bin), col(grid.count), None, grid.length, col(extent), valid, rows
+    )
+
+
+def _concat(grids: list[AxisGrid]) -> AxisGrid:
+    """The bins of several one-bin grids (:func:`_bins`) in one grid."""
+
+    def cat(parts: list[Any]) -> Any:
+        if any(p is None for p in parts):
+            return None
+        if isinstance(parts[0], tuple):
+            return tuple(jnp.concatenate(q) for q in zip(*parts, strict=True))
+        return jnp.concatenate(parts)
+
+    return AxisGrid(
+        cat([g.first for g in grids]),
+        cat([g.bin for g in grids]),
+        cat([g.count for g in grids]),
+        None,
+        max(g.length for g in grids),
+        cat([g.extent for g in grids]),
+        cat([g.valid for g in grids]),
+        cat([g.rows for g in grids]),
+    )
+
+
+def _split(flat: Array, grids: list[AxisGrid]) -> list[Array]:
+    """``[sum K * P, ...]`` back to each grid's ``[K, P, ...]``."""
+    out, start = [], 0
+    for g in grids:
+        k, p = g.first.shape
+        out.append(flat[start : start + k * p].reshape((k, p) + flat.shape[1:]))
+        start += k * p
+    return out
+
+
+def with_geometry(*grids: AxisGrid) -> tuple[AxisGrid, ...]:
+    """The grids carrying their :func:`valid_range` and :func:`row_window`, computed
+    for all adaptive grids together (one closed form in the program). Static grids
+    are returned as they are. The numbers are those of the per-grid functions."""
+    todo = [g for g in grids if g.static_count is None and (g.valid is None or g.rows is None)]
+    if not todo:
+        return grids
+    if all(g.valid is None for g in todo):
+        safe = _concat([_bins(_with_samples(g)[0]) for g in todo])
+        valid = valid_range(safe)
+        todo = [
+            dataclasses.replace(g, valid=(lo[..., 0], hi[..., 0]))
+            for g, lo, hi in zip(todo, *(_split(v, todo) for v in valid), strict=True)
+        ]
+    else:
+        todo = [with_valid_range(g) for g in todo]
+    first_row, need = row_window(_concat([_bins(g) for g in todo]))
+    done = iter(
+        dataclasses.replace(g, rows=(r[..., 0], n[..., 0]))
+        for g, r, n in zip(todo, _split(first_row, todo), _split(need, todo), strict=True)
+    )
+    return tuple(
+        next(done) if g.static_count is None and (g.valid is None or g.rows is None) else g
+        for g in grids
+    )
+
+
+def closed_form(
+    grids: tuple[AxisGrid, ...], *, taps: tuple[int, ...] | None = None, dense: bool = False
+) -> tuple[list[tuple[Array, Array]] | None, list[Array] | None]:
+    """``(window taps, dense weights)`` of adaptive grids from one evaluation of
+    :func:`grid_row_weights`: for grid ``i`` the taps of a ``taps[i]``-row window
+    (as :func:`window_taps`) and, with ``dense``, its weights over every row (as
+    :func:`dense_weights`). Either part is ``None`` when not asked for. The grids
+    should carry their geometry (:func:`with_geometry`)."""
+    grids = with_geometry(*grids)
+    pieces = []
+    for i, g in enumerate(grids):
+        k, p = g.first.shape
+        parts = []
+        if taps is not None:
+            parts.append(row_window(g)[0][..., None] + jnp.arange(taps[i], dtype=jnp.int32))
+        if dense:
+            parts.append(every_row(g.length, (k, p)))
+        pieces.append(jnp.concatenate(parts, axis=-1).reshape(k * p, 1, -1))
+    width = max(r.shape[-1] for r in pieces)
+    # Rows -1 pad the shorter lists: outside the map, weight 0.
+    rows = jnp.concatenate(
+        [jnp.pad(r, ((0, 0), (0, 0), (0, width - r.shape[-1])), constant_values=-1) for r in pieces]
+    )
+    weights = _split(grid_row_weights(_concat([_bins(g) for g in grids]), rows)[:, 0], list(grids))
+    tap_out: list[tuple[Array, Array]] | None = None
+    dense_out: list[Array] | None = None
+    if taps is not None:
+        tap_out = []
+        for g, t, w in zip(grids, taps, weights, strict=True):
+            top = jnp.asarray(g.limit, jnp.int32) - 1
+            if g.extent is not None:
+                top = top[..., None]
+            rows_g = row_window(g)[0][..., None] + jnp.arange(t, dtype=jnp.int32)
+            tap_out.append((jnp.clip(rows_g, 0, top), w[..., :t]))
+    if dense:
+        offsets = taps if taps is not None else (0,) * len(grids)
+        dense_out = [
+            w[..., t : t + g.length] for g, t, w in zip(grids, offsets, weights, strict=True)
+        ]
+    return tap_out, dense_out
+
+
+def both_taps(
+    gy: AxisGrid, gx: AxisGrid, windows: tuple[int, int]
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """:func:`axis_taps` of both axes (``windows`` rows / columns per bin for
+    adaptive grids), the adaptive axes' closed form evaluated once for both."""
+    adaptive = [i for i, g in enumerate((gy, gx)) if g.static_count is None]
+    pairs = ((gy, windows[0]), (gx, windows[1]))
+    taps = [axis_taps(g, t) if g.static_count is not None else None for g, t in pairs]
+    if adaptive:
+        grids = tuple((gy, gx)[i] for i in adaptive)
+        found, _ = closed_form(grids, taps=tuple(windows[i] for i in adaptive))
+        assert found is not None
+        for i, t in zip(adaptive, found, strict=True):
+            taps[i] = t
+    ty, tx = taps
+    assert ty is not None and tx is not None
+    return ty, tx
+
+
+def both_dense(gy: AxisGrid, gx: AxisGrid) -> tuple[Array, Array]:
+    """:func:`dense_weights` of both axes, the adaptive axes' closed form
+    evaluated once for both."""
+    adaptive = [i for i, g in enumerate((gy, gx)) if g.static_count is None]
+    dense = [dense_weights(g) if g.static_count is not None else None for g in (gy, gx)]
+    if adaptive:
+        _, found = closed_form(tuple((gy, gx)[i] for i in adaptive), dense=True)
+        assert found is not None
+        for i, w in zip(adaptive, found, strict=True):
+            dense[i] = w
+    wy, wx = dense
+    assert wy is not None and wx is not None
+    return wy, wx
 
 
 def by_level(values, level: Array, dtype) -> Array:

@@ -604,3 +604,71 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
         ref = _ort_nhwc(x, boxes, batch, (7, 7), 1.0, 0, aligned)
         out = _ours(x, boxes, batch, output_size=7, sampling_ratio=0, aligned=aligned)
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_joint_closed_form_equals_per_axis(dtype):
+    """The adaptive weights of both axes (window taps and dense rows) come from one
+    evaluation of the closed form over the bins of both grids stacked. Each number
+    is the per-axis function's, bit for bit, and so are the box gradients (to
+    rounding of their sums): with per-box map lengths (FPN levels), boxes larger
+    than the map, flipped, degenerate and without samples."""
+    from jax_roialign import _sampling
+
+    rng = np.random.default_rng(11)
+    k = 60
+    boxes = rng.uniform(-40, 140, (k, 4)).astype(dtype)
+    boxes[:5, 2:] = boxes[:5, :2]  # zero size
+    boxes[5:10] *= 6.0  # far beyond the map
+    extent_y = jnp.asarray(rng.choice([50.0, 25.0, 13.0], k), dtype)
+    extent_x = jnp.asarray(rng.choice([84.0, 42.0, 21.0], k), dtype)
+
+    def grids(b, per_box):
+        x1, y1, x2, y2 = (b[:, i] for i in range(4))
+        common = dict(spatial_scale=0.5, offset=0.5, min_size=None, sampling_ratio=0)
+        ey, ex = (extent_y, extent_x) if per_box else (None, None)
+        gy = _sampling.axis_grid(y1, y2, pooled=7, length=50, extent=ey, **common)
+        gx = _sampling.axis_grid(x1, x2, pooled=5, length=84, extent=ex, **common)
+        return gy, gx
+
+    def per_axis(b, per_box):
+        gy, gx = (_sampling.with_valid_range(g) for g in grids(b, per_box))
+        return (
+            _sampling.window_taps(gy, 6),
+            _sampling.window_taps(gx, 9),
+            _sampling.dense_weights(gy),
+            _sampling.dense_weights(gx),
+            _sampling.row_window(gy),
+            _sampling.row_window(gx),
+        )
+
+    def joint(b, per_box):
+        # Taps and dense rows together, as roi_align asks for them.
+        gy, gx = _sampling.with_geometry(*grids(b, per_box))
+        (ty, tx), (dy, dx) = _sampling.closed_form((gy, gx), taps=(6, 9), dense=True)
+        return ty, tx, dy, dx, _sampling.row_window(gy), _sampling.row_window(gx)
+
+    def apart(b, per_box):
+        # One part at a time, as the ops' branches ask for them.
+        gy, gx = _sampling.with_geometry(*grids(b, per_box))
+        (ty, tx), (dy, dx) = _sampling.both_taps(gy, gx, (6, 9)), _sampling.both_dense(gy, gx)
+        return ty, tx, dy, dx, _sampling.row_window(gy), _sampling.row_window(gx)
+
+    def loss(fn, per_box):
+        def f(b):
+            leaves = jax.tree.leaves(fn(b, per_box))
+            return sum(jnp.sum(x**2) for x in leaves if x.dtype == dtype)
+
+        return f
+
+    b = jnp.asarray(boxes)
+    tol = 1e-12 if dtype == jnp.float64 else 2e-5
+    for per_box in (False, True):
+        want = jax.jit(per_axis, static_argnums=1)(b, per_box)
+        g_want = jax.jit(jax.grad(loss(per_axis, per_box)))(b)
+        for fn in (joint, apart):
+            got = jax.jit(fn, static_argnums=1)(b, per_box)
+            for a, c in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+                np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+            g_got = jax.jit(jax.grad(loss(fn, per_box)))(b)
+            np.testing.assert_allclose(g_got, g_want, rtol=tol, atol=tol)
