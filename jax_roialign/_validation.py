@@ -317,13 +317,19 @@ def fence(x: Array) -> Array:
     A reduction after the op (any loss: ``jnp.sum(out * w)``) becomes a YNNPACK
     fusion that pulls in every elementwise producer it supports -- the whole sum
     of gathered terms, but not the gathers -- so each tap's term would be
-    materialised (16x the output and 10x the time for 16 taps). A select is not
+    materialised (16x the output and 10x the time for 16 taps). A
+    ``reduce_precision`` to the dtype's own exponent and mantissa is not
     supported there: the sum stays in one loop with its gathers, and only the
-    output is stored. ``x + x`` equals ``x`` wherever it is selected (NaN), so
-    no value changes; the derivative is the identity. (An optimization barrier
-    does not help: XLA:CPU removes it before fusion.)
+    output is stored. It changes no bit (NaN, infinities and subnormals
+    included), its derivative is the identity, and it costs less in the loop
+    than the select it replaces (``where(x == x, x, x + x)``: box_p2's forward
+    about 5-9% slower). (An optimization barrier does not help: XLA:CPU
+    removes it before fusion.)
     """
-    return jnp.where(x == x, x, x + x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 @fence.defjvp

@@ -176,3 +176,29 @@ def test_fixed_sampling_box_gradient_builds_no_dense_weights():
     reads = 20 * out_bytes  # the 16 tap pairs' reads of 2 x 2 samples, and sums
     dense_bytes = k * 7 * 2 * side * 4
     assert boxes_only <= reads + dense_bytes // 4, (boxes_only, out_bytes, dense_bytes)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_fence_changes_no_bit(dtype):
+    """The ops' outputs pass through ``_validation.fence`` (a ``reduce_precision``
+    to the dtype's own format, so that a following loss cannot pull the sum of
+    taps into a YNNPACK fusion): every bit survives, NaN, infinities, signed
+    zeros and subnormals included, and its derivative is the identity."""
+    from jax_roialign._validation import fence
+
+    dt = jnp.dtype(dtype)
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+        pytest.skip("float64 needs jax_enable_x64")
+    info = jnp.finfo(dt)
+    edge = [0.0, -0.0, np.inf, -np.inf, np.nan, float(info.tiny), float(info.tiny) / 4]
+    edge += [float(info.max), -float(info.max), float(info.eps), 1 / 3]
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal(4096) * 10.0 ** rng.uniform(-30, 30, 4096)
+    with np.errstate(over="ignore"):  # float16 overflows to inf: kept as a case
+        x = jnp.asarray(np.concatenate([edge, spread]).astype(dt))
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[dt.itemsize]
+    y = jax.jit(fence)(x)
+    np.testing.assert_array_equal(np.asarray(y).view(uint), np.asarray(x).view(uint))
+    t = jnp.asarray(rng.standard_normal(x.shape), dt)
+    _, tangent = jax.jvp(fence, (x,), (t,))
+    np.testing.assert_array_equal(np.asarray(tangent).view(uint), np.asarray(t).view(uint))
