@@ -313,6 +313,9 @@ class _Shared:
         self.static = gy.static_count is not None and gx.static_count is not None
         self.live = live = ok[:, 0, 0] > 0
         self.dense: tuple[Array, Array] | None = None
+        # The window reader's dense weights (``dense`` unless ``auto`` computes
+        # them apart for the TPU branch).
+        self.window_dense: tuple[Array, Array] | None = None
         self.span: tuple[Any, Any] | None = None
         self.taps: tuple[Any, Any] | None = None
         self.choice: Array | None = None
@@ -327,14 +330,16 @@ class _Shared:
             # temporaries instead of 1.1x).
             if method in (Method.WINDOW, Method.PALLAS, Method.MATMUL):
                 wy, wx = _sampling.both_dense(gy, gx)
-                self.dense = (wy * ok, wx)
+                self.dense = self.window_dense = (wy * ok, wx)
             if reads_taps:
                 iy, wy = _sampling.sample_taps(gy)
                 self.taps = ((iy, wy * ok), _sampling.sample_taps(gx))
             return
         # Adaptive: the smallest window that every bin fits, else the dense path.
         # The taps of the widest window (narrower windows take their first rows)
-        # and the dense weights come from one closed form.
+        # and the dense weights come from one closed form. The window reader
+        # (TPU) reads the dense weights only: under ``auto`` it gets its own
+        # copy, so that the TPU program does not compute the CPU's taps.
         if reads_taps:
             self.windows = window_tiers(
                 gy.length, gx.length, (gy.first.shape[1], gx.first.shape[1])
@@ -343,13 +348,17 @@ class _Shared:
                 _sampling.window_choice(gy, self.windows[0], live[:, None]),
                 _sampling.window_choice(gx, self.windows[1], live[:, None]),
             )
-        widest = None if self.windows is None else (self.windows[0][-1], self.windows[1][-1])
-        taps, dense = _sampling.closed_form((gy, gx), taps=widest, dense=True)
-        assert dense is not None
-        self.dense = (dense[0] * ok, dense[1])
-        if taps is not None:
+            widest = (self.windows[0][-1], self.windows[1][-1])
+            taps, dense = _sampling.closed_form((gy, gx), taps=widest, dense=True)
+            assert taps is not None and dense is not None
             (iy, wy), tx = taps
             self.taps = ((iy, wy * ok), tx)
+            self.dense = (dense[0] * ok, dense[1])
+        if not reads_taps or method is Method.AUTO:
+            wy, wx = _sampling.both_dense(gy, gx)
+            self.window_dense = (wy * ok, wx)
+            if not reads_taps:
+                self.dense = self.window_dense
 
 
 def _aggregate_avg_any(features, layout, batch, ok, gy, gx, method, dtype, per_image):
@@ -445,7 +454,7 @@ def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, 
             ok,
             dtype,
             per_image=per_image,
-            dense=shared.dense,
+            dense=shared.window_dense,
             span=shared.span,
             pallas=method is Method.PALLAS,
         )

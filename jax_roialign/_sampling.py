@@ -180,10 +180,10 @@ def sample_taps(grid: AxisGrid) -> tuple[Array, Array]:
 
 
 def _limit3(grid: AxisGrid, dtype) -> Array:
-    """The per-box length as a float broadcasting against ``[K, P, T]``."""
+    """The per-box (or per-bin) length as a float broadcasting against ``[K, P, T]``."""
     if grid.extent is None:
         return jnp.asarray(float(grid.length), dtype)
-    return grid.extent.reshape(grid.extent.shape[:1] + (1,) * (grid.first.ndim)).astype(dtype)
+    return grid.extent[..., None].astype(dtype)
 
 
 def _count_below(grid: AxisGrid, x: Array | float, strict: bool) -> Array:
@@ -446,31 +446,37 @@ def tap_span(grid: AxisGrid, live: Array | None = None) -> tuple[Array, Array]:
 
 
 def _bins(grid: AxisGrid) -> AxisGrid:
-    """The grid's ``[K, P]`` bins as ``K * P`` boxes of one bin each, ``[K * P, 1]``,
-    each with the map length it sees as an explicit extent (the same numbers)."""
-    k, p = grid.first.shape
+    """The grid with every field per bin, ``[K, P]``, and the map length each bin
+    sees as an explicit extent (the same numbers)."""
+    shape = grid.first.shape
 
-    def col(a: Array) -> Array:
-        return jnp.broadcast_to(a, (k, p)).reshape(k * p, 1)
+    def per_bin(a: Array) -> Array:
+        return jnp.broadcast_to(a, shape)
 
     extent = grid.extent if grid.extent is not None else float(grid.length)
-    extent = jnp.asarray(extent, grid.first.dtype)
-    valid = None if grid.valid is None else (col(grid.valid[0]), col(grid.valid[1]))
-    rows = None if grid.rows is None else (col(grid.rows[0]), col(grid.rows[1]))
     return AxisGrid(
-        col(grid.first), col(grid.bin), col(grid.count), None, grid.length, col(extent), valid, rows
+        grid.first,
+        per_bin(grid.bin),
+        per_bin(grid.count),
+        None,
+        grid.length,
+        per_bin(jnp.asarray(extent, grid.first.dtype)),
+        grid.valid,
+        grid.rows,
     )
 
 
 def _concat(grids: list[AxisGrid]) -> AxisGrid:
-    """The bins of several one-bin grids (:func:`_bins`) in one grid."""
+    """The bins of several grids of the same boxes side by side, ``[K, sum P]``
+    (per-bin fields, :func:`_bins`). The boxes stay the leading axis, so boxes
+    sharded over devices stay sharded."""
 
     def cat(parts: list[Any]) -> Any:
         if any(p is None for p in parts):
             return None
         if isinstance(parts[0], tuple):
-            return tuple(jnp.concatenate(q) for q in zip(*parts, strict=True))
-        return jnp.concatenate(parts)
+            return tuple(jnp.concatenate(q, axis=1) for q in zip(*parts, strict=True))
+        return jnp.concatenate(parts, axis=1)
 
     return AxisGrid(
         cat([g.first for g in grids]),
@@ -484,13 +490,13 @@ def _concat(grids: list[AxisGrid]) -> AxisGrid:
     )
 
 
-def _split(flat: Array, grids: list[AxisGrid]) -> list[Array]:
-    """``[sum K * P, ...]`` back to each grid's ``[K, P, ...]``."""
+def _split(joint: Array, grids: list[AxisGrid]) -> list[Array]:
+    """``[K, sum P, ...]`` back to each grid's ``[K, P, ...]``."""
     out, start = [], 0
     for g in grids:
-        k, p = g.first.shape
-        out.append(flat[start : start + k * p].reshape((k, p) + flat.shape[1:]))
-        start += k * p
+        p = g.first.shape[1]
+        out.append(joint[:, start : start + p])
+        start += p
     return out
 
 
@@ -505,14 +511,14 @@ def with_geometry(*grids: AxisGrid) -> tuple[AxisGrid, ...]:
         safe = _concat([_bins(_with_samples(g)[0]) for g in todo])
         valid = valid_range(safe)
         todo = [
-            dataclasses.replace(g, valid=(lo[..., 0], hi[..., 0]))
+            dataclasses.replace(g, valid=(lo, hi))
             for g, lo, hi in zip(todo, *(_split(v, todo) for v in valid), strict=True)
         ]
     else:
         todo = [with_valid_range(g) for g in todo]
     first_row, need = row_window(_concat([_bins(g) for g in todo]))
     done = iter(
-        dataclasses.replace(g, rows=(r[..., 0], n[..., 0]))
+        dataclasses.replace(g, rows=(r, n))
         for g, r, n in zip(todo, _split(first_row, todo), _split(need, todo), strict=True)
     )
     return tuple(
@@ -538,13 +544,14 @@ def closed_form(
             parts.append(row_window(g)[0][..., None] + jnp.arange(taps[i], dtype=jnp.int32))
         if dense:
             parts.append(every_row(g.length, (k, p)))
-        pieces.append(jnp.concatenate(parts, axis=-1).reshape(k * p, 1, -1))
+        pieces.append(jnp.concatenate(parts, axis=-1))
     width = max(r.shape[-1] for r in pieces)
     # Rows -1 pad the shorter lists: outside the map, weight 0.
+    pad = [((0, 0), (0, 0), (0, width - r.shape[-1])) for r in pieces]
     rows = jnp.concatenate(
-        [jnp.pad(r, ((0, 0), (0, 0), (0, width - r.shape[-1])), constant_values=-1) for r in pieces]
+        [jnp.pad(r, w, constant_values=-1) for r, w in zip(pieces, pad, strict=True)], axis=1
     )
-    weights = _split(grid_row_weights(_concat([_bins(g) for g in grids]), rows)[:, 0], list(grids))
+    weights = _split(grid_row_weights(_concat([_bins(g) for g in grids]), rows), list(grids))
     tap_out: list[tuple[Array, Array]] | None = None
     dense_out: list[Array] | None = None
     if taps is not None:
