@@ -323,7 +323,8 @@ def render_markdown(run: dict[str, Any], argv: Sequence[str] | None = None) -> s
             if run["quick"]
             else ""
         )
-        + ". Edit the harness (`benchmarks/`), not this file; a section titled GPU is kept.",
+        + ". Edit the harness (`benchmarks/`), not the generated tables; the sections it does "
+        "not generate (hand-written rounds, GPU) are kept below them.",
         "",
         f"- Date: {m['date']}",
         f"- Machine: {m['cpu']}, {m['cores']} cores"
@@ -388,8 +389,49 @@ def gpu_sections(text: str) -> list[str]:
     return out
 
 
+def _sections(text: str, level: int = 2) -> list[tuple[str, str]]:
+    """``(title, verbatim text)`` of each heading of ``level``, to the next heading
+    of that level or above (its subsections included), outside code fences."""
+    lines = text.splitlines(keepends=True)
+    heads: list[tuple[int, int, str]] = []
+    fence = False
+    for n, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fence = not fence
+            continue
+        mt = None if fence else _HEADING.match(line.rstrip("\n"))
+        if mt:
+            heads.append((n, len(mt.group(1)), mt.group(2)))
+    out = []
+    for i, (start, depth, title) in enumerate(heads):
+        if depth != level:
+            continue
+        end = next((h[0] for h in heads[i + 1 :] if h[1] <= level), len(lines))
+        out.append((title, "".join(lines[start:end]).rstrip() + "\n"))
+    return out
+
+
+def _key(title: str) -> str:
+    """A section title without its varying tail (``Targets (issue 12): 41 of 90 ...``)."""
+    return re.split(r"[(:]", title)[0].strip().lower()
+
+
+def merge_kept(old: str, new: str) -> str:
+    """``new`` (a rendered BENCHMARKS.md) followed by every ``##`` section of ``old``
+    that the render does not produce: hand-written rounds and GPU sections are
+    kept verbatim, in their order; generated sections are replaced."""
+    generated = {_key(t) for t, _ in _sections(new)}
+    kept = [body for t, body in _sections(old) if _key(t) not in generated]
+    text = new.rstrip() + "\n"
+    if kept:
+        text += "\n" + "\n".join(kept)
+    return text
+
+
 def write_markdown(path: str, run: dict[str, Any], argv: Sequence[str] | None = None) -> str:
-    """Writes BENCHMARKS.md, keeping any existing GPU section(s) verbatim at the end.
+    """Writes BENCHMARKS.md: the rendered tables, then every section of an existing
+    file that the render does not produce (hand-written rounds, GPU sections),
+    verbatim (:func:`merge_kept`).
 
     On a GPU backend the results go into the ``## GPU`` section instead, and the
     rest of an existing file is kept.
@@ -399,8 +441,8 @@ def write_markdown(path: str, run: dict[str, Any], argv: Sequence[str] | None = 
             old = fh.read()
     except FileNotFoundError:
         old = ""
-    kept = gpu_sections(old)
     if run["machine"]["jax_backend"] == "gpu":
+        kept = gpu_sections(old)
         m = run["machine"]
         section = (
             "## GPU\n\n"
@@ -412,9 +454,7 @@ def write_markdown(path: str, run: dict[str, Any], argv: Sequence[str] | None = 
             body = body.replace(s, "")
         text = (body.rstrip() + "\n\n" if body.strip() else "# Benchmarks\n\n") + section
     else:
-        text = render_markdown(run, argv)
-        if kept:
-            text = text.rstrip() + "\n\n" + "\n".join(kept)
+        text = merge_kept(old, render_markdown(run, argv))
     text = text.rstrip() + "\n"
     with open(path, "w") as fh:
         fh.write(text)
