@@ -360,38 +360,8 @@ def render_markdown(run: dict[str, Any], argv: Sequence[str] | None = None) -> s
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
-def gpu_sections(text: str) -> list[str]:
-    """Every section whose heading title starts with "GPU", verbatim (to its next peer heading)."""
-    lines = text.splitlines(keepends=True)
-    out, i, fence = [], 0, False
-    heads: list[tuple[int, int, str]] = []
-    for n, line in enumerate(lines):
-        if line.lstrip().startswith("```"):
-            fence = not fence
-            continue
-        mt = None if fence else _HEADING.match(line.rstrip("\n"))
-        if mt:
-            heads.append((n, len(mt.group(1)), mt.group(2)))
-    while i < len(heads):
-        start, level, title = heads[i]
-        if re.match(r"GPU\b", title):
-            end = len(lines)
-            j = i + 1
-            while j < len(heads):
-                if heads[j][1] <= level:
-                    end = heads[j][0]
-                    break
-                j += 1
-            out.append("".join(lines[start:end]).rstrip() + "\n")
-            i = j
-        else:
-            i += 1
-    return out
-
-
-def _sections(text: str, level: int = 2) -> list[tuple[str, str]]:
-    """``(title, verbatim text)`` of each heading of ``level``, to the next heading
-    of that level or above (its subsections included), outside code fences."""
+def _headings(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
+    """The lines of ``text`` and its headings ``(line, depth, title)``, outside code fences."""
     lines = text.splitlines(keepends=True)
     heads: list[tuple[int, int, str]] = []
     fence = False
@@ -402,13 +372,37 @@ def _sections(text: str, level: int = 2) -> list[tuple[str, str]]:
         mt = None if fence else _HEADING.match(line.rstrip("\n"))
         if mt:
             heads.append((n, len(mt.group(1)), mt.group(2)))
-    out = []
-    for i, (start, depth, title) in enumerate(heads):
-        if depth != level:
-            continue
-        end = next((h[0] for h in heads[i + 1 :] if h[1] <= level), len(lines))
-        out.append((title, "".join(lines[start:end]).rstrip() + "\n"))
+    return lines, heads
+
+
+def _section(lines: list[str], heads: list[tuple[int, int, str]], i: int) -> str:
+    """Heading ``i``'s section verbatim: to the next heading of its depth or above."""
+    start, depth, _ = heads[i]
+    end = next((h[0] for h in heads[i + 1 :] if h[1] <= depth), len(lines))
+    return "".join(lines[start:end]).rstrip() + "\n"
+
+
+def gpu_sections(text: str) -> list[str]:
+    """Every section whose heading title starts with "GPU", verbatim (to its next peer heading)."""
+    lines, heads = _headings(text)
+    out, i = [], 0
+    while i < len(heads):
+        if re.match(r"GPU\b", heads[i][2]):
+            out.append(_section(lines, heads, i))
+            depth = heads[i][1]
+            i += 1
+            while i < len(heads) and heads[i][1] > depth:  # its subsections
+                i += 1
+        else:
+            i += 1
     return out
+
+
+def _sections(text: str, level: int = 2) -> list[tuple[str, str]]:
+    """``(title, verbatim text)`` of each heading of ``level``, to the next heading
+    of that level or above (its subsections included), outside code fences."""
+    lines, heads = _headings(text)
+    return [(h[2], _section(lines, heads, i)) for i, h in enumerate(heads) if h[1] == level]
 
 
 def _key(title: str) -> str:

@@ -570,38 +570,42 @@ def closed_form(
     return tap_out, dense_out
 
 
+def _both(gy: AxisGrid, gx: AxisGrid, windows: tuple[int, int] | None) -> tuple[Any, Any]:
+    """Window taps (``windows`` given) or dense weights of both axes: static grids
+    per axis, the adaptive ones from one :func:`closed_form`."""
+    grids = (gy, gx)
+    out: list[Any] = [
+        None
+        if g.static_count is None
+        else (dense_weights(g) if windows is None else axis_taps(g, windows[i]))
+        for i, g in enumerate(grids)
+    ]
+    adaptive = [i for i, g in enumerate(grids) if g.static_count is None]
+    if adaptive:
+        some = tuple(grids[i] for i in adaptive)
+        found: list[Any] | None
+        if windows is None:
+            _, found = closed_form(some, dense=True)
+        else:
+            found, _ = closed_form(some, taps=tuple(windows[i] for i in adaptive))
+        assert found is not None
+        for i, value in zip(adaptive, found, strict=True):
+            out[i] = value
+    return out[0], out[1]
+
+
 def both_taps(
     gy: AxisGrid, gx: AxisGrid, windows: tuple[int, int]
 ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     """:func:`axis_taps` of both axes (``windows`` rows / columns per bin for
     adaptive grids), the adaptive axes' closed form evaluated once for both."""
-    adaptive = [i for i, g in enumerate((gy, gx)) if g.static_count is None]
-    pairs = ((gy, windows[0]), (gx, windows[1]))
-    taps = [axis_taps(g, t) if g.static_count is not None else None for g, t in pairs]
-    if adaptive:
-        grids = tuple((gy, gx)[i] for i in adaptive)
-        found, _ = closed_form(grids, taps=tuple(windows[i] for i in adaptive))
-        assert found is not None
-        for i, t in zip(adaptive, found, strict=True):
-            taps[i] = t
-    ty, tx = taps
-    assert ty is not None and tx is not None
-    return ty, tx
+    return _both(gy, gx, windows)
 
 
 def both_dense(gy: AxisGrid, gx: AxisGrid) -> tuple[Array, Array]:
     """:func:`dense_weights` of both axes, the adaptive axes' closed form
     evaluated once for both."""
-    adaptive = [i for i, g in enumerate((gy, gx)) if g.static_count is None]
-    dense = [dense_weights(g) if g.static_count is not None else None for g in (gy, gx)]
-    if adaptive:
-        _, found = closed_form(tuple((gy, gx)[i] for i in adaptive), dense=True)
-        assert found is not None
-        for i, w in zip(adaptive, found, strict=True):
-            dense[i] = w
-    wy, wx = dense
-    assert wy is not None and wx is not None
-    return wy, wx
+    return _both(gy, gx, None)
 
 
 def by_level(values, level: Array, dtype) -> Array:
