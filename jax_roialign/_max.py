@@ -266,32 +266,226 @@ def window_max(
     gy: _sampling.AxisGrid,
     gx: _sampling.AxisGrid,
     dtype: Any,
-    *,
-    pallas: bool = False,
 ) -> Array:
-    """:func:`aggregate_max` for fixed grids through the box-local window reader (the
-    TPU path: no gather or scatter). Every sample is a one-sample bin of its own
-    (dense weights of its two taps per axis), read through one window per box
-    (:func:`._window.contract_window`); the first largest of each bin's
-    ``s_y x s_x`` samples (scan order, as the search's) is picked by a one-hot
-    select, so the gradient goes to that sample only, and through its weights to
-    the box. Invalid samples read 0 and take part, as in :func:`aggregate_max`.
+    """:func:`aggregate_max` through the box-local window reader (the TPU path: no
+    gather or scatter), for fixed and adaptive grids.
+
+    The same search and the same numbers, read in blocks: a block is
+    ``t_y x t_x`` samples of every bin (the whole ``s x s`` grid for a fixed grid,
+    one block; ``TILE x TILE`` samples of the search range for an adaptive one, as
+    many blocks as the largest bin needs, in :func:`aggregate_max`'s tile order).
+    Each sample is a point with its two taps per axis, read through one window per
+    box (:func:`._window.fold_taps`), and each box's block is folded at once into
+    the running maximum and the index of its first largest sample (strictly
+    larger wins, so the scan order decides ties; NaN never wins). No per-sample
+    array exists for all boxes: the forward holds the maximum and the index.
+
+    Non-finite features: the window is contracted whole (on a TPU, by the MXU),
+    so a NaN or an infinity in the cells a box's window reads makes the box's
+    samples NaN, and the bins NaN (with no gradient), where the gather path of
+    :func:`aggregate_max` confines it to the samples that touch it.
+
+    The gradient goes to the winning sample alone (:func:`_winner_ops`): the
+    blocks are read again as their transpose with each box's cotangent kept at its
+    winners (:func:`._window.taps_vjp`), which gives the feature gradient and the
+    gradient of the winners' tap weights, and through those the box gradient.
+    First order (the folds are loops with data-dependent trip counts).
     """
-    from ._window import read_taps
+    from ._window import fold_taps
 
-    def taps(grid: _sampling.AxisGrid):
-        s = grid.static_count
-        assert s is not None
-        y = _sampling.sample_positions(grid, jnp.arange(s, dtype=grid.first.dtype))  # [K, P, s]
-        return point_tap_table(y, grid.length, inside(y, grid.length) & (ok[:, :, :1] > 0))
+    c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
+    blocks = _Blocks(gy, gx, ok, c)
+    sfeat = jax.lax.stop_gradient(features)
+    k, ph, pw, _ = blocks.out_shape
 
-    values = read_taps([features], layout, batch, taps(gy), taps(gx), dtype, pallas=pallas)
-    # [K, PH * s_y, PW * s_x, C]
-    (k, ph), pw = gy.first.shape, gx.first.shape[1]
-    sy, sx = gy.static_count, gx.static_count
-    assert sy is not None and sx is not None
-    c = values.shape[-1]
-    v = values.reshape(k, ph, sy, pw, sx, c).transpose(0, 1, 3, 5, 2, 4).reshape(k, ph, pw, c, -1)
-    first = jnp.argmax(jax.lax.stop_gradient(v), axis=-1)  # scan order: the first largest
-    pick = first[..., None] == jnp.arange(sy * sx)
-    return jnp.sum(jnp.where(pick, v, 0.0), axis=-1) * ok[..., None]
+    def body(blk, carry):
+        taps_y, taps_x, code = blk
+
+        def emit(i, v, carry):
+            best, where = carry
+            v, codes = blocks.split(v, i, code)
+            top = jnp.max(v, axis=(1, 3))  # NaN if the window read a non-finite cell
+            first = jnp.min(jnp.where(v == top[:, None, :, None], codes, _NONE), axis=(1, 3))
+            b, w = _row_of(best, i), _row_of(where, i)
+            # An earlier block keeps equal values; a NaN stays (and has no winner).
+            better = (top > b) | jnp.isnan(top)
+            return _set_row_of(best, i, jnp.where(better, top, b)), _set_row_of(
+                where, i, jnp.where(better, first, w)
+            )
+
+        return fold_taps([sfeat], layout, blocks.batch(batch), taps_y, taps_x, dtype, emit, carry)
+
+    init = (jnp.full((k, ph, pw, c), -jnp.inf, dtype), jnp.zeros((k, ph, pw, c), jnp.int32))
+    init = _shard.varying(init, features, batch, ok, gy, gx)
+    best, where = blocks.fold(body, init)
+    aux = (jax.lax.stop_gradient(batch), where, blocks.sgy, blocks.sgx, jax.lax.stop_gradient(ok))
+    value = _winner_ops(layout, c, dtype)(features, gy.first, gy.bin, gx.first, gx.bin, best, aux)
+    # As aggregate_max: outside the search ranges a bin's samples read 0, and a 0
+    # takes part when the range does not cover the whole grid.
+    n_window = (blocks.n_y[:, :, None] * blocks.n_x[:, None, :])[..., None]
+    total = (blocks.tot_y[:, :, None] * blocks.tot_x[:, None, :])[..., None]
+    zero_wins = (n_window < total) & (best < 0)
+    out = jnp.where((total > 0) & ~zero_wins, value, 0.0)
+    return out * ok[..., None]
+
+
+_NONE = jnp.iinfo(jnp.int32).max
+
+
+def _row_of(a: Array, i) -> Array:
+    return jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
+
+
+def _set_row_of(a: Array, i, value: Array) -> Array:
+    return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), i, axis=0)
+
+
+class _Blocks:
+    """The blocks of samples :func:`window_max` reads, and their order.
+
+    Block ``(u, v)`` holds the samples ``start + u * t_y + [0, t_y)`` of every
+    row of bins and ``start + v * t_x + [0, t_x)`` of every column (``start`` the
+    search range's first sample, :func:`_search_window`); samples past the range
+    are read but never win. A sample is coded ``i * stride + j`` (``i``, ``j`` its
+    indices from ``start``), so one int32 names a bin's winner.
+    """
+
+    def __init__(self, gy, gx, ok, c: int):
+        sgy = jax.tree_util.tree_map(jax.lax.stop_gradient, gy)
+        sgx = jax.tree_util.tree_map(jax.lax.stop_gradient, gx)
+        self.sgy, self.sgx = sgy, sgx
+        self.start_y, self.n_y, self.tot_y = _search_window(sgy)
+        self.start_x, self.n_x, self.tot_x = _search_window(sgx)
+        self.static = gy.static_count is not None and gx.static_count is not None
+        self.t_y = gy.static_count if gy.static_count is not None else TILE
+        self.t_x = gx.static_count if gx.static_count is not None else TILE
+        # A search range is at most about 2 L + 3 samples (module docstring).
+        self.stride = self.t_x if self.static else 2 * gx.length + 8
+        live = ok[:, 0, 0] > 0
+        if self.static:
+            self.m_y = self.m_x = jnp.ones((), jnp.int32)
+        else:
+            n_y = jnp.max(jnp.where(live[:, None], self.n_y, 0.0), initial=0.0)
+            n_x = jnp.max(jnp.where(live[:, None], self.n_x, 0.0), initial=0.0)
+            self.m_y = jnp.ceil(n_y / self.t_y).astype(jnp.int32)
+            self.m_x = jnp.maximum(jnp.ceil(n_x / self.t_x), 1.0).astype(jnp.int32)
+        k, ph = gy.first.shape
+        pw = gx.first.shape[1]
+        self.out_shape = (k, ph, pw, c)
+        self.aux = (sgy, sgx, ok, self.start_y, self.n_y, self.start_x, self.n_x)
+        self.lengths = (gy.length, gx.length)
+
+    @staticmethod
+    def batch(batch: Array) -> Array:
+        return jax.lax.stop_gradient(batch)
+
+    def _axis(self, first, bin_size, grid, start, n, o, t: int, length: int, ok):
+        """One axis of a block: tap table ``(idx, w [K, P * t, 2], live [K, P * t])``
+        and the samples' in-range mask ``[K, P, t]`` (their offsets ``o + [0, t)``)."""
+        g = _sampling.AxisGrid(first, bin_size, grid.count, grid.static_count, grid.length)
+        i = o + jnp.arange(t, dtype=start.dtype)
+        y = _sampling.sample_positions(g, jax.lax.stop_gradient(start[..., None] + i))
+        in_range = i < n[..., None]
+        live = inside(y, length) & in_range & (ok[:, :, :1] > 0)
+        return point_tap_table(y, length, live), in_range
+
+    def taps(self, u, v, first_y=None, bin_y=None, first_x=None, bin_x=None):
+        """Block ``(u, v)``: the y and x tap tables and the samples' codes
+        ``[K, PH, t_y, PW, t_x]`` (``_NONE`` past a range); the grids' ``first`` and
+        ``bin`` may be given (to differentiate the tap weights in them)."""
+        sgy, sgx, ok, start_y, n_y, start_x, n_x = self.aux
+        oy = jnp.asarray(u * self.t_y).astype(start_y.dtype)
+        ox = jnp.asarray(v * self.t_x).astype(start_x.dtype)
+        fy = sgy.first if first_y is None else first_y
+        by = sgy.bin if bin_y is None else bin_y
+        fx = sgx.first if first_x is None else first_x
+        bx = sgx.bin if bin_x is None else bin_x
+        taps_y, in_y = self._axis(fy, by, sgy, start_y, n_y, oy, self.t_y, self.lengths[0], ok)
+        taps_x, in_x = self._axis(fx, bx, sgx, start_x, n_x, ox, self.t_x, self.lengths[1], ok)
+        iy = (u * self.t_y + jnp.arange(self.t_y, dtype=jnp.int32))[:, None]
+        jx = (v * self.t_x + jnp.arange(self.t_x, dtype=jnp.int32))[None, :]
+        codes = iy * self.stride + jx  # [t_y, t_x]
+        inside_ = in_y[:, :, :, None, None] & in_x[:, None, None, :, :]
+        code = jnp.where(inside_, codes[None, None, :, None, :], _NONE)
+        return taps_y, taps_x, code
+
+    def split(self, v: Array, i, code: Array) -> tuple[Array, Array]:
+        """Box ``i``'s block ``[PH * t_y, PW * t_x, C]`` as ``[PH, t_y, PW, t_x, C]``
+        (samples past a range at ``-inf``), and their codes (same shape)."""
+        _, ph, pw, c = self.out_shape
+        v = v.reshape(ph, self.t_y, pw, self.t_x, c)
+        ci = _row_of(code, i)[..., None]
+        return jnp.where(ci != _NONE, v, -jnp.inf), jnp.broadcast_to(ci, v.shape)
+
+    def fold(self, body, init):
+        """``carry = body(block, carry)`` over the blocks in order (row-major)."""
+        if self.static:
+            return body(self.taps(0, 0), init)
+
+        def step(t, carry):
+            u, v = t // self.m_x, t % self.m_x
+            return body(self.taps(u, v), carry)
+
+        return jax.lax.fori_loop(0, self.m_y * self.m_x, step, init)
+
+
+def _winner_ops(layout: DataFormat, c: int, dtype):
+    """``value(features, first_y, bin_y, first_x, bin_x, best, aux)``: ``best`` (the
+    search's maximum), whose VJP sends each bin's cotangent to its winning sample
+    (``aux = (batch, where, ...)``, ``where`` the winners' codes): the feature
+    gradient by the blocks' transposed reads, and the gradients of the grids'
+    ``first`` and ``bin`` through the winners' tap weights. The blocks are rebuilt
+    from ``aux`` (a custom VJP closes over no traced value)."""
+    from ._window import taps_vjp
+
+    @jax.custom_vjp
+    def value(features, fy, by, fx, bx, best, aux):
+        return best
+
+    def fwd(features, fy, by, fx, bx, best, aux):
+        return best, (features, fy, by, fx, bx, aux)
+
+    def bwd(res, g):
+        features, fy, by, fx, bx, aux = res
+        batch, where, sgy, sgx, ok = aux
+        blocks = _Blocks(sgy, sgx, ok, c)
+        g = g.astype(dtype)
+        _, ph, pw, _ = blocks.out_shape
+        sfeat = jax.lax.stop_gradient(features)
+
+        def body(t, carry):
+            acc, dfy, dby, dfx, dbx = carry
+            u, v = t // blocks.m_x, t % blocks.m_x
+
+            def tables(fy, by, fx, bx):
+                taps_y, taps_x, _ = blocks.taps(u, v, fy, by, fx, bx)
+                return taps_y[1], taps_x[1]
+
+            taps_y, taps_x, code = blocks.taps(u, v)
+
+            def cot(i):  # box i's cotangent of the block's samples
+                ci = _row_of(code, i)[..., None]
+                kept = ci == _row_of(where, i)[:, None, :, None, :]
+                out = jnp.where(kept, _row_of(g, i)[:, None, :, None, :], 0.0)
+                return out.reshape(ph * blocks.t_y, pw * blocks.t_x, c)
+
+            (acc,), d_wy, d_wx = taps_vjp(
+                [acc], cot, [sfeat], layout, blocks.batch(batch), taps_y, taps_x
+            )
+            _, vjp = jax.vjp(tables, fy, by, fx, bx)
+            d = vjp((d_wy.astype(taps_y[1].dtype), d_wx.astype(taps_x[1].dtype)))
+            return (acc,) + tuple(a + b for a, b in zip((dfy, dby, dfx, dbx), d, strict=True))
+
+        zeros = (jnp.zeros(features.shape, dtype),) + tuple(
+            jnp.zeros_like(a) for a in (fy, by, fx, bx)
+        )
+        zeros = _shard.varying(zeros, features, g, fy, by, fx, bx, aux)
+        if blocks.static:
+            acc, *d = body(jnp.zeros((), jnp.int32), zeros)
+        else:
+            acc, *d = jax.lax.fori_loop(0, blocks.m_y * blocks.m_x, body, zeros)
+        no_aux = jax.tree.map(lambda _: None, aux)
+        return (acc.astype(features.dtype), *d, None, no_aux)
+
+    value.defvjp(fwd, bwd)
+    return value

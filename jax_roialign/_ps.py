@@ -240,20 +240,15 @@ _READER = Method.AUTO
 
 
 def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
-    """The box-local, gather-free read (TPU): every bin read over all channels
-    through the window reader (roi_align's avg on the whole map), then each bin's
-    own channel group kept by a mask, no gather (the ``[K, PH, PW, C]`` of every
-    channel is the price)."""
+    """The box-local, gather-free read (TPU): every channel of a box read through
+    the window reader (roi_align's avg), each bin's own channel group kept as the
+    box is written (``ps=True``: nothing ``[K, PH, PW, C]`` is stored; the
+    multiply-adds are RoI Align's over all channels)."""
     from ._roi_align import window_read
 
-    k, ph = gy.first.shape
-    pw = gx.first.shape[1]
     live = ok[:, 0, 0] > 0
     gy, gx = _sampling.with_geometry(gy, gx)
     level = jnp.zeros_like(batch)
-    full = window_read([features], layout, batch, level, live, gy, gx, ok, dtype, per_image=False)
-    full = full.reshape(k, ph, pw, -1, ph, pw)  # channels as (C_out, PH, PW)
-    own = (jnp.arange(ph)[:, None, None, None] == jnp.arange(ph)[None, None, :, None]) & (
-        jnp.arange(pw)[None, :, None, None] == jnp.arange(pw)[None, None, None, :]
-    )  # [PH, PW, PH', PW']: bin (p, q) keeps group (p, q)
-    return jnp.sum(jnp.where(own[:, :, None], full, 0.0), axis=(-2, -1))
+    return window_read(
+        [features], layout, batch, level, live, gy, gx, ok, dtype, per_image=False, ps=True
+    )

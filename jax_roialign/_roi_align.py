@@ -91,8 +91,9 @@ def roi_align(
         ``"matmul"`` (dense interpolation matrices over the whole map, no gather
         or scatter; any autodiff). All give the same numbers. With
         ``mode="max"``, ``"window"`` and ``"pallas"`` (so ``auto`` on TPU) read
-        fixed grids box-locally and the others take the max search; an adaptive
-        max always takes the search.
+        the samples box-locally in blocks, folded into each bin's running
+        maximum (no Pallas kernel; first-order gradients; a non-finite value in
+        a box's window makes its bins NaN), and the others take the max search.
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
@@ -246,19 +247,18 @@ def _roi_align_nhwc_out(
 
 
 def _max_any(features, layout, batch, ok, gy, gx, method: Method, dtype, rois: Rois) -> Array:
-    """Max mode: the window reader (:func:`._max.window_max`) for fixed grids where
-    ``method`` says ``"window"`` (``auto`` on TPU), else the search and re-read of
-    :func:`._max.aggregate_max`. Per-image boxes run per device under batch
-    sharding, with this device's image indices."""
+    """Max mode: the window reader (:func:`._max.window_max`) where ``method`` says
+    ``"window"`` or ``"pallas"`` (``auto`` on TPU; the fold has no Pallas kernel),
+    else the search and re-read of :func:`._max.aggregate_max`. Per-image boxes
+    run per device under batch sharding, with this device's image indices."""
     from ._max import aggregate_max, window_max
 
-    static = gy.static_count is not None and gx.static_count is not None
     per_image = len(rois.lead_shape) == 2
 
     def build(how: Method):
         def pool(f, b, ok, gy, gx):
-            if how.windowed and static:
-                return window_max(f, layout, b, ok, gy, gx, dtype, pallas=how is Method.PALLAS)
+            if how.windowed:
+                return window_max(f, layout, b, ok, gy, gx, dtype)
             return aggregate_max(f, layout, b, ok, gy, gx, dtype)
 
         if per_image:
@@ -385,6 +385,7 @@ def window_read(
     dense: tuple[Array, Array] | None = None,
     span: tuple[Any, Any] | None = None,
     pallas: bool = False,
+    ps: bool = False,
 ) -> Array:
     """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``.
 
@@ -393,6 +394,7 @@ def window_read(
     group ``n`` reading image ``n`` (partitioned over a batch-sharded mesh).
     ``dense`` and ``span``: those weights and spans when already computed.
     ``pallas``: the forward and feature gradient by the Pallas kernels (:mod:`._pallas`).
+    ``ps``: each bin keeps its own channel group (position-sensitive, ``[K, PH, PW, C_out]``).
     """
     from . import _window
 
@@ -417,6 +419,7 @@ def window_read(
             dtype,
             batch=batch,
             pallas=pallas,
+            ps=ps,
         )
     n = maps[0].shape[0]
 
@@ -435,6 +438,7 @@ def window_read(
         g(need_x),
         dtype,
         pallas=pallas,
+        ps=ps,
     )
     return out.reshape((-1,) + out.shape[2:])
 

@@ -113,7 +113,11 @@ class Plan:
     output is ``[K, S / group, C]``. ``pallas``: the separable read by the
     Pallas kernels of :mod:`jax_roialign._pallas` where they fit. ``prep``: an
     elementwise map applied to every window as it is read, in the compute dtype
-    (forward reads only: a read with ``prep`` is not differentiated).
+    (forward reads only: a read with ``prep`` is not differentiated). ``ps``:
+    position-sensitive (R-FCN): the channels are ``C_out x PH x PW`` groups and
+    bin ``(p, q)`` keeps only its own group, so each box's ``[PH, PW, C]`` is
+    reduced to ``[PH, PW, C_out]`` as it is written (:func:`_keep_own`; the
+    cotangent widened back by :func:`_own_cot`), never stored for all boxes.
     """
 
     def __init__(
@@ -127,8 +131,10 @@ class Plan:
         group: int = 1,
         pallas: bool = False,
         prep=None,
+        ps: bool = False,
     ):
         self.layout = layout
+        self.ps = bool(ps)
         self.points, self.taps, self.group = bool(points), bool(taps), int(group)
         self.pallas = bool(pallas)
         self.prep = prep
@@ -141,11 +147,44 @@ class Plan:
 
     def key(self):
         key = (self.layout, self.shapes, self.map_dtypes, self.dtype)
-        return key + (self.points, self.taps, self.group, self.pallas, self.prep)
+        return key + (self.points, self.taps, self.group, self.pallas, self.prep, self.ps)
 
     @property
     def nhwc(self) -> bool:
         return self.layout is DataFormat.NHWC
+
+    def out_channels(self, ph: int, pw: int) -> int:
+        """Channels of a box's output: ``C``, or ``C / (PH * PW)`` for ``ps``."""
+        if not self.ps:
+            return self.channels
+        if self.channels % (ph * pw):
+            raise ValueError(f"{self.channels} channels do not split into {ph} x {pw} groups")
+        return self.channels // (ph * pw)
+
+
+def _own(ph: int, pw: int) -> np.ndarray:
+    """``[PH, PW, 1, PH, PW]``: bin ``(p, q)`` owns channel group ``(p, q)``."""
+    return (np.arange(ph)[:, None, None, None, None] == np.arange(ph)[:, None]) & (
+        np.arange(pw)[None, :, None, None, None] == np.arange(pw)
+    )
+
+
+def _keep_own(plan: Plan, value: Array) -> Array:
+    """A box's ``[PH, PW, C]`` as ``[PH, PW, C_out]``: each bin's own channel group
+    (``plan.ps``; else ``value`` as it is)."""
+    if not plan.ps:
+        return value
+    ph, pw, c = value.shape
+    v = value.reshape(ph, pw, c // (ph * pw), ph, pw)
+    return jnp.sum(jnp.where(_own(ph, pw), v, 0.0), axis=(-2, -1))
+
+
+def _own_cot(plan: Plan, gk: Array) -> Array:
+    """The transpose of :func:`_keep_own`: ``[PH, PW, C_out]`` -> ``[PH, PW, C]``."""
+    if not plan.ps:
+        return gk
+    ph, pw, c = gk.shape
+    return jnp.where(_own(ph, pw), gk[..., None, None], 0.0).reshape(ph, pw, c * ph * pw)
 
 
 def branch_index(plan: Plan, level: Array, need_y: Array, need_x: Array) -> Array:
@@ -343,17 +382,18 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps, emi
     ``wy``, ``wx`` may also be functions ``k -> [PH, H]`` (weights computed box by
     box); ``emit(k, value, carry)`` replaces the write of each box's ``[PH, PW, C]``
     (a fold over the boxes from ``init``)."""
-    if plan.pallas and emit is None and not callable(wy) and not callable(wx):
+    if plan.pallas and not plan.ps and emit is None and not callable(wy) and not callable(wx):
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
             return _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
     refs = (maps, batch, span_y, span_x, taps) + tuple(a for a in (wy, wx) if not callable(a))
     if init is None:
-        shape = (wy.shape[1] // plan.group,) if plan.points else (wy.shape[1], wx.shape[1])
-        init = _shard.varying(
-            jnp.zeros((wy.shape[0],) + shape + (plan.channels,), plan.dtype), *refs
-        )
+        if plan.points:
+            shape: tuple[int, ...] = (wy.shape[1] // plan.group, plan.channels)
+        else:
+            shape = (wy.shape[1], wx.shape[1], plan.out_channels(wy.shape[1], wx.shape[1]))
+        init = _shard.varying(jnp.zeros((wy.shape[0],) + shape, plan.dtype), *refs)
 
     def body(lv, tier, k, out):
         b, ly, lx = (_row(a, k) for a in (batch, span_y, span_x))
@@ -369,7 +409,7 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps, emi
             shape = (wyk.shape[0], wxk.shape[0])
         zero = _shard.varying(jnp.zeros(shape + (plan.channels,), plan.dtype), *refs)
         tk = _box_taps(taps, k)
-        value = _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero, taps=tk)
+        value = _keep_own(plan, _per_tile(plan, lv, tier, ly, lx, wyk, wxk, read, zero, taps=tk))
         return _set_row(out, k, value) if emit is None else emit(k, value, out)
 
     return _each_box(plan, branch, body, init)
@@ -417,7 +457,7 @@ def _transpose(
     boxes go in a fixed order, so the sum is the same on every run. ``images``
     overrides the maps' batch size (a vmapped call folded into the images).
     """
-    if plan.pallas:
+    if plan.pallas and not plan.ps:
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
@@ -439,7 +479,8 @@ def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x, *
 
     def body(lv, tier, k, acc):
         b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)
-        wyk, wxk, gk = _box(wy, k), _box(wx, k), _box(g, k).astype(plan.dtype)
+        wyk, wxk = _box(wy, k), _box(wx, k)
+        gk = _own_cot(plan, _box(g, k).astype(plan.dtype))
 
         def add(acc, y0, x0, wyw, wxw, own):
             acc = list(acc)
@@ -469,11 +510,14 @@ def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk, tk=(None, None)):
 
 
 def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
-    g = g.astype(plan.dtype)
-    refs = (maps, g, wy, wx, batch, span_y, span_x, taps)
+    """``g`` may be a function of the box (as for :func:`_transpose_into`)."""
+    if not callable(g):
+        g = g.astype(plan.dtype)
+    refs = (maps, wy, wx, batch, span_y, span_x, taps) + (() if callable(g) else (g,))
 
     def body(lv, tier, k, out):
-        b, ly, lx, wyk, wxk, gk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx, g))
+        b, ly, lx, wyk, wxk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx))
+        gk = _own_cot(plan, _box(g, k).astype(plan.dtype))
         wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
         tk = _box_taps(taps, k)
         zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
@@ -519,6 +563,7 @@ def _weights_grad_static(plan: Plan, maps, g, wy, wx, batch, branch, span_y, spa
     def box(_, row):
         b, br, ly, lx, wyk, wxk, gk, tk = row
         wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
+        gk = _own_cot(plan, gk)
         tk = tk if tk else (None, None)
 
         def body(lv, tier):
@@ -702,6 +747,7 @@ def contract_window(
     *,
     batch: Array | None = None,
     pallas: bool = False,
+    ps: bool = False,
 ) -> Array:
     """``out[k] = sum_hw wy[k, :, h] wx[k, :, w] F_level[k][batch[k], h, w, :]``, box-locally.
 
@@ -721,12 +767,15 @@ def contract_window(
       pallas: read with the Pallas kernels of :mod:`jax_roialign._pallas` (the
         forward and the feature gradient; the weights' gradient is this
         reader's). Interpreted off TPU.
+      ps: position-sensitive: bin ``(p, q)`` keeps only channel group ``(p, q)``
+        of ``C = C_out x PH x PW`` (channel ``(c * PH + p) * PW + q``), reduced box
+        by box as it is read (``Plan.ps``).
 
-    Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``) in ``dtype``.
+    Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``; ``C_out`` with ``ps``) in
+    ``dtype``.
     """
-    return _read(
-        maps, layout, wy, wx, level, (lo_y, need_y, lo_x, need_x), dtype, batch, pallas=pallas
-    )
+    span = (lo_y, need_y, lo_x, need_x)
+    return _read(maps, layout, wy, wx, level, span, dtype, batch, pallas=pallas, ps=ps)
 
 
 def _read(
@@ -743,6 +792,7 @@ def _read(
     taps=None,
     group=1,
     pallas=False,
+    ps=False,
 ):
     """:func:`contract_window` and :func:`contract_points`: ``taps`` the tap rows and
     columns ``(idx_y, idx_x)`` when ``wy``, ``wx`` are tap weights."""
@@ -750,7 +800,7 @@ def _read(
     if wy.shape[-2] % group:
         raise ValueError(f"{wy.shape[-2]} points do not split into groups of {group}")
     shapes, dtypes = [m.shape for m in maps], [m.dtype for m in maps]
-    plan = Plan(layout, shapes, dtypes, dtype, points, taps is not None, group, pallas)
+    plan = Plan(layout, shapes, dtypes, dtype, points, taps is not None, group, pallas, ps=ps)
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
     if taps is None:
@@ -928,3 +978,33 @@ def add_transpose_taps(
     acc = tuple(acc)
     plan = Plan(layout, [a.shape for a in acc], [a.dtype for a in acc], acc[0].dtype)
     return _transpose_into(plan, acc, g, *_boxwise(plan, batch, taps_y, taps_x))
+
+
+def taps_vjp(
+    acc: Sequence[Array],
+    cot,
+    maps: Sequence[Array],
+    layout: DataFormat,
+    batch: Array,
+    taps_y: tuple[Array, Array, Array],
+    taps_x: tuple[Array, Array, Array],
+) -> tuple[tuple[Array, ...], Array, Array]:
+    """The VJP of :func:`read_taps` (one map or several, read at level 0) for a
+    cotangent made box by box, ``cot(k) -> [P_y, P_x, C]``: ``acc`` (maps in the
+    compute dtype) plus the feature gradient, and the gradients of the tap weights,
+    ``d_wy [K, P_y, T]`` and ``d_wx [K, P_x, T]``. The taps stay taps (made dense
+    inside each window), so nothing ``[K, P, H]`` is built. Not differentiable: for
+    the custom VJPs of callers (a fold over the boxes has no per-sample output to
+    differentiate)."""
+    acc, maps = tuple(acc), tuple(maps)
+    dtype = acc[0].dtype
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, taps=True)
+    (iy, wy, _), (ix, wx, _) = taps_y, taps_x
+    span = _taps_spans(taps_y, taps_x)
+    branch, span_y, span_x = _box_tables(plan, jnp.zeros_like(span[0]), *span)
+    b = batch.astype(jnp.int32)
+    wy, wx = wy.astype(dtype), wx.astype(dtype)
+    idx = (iy.astype(jnp.int32), ix.astype(jnp.int32))
+    out = tuple(_transpose_into(plan, acc, cot, wy, wx, b, branch, span_y, span_x, *idx))
+    d_wy, d_wx = _weights_grad_fast(plan, maps, cot, wy, wx, b, branch, span_y, span_x, *idx)
+    return out, d_wy, d_wx

@@ -176,17 +176,24 @@ def test_layouts_forms_dtypes_and_invalid_boxes(data):
     np.testing.assert_array_equal(out[2:], ref[2:])
 
 
+@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_tpu_reader_matches_reference_and_default_gradients(aligned):
-    # method="window" (what ``auto`` lowers to on TPU) with a fixed grid: every
-    # sample read through the box-local windows, the first largest picked. A map
-    # larger than the reader's windows, every kind of box, flat and per image.
+def test_tpu_reader_matches_reference_and_default_gradients(aligned, sampling_ratio):
+    # method="window" (what ``auto`` lowers to on TPU): the samples read through the
+    # box-local windows in blocks, each box's block folded into the running maximum
+    # and its first winner. A map larger than the reader's windows, every kind of
+    # box (adaptive bins of hundreds of samples: many blocks), flat and per image.
+    # Image 1 has no positive value: many bins' largest samples are exact zeros,
+    # ties on both paths, and the first winner must be the gather path's (the
+    # gradients say so).
     rng = np.random.default_rng(8)
     h, w = 40, 70
     x = rng.standard_normal((N, h, w, C))
+    x[1] = np.minimum(x[1], 0.0)
     boxes = random_boxes(rng, 32) * np.array([w / W, h / H, w / W, h / H])
+    boxes[16:18] = [[-5.0, -3.0, 75.0, 44.0], [10.0, 5.0, 60.0, 35.0]]  # image 1, large
     batch = np.repeat(np.arange(N), 16)
-    kw = dict(output_size=(3, 4), sampling_ratio=2, aligned=aligned, mode="max")
+    kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, aligned=aligned, mode="max")
 
     def pool(method, per_image=False):
         if per_image:
@@ -194,19 +201,45 @@ def test_tpu_reader_matches_reference_and_default_gradients(aligned):
         return jax.jit(lambda f, b: jr.roi_align(f, b, box_indices=batch, method=method, **kw))
 
     out = pool("window")(x, boxes)
-    ref = roi_align_ref(x, boxes, batch, (3, 4), 1.0, 2, aligned, mode="max")
+    ref = roi_align_ref(x, boxes, batch, (3, 4), 1.0, sampling_ratio, aligned, mode="max")
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-12)
     per_image = pool("window", per_image=True)(x, boxes)
     np.testing.assert_allclose(np.asarray(per_image).reshape(out.shape), out, rtol=0, atol=1e-12)
     cot = np.cos(np.arange(out.size)).reshape(out.shape)
 
     def grads(fn):
-        return jax.grad(lambda f, b: jnp.sum(fn(f, b) * cot), argnums=(0, 1))(x, boxes)
+        loss = lambda f, b: jnp.sum(fn(f, b).reshape(cot.shape) * cot)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(x, boxes)
 
     got, want = grads(pool("window")), grads(pool("auto"))
     for g, w_ in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=0, atol=1e-10)
     assert np.abs(np.asarray(got[1])).max() > 0.01  # box gradients flow
+    got_i = grads(pool("window", per_image=True))
+    for g, w_ in zip(got_i, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed", "adaptive"])
+def test_tpu_reader_non_finite_features(sampling_ratio):
+    # The window is contracted whole: a NaN or an infinity in the cells a box's
+    # window reads makes that box's bins NaN (documented), never a finite wrong
+    # value, never -inf; boxes whose windows hold none are exact.
+    rng = np.random.default_rng(9)
+    h, w = 40, 70
+    x = rng.standard_normal((N, h, w, C))
+    x[0, 3:9, 4:20] = np.nan
+    x[1, 30:, 60:, 1] = -np.inf
+    boxes = random_boxes(rng, 32) * np.array([w / W, h / H, w / W, h / H])
+    batch = np.repeat(np.arange(N), 16)
+    kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, mode="max", box_indices=batch)
+    got = np.asarray(jr.roi_align(x, boxes, method="window", **kw))
+    want = np.asarray(jr.roi_align(x, boxes, method="gather", **kw))
+    assert not np.isinf(got).any()
+    finite = ~np.isnan(got)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-12)
+    assert finite.mean() > 0.5  # most boxes are far from the non-finite cells
+    assert np.isnan(got).any()
 
 
 def test_traces_once():

@@ -3,7 +3,7 @@
 Every public op and Flax module is compiled for one v5e chip and for a 16-chip
 v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
-in avg mode and in max mode with a fixed grid, FPN pooling, precise pooling,
+in avg and max mode, FPN pooling, precise pooling,
 position-sensitive RoI Align, the TensorFlow crops, RoI Pool, deformable RoI
 Align, rotated RoI Align with a fixed grid: ``method="auto"`` lowers to the
 window reader for TPU) have no gather or scatter in the TPU program, no
@@ -99,8 +99,13 @@ def _linen_multiscale(f, b):
     return mod.apply({}, list(f), b)
 
 
-def _max(f, b):
-    return jr.roi_align(f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=2, mode="max")
+def _max(sr):
+    def fn(f, b):
+        return jr.roi_align(
+            f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=sr, mode="max"
+        )
+
+    return fn
 
 
 def _ps(f, b):
@@ -154,7 +159,8 @@ TPU_PATH = {
     "linen.MultiScaleRoIAlign": (_linen_multiscale, TWO),
     "crop_and_resize": (_crop, ONE),
     "multilevel_crop_and_resize": (_multilevel, TWO),
-    "roi_align_max_fixed": (_max, ONE),
+    "roi_align_max_fixed": (_max(2), ONE),
+    "roi_align_max_adaptive": (_max(0), ONE),
     "ps_roi_align": (_ps, ONE),
     "deform_roi_align": (_deform(0), ONE),
     "deform_roi_align_fixed": (_deform(2), ONE),
