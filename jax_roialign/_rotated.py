@@ -18,12 +18,14 @@ small window (ordinary boxes) take one unrolled pass; otherwise a ``lax.switch``
 picks a ``lax.scan`` over the needed samples with the smallest of a few
 geometrically growing static lengths, so the cost follows the largest box
 instead of the worst case, and every box is exact. On TPU a fixed grid takes
-:func:`window_rotated` (each sample a point of the box-local window reader).
+:func:`window_rotated` (each sample a point of the box-local window reader), an
+adaptive one :func:`window_rotated_adaptive` (the same ranges read in blocks).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Any
 
@@ -47,6 +49,8 @@ UNROLL = 4
 #: Shortest scan for adaptive grids, in samples per bin (a 4 x 4 grid); later
 #: tiers are 4x longer, the last one the static bound.
 FIRST_TIER = 16
+#: Samples per bin and axis in one block of the adaptive window path.
+BLOCK = 2
 
 
 class AngleUnit(enum.Enum):
@@ -123,9 +127,10 @@ def roi_align_rotated(
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
       per-image boxes, in the features' dtype (computed in float32 or wider).
 
-    On TPU a fixed grid (``sampling_ratio > 0``) is read box-locally (the window
-    reader: every sample from one window per box, no gather or scatter, forward
-    or backward); per-image boxes on batch-sharded features pool per device.
+    On TPU the samples are read box-locally (the window reader: every sample
+    from one window per box, no gather or scatter, forward or backward; an
+    adaptive grid in blocks of samples, first-order gradients); per-image boxes
+    on batch-sharded features pool per device.
 
     Differentiable with respect to the features and the boxes (centre, size and
     angle). Boxes whose parameters are not finite, or whose batch index is
@@ -184,16 +189,17 @@ def roi_align_rotated(
         def build(how: Method):
             def pool(f, batch, ok, *parts):
                 geo = RotatedGeometry(*parts)
-                if how is Method.WINDOW and static:
-                    return window_rotated(f, call.layout, batch, ok, geo, dtype)
+                if how is Method.WINDOW:
+                    if static:
+                        return window_rotated(f, call.layout, batch, ok, geo, dtype)
+                    return window_rotated_adaptive(f, call.layout, batch, ok, geo, dtype)
                 return aggregate_rotated(f, call.layout, batch, ok, geo, dtype)
 
             if len(rois.lead_shape) == 2:  # batch-sharded features: each device its images
                 return lambda: _shard.per_image_pool(pool, call.features, rois.batch, ok, *parts)
             return lambda: pool(call.features, rois.batch, ok, *parts)
 
-        # Adaptive grids (an unbounded number of samples per bin) have no window path.
-        return _READER.run(build) if static else build(Method.GATHER)()
+        return _READER.run(build)
 
     return call.output(body)
 
@@ -403,6 +409,126 @@ def window_rotated(
     out = read_point_taps([features], layout, batch, ty, tx, dtype, group=sy * sx)
     count = float(max(sy * sx, 1))
     return out.reshape(k, ph, pw, -1) * ok[..., None] / count
+
+
+def window_rotated_adaptive(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    ok: Array,
+    geo: RotatedGeometry,
+    dtype: Any,
+) -> Array:
+    """:func:`aggregate_rotated` for adaptive grids through the box-local window reader.
+
+    The same per-bin index ranges (:func:`_window`) read in blocks of
+    ``BLOCK x BLOCK`` samples of every bin, each block as
+    :func:`window_rotated` reads a fixed grid (its samples points of the window
+    reader, a bin's summed inside it; those past a bin's range weigh 0), as many
+    blocks as the largest live range needs. The loop's trip count is data, so
+    the sum has its own VJP (:func:`_blocked_sum`): the blocks read again
+    as their transpose, the box gradient through each block's tap weights.
+    First order.
+    """
+    gy, gx = geo.gy, geo.gx
+    lo_y, n_y = _window(gy, geo, axis=0)
+    lo_x, n_x = _window(gx, geo, axis=1)
+    params = (gy.first, gy.bin, gx.first, gx.bin, geo.cy, geo.cx, geo.cos, geo.sin)
+    stop = jax.lax.stop_gradient
+    aux = (stop(batch), stop(ok), stop(gy.count), stop(gx.count), lo_y, n_y, lo_x, n_x)
+    lengths = (gy.length, gx.length)
+    total = _blocked_sum(layout, lengths, dtype)(features, params, aux)
+    count = jnp.maximum(gy.count[:, :, None] * gx.count[:, None, :], 1.0)[..., None]
+    return total * ok[..., None] / count
+
+
+def _block_read(features, params, aux, u, v, layout, lengths, dtype) -> Array:
+    """Block ``(u, v)`` of :func:`window_rotated_adaptive`: the sum of each bin's
+    samples ``lo + u * BLOCK + [0, BLOCK)`` (by ``lo + v * BLOCK + ...`` across),
+    ``[K, PH, PW, C]``, those past the bin's range weighing 0."""
+    from ._window import read_point_taps
+
+    fy, by, fx, bx, cy, cx, cos, sin = params
+    batch, ok, count_y, count_x, lo_y, n_y, lo_x, n_x = aux
+    h, w = lengths
+    k, ph = fy.shape
+    pw = fx.shape[1]
+
+    def positions(first, bin_size, count, length, lo, n, o):
+        grid = _sampling.AxisGrid(first, bin_size, count, None, length)
+        i = o + jnp.arange(BLOCK, dtype=first.dtype)
+        return _sampling.sample_positions(grid, lo[..., None] + i), i < n[..., None]
+
+    oy = (u * BLOCK).astype(fy.dtype)
+    ox = (v * BLOCK).astype(fx.dtype)
+    yy, in_y = positions(fy, by, count_y, h, lo_y, n_y, oy)  # [K, PH, BLOCK]
+    xx, in_x = positions(fx, bx, count_x, w, lo_x, n_x, ox)
+    # Samples ordered (ph, pw, iy, ix): a bin's samples are consecutive.
+    yy, xx = yy[:, :, None, :, None], xx[:, None, :, None, :]
+    in_range = in_y[:, :, None, :, None] & in_x[:, None, :, None, :]
+
+    def per_box(a: Array) -> Array:
+        return a[:, None, None, None, None]
+
+    cos, sin, cy, cx = (per_box(a) for a in (cos, sin, cy, cx))
+    y = yy * cos - xx * sin + cy
+    x = yy * sin + xx * cos + cx
+    live = inside(y, h) & inside(x, w) & in_range & (ok[:, :, :, None, None] > 0)
+    iy, wy, _ = point_tap_table(y, h, live)
+    ty = (iy, wy * in_range.reshape(k, -1, 1).astype(wy.dtype), live.reshape(k, -1))
+    tx = point_tap_table(x, w, live)
+    out = read_point_taps([features], layout, batch, ty, tx, dtype, group=BLOCK * BLOCK)
+    return out.reshape(k, ph, pw, -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _blocked_sum(layout: DataFormat, lengths: tuple[int, int], dtype):
+    """``total(features, params, aux)``: the sum of :func:`_block_read` over the
+    blocks the largest live range needs, with a VJP that loops over the same
+    blocks (reverse mode cannot go through a loop whose trip count is data)."""
+
+    def trips(aux):
+        _, ok, _, _, _, n_y, _, n_x = aux
+        live = ok[:, :, 0] > 0
+        m_y = jnp.ceil(jnp.max(jnp.where(live, n_y, 0.0), initial=0.0) / BLOCK)
+        m_x = jnp.ceil(jnp.max(jnp.where(live, n_x, 0.0), initial=0.0) / BLOCK)
+        return m_y.astype(jnp.int32), jnp.maximum(m_x, 1.0).astype(jnp.int32)
+
+    def read(features, params, aux, t, m_x):
+        return _block_read(features, params, aux, t // m_x, t % m_x, layout, lengths, dtype)
+
+    @jax.custom_vjp
+    def total(features, params, aux):
+        m_y, m_x = trips(aux)
+        k, ph = params[0].shape
+        pw = params[2].shape[1]
+        c = features.shape[-1] if layout is DataFormat.NHWC else features.shape[1]
+        zeros = _shard.varying(jnp.zeros((k, ph, pw, c), dtype), features, params, aux)
+        body = lambda t, acc: acc + read(features, params, aux, t, m_x)  # noqa: E731
+        return jax.lax.fori_loop(0, m_y * m_x, body, zeros)
+
+    def fwd(features, params, aux):
+        return total(features, params, aux), (features, params, aux)
+
+    def bwd(res, g):
+        features, params, aux = res
+        m_y, m_x = trips(aux)
+        acc_dtype = jnp.promote_types(features.dtype, dtype)
+
+        def body(t, carry):
+            d_f, d_p = carry
+            _, vjp = jax.vjp(lambda f, p: read(f, p, aux, t, m_x), features, params)
+            df, dp = vjp(g.astype(dtype))
+            d_p = jax.tree.map(lambda a, b: a + b.astype(a.dtype), d_p, dp)
+            return d_f + df.astype(acc_dtype), d_p
+
+        zeros = (jnp.zeros(features.shape, acc_dtype), jax.tree.map(jnp.zeros_like, params))
+        zeros = _shard.varying(zeros, features, params, aux, g)
+        d_f, d_p = jax.lax.fori_loop(0, m_y * m_x, body, zeros)
+        return d_f.astype(features.dtype), d_p, jax.tree.map(lambda _: None, aux)
+
+    total.defvjp(fwd, bwd)
+    return total
 
 
 def _max_window(h: int, w: int) -> int:

@@ -81,21 +81,23 @@ def test_mmcv_convention(data, sampling_ratio):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("sampling_ratio", [3, 0], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_tpu_reader_same_numbers_and_gradients(data, data_format, monkeypatch):
-    # The box-local window reader (``auto`` on TPU, fixed grids) runs here too:
-    # every sample a point of one window per box (tiles when larger). Float64,
-    # against the reference (the module's boxes: huge, zero-size, far outside)
-    # and, per image on a map larger than the windows, against the default path:
-    # outputs and gradients in the features and the boxes.
+def test_tpu_reader_same_numbers_and_gradients(data, data_format, sampling_ratio, monkeypatch):
+    # The box-local window reader (``auto`` on TPU) runs here too: every sample
+    # a point of one window per box (tiles when larger); adaptive grids in blocks
+    # of samples (the module's huge boxes: many blocks). Float64, against the
+    # reference (the module's boxes: huge, zero-size, far outside) and, per image
+    # on a map larger than the windows, against the default path: outputs and
+    # gradients in the features and the boxes.
     from jax_roialign._validation import Method
 
     x, boxes, batch = data
     monkeypatch.setattr(_rotated, "_READER", Method.WINDOW)
     f = x if data_format == "NHWC" else x.transpose(0, 3, 1, 2)
-    kw = dict(output_size=(3, 4), sampling_ratio=3, data_format=data_format)
+    kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, data_format=data_format)
     ours = np.asarray(jr.roi_align_rotated(f, boxes, box_indices=batch, **kw))
-    ref = roi_align_rotated_ref(x, boxes, batch, (3, 4), 1.0, 3)
+    ref = roi_align_rotated_ref(x, boxes, batch, (3, 4), 1.0, sampling_ratio)
     ours = ours if data_format == "NHWC" else ours.transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-13)
 
@@ -113,12 +115,14 @@ def test_tpu_reader_same_numbers_and_gradients(data, data_format, monkeypatch):
     per_image[0, 0] = [35.0, 20.0, 150.0, 120.0, 30.0]  # larger than the map
     per_image[0, 1] = [10.0, 10.0, 0.0, 20.0, 10.0]  # zero width
     per_image[1, 0] = [65.0, 5.0, 30.0, 30.0, 45.0]  # partly outside
+    per_image[1, 1] = [20.0, 20.0, -5.0, 10.0, 20.0]  # negative width: an empty grid
 
     def run(reader):
         monkeypatch.setattr(_rotated, "_READER", reader)
 
         def pool(f, b):  # a new function: traced anew
-            return jr.roi_align_rotated(f, b, spatial_scale=0.9, **dict(kw, sampling_ratio=2))
+            ratio = min(sampling_ratio, 2)
+            return jr.roi_align_rotated(f, b, spatial_scale=0.9, **dict(kw, sampling_ratio=ratio))
 
         out, vjp = jax.vjp(jax.jit(pool), f, per_image)
         return out, *vjp(np.cos(np.arange(out.size)).reshape(out.shape))

@@ -5,12 +5,10 @@ v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
 in avg and max mode, FPN pooling, precise pooling,
 position-sensitive RoI Align, the TensorFlow crops, RoI Pool, deformable RoI
-Align, rotated RoI Align with a fixed grid: ``method="auto"`` lowers to the
-window reader for TPU) have no gather or scatter in the TPU program, no
-collective on the pod and per-chip temporaries bounded by the output (forward)
-and features + output (forward+backward). The one without (rotated RoI Align
-with an adaptive grid) compiles for a chip.
-A program exported for TPU and CPU runs here with the same numbers.
+Align, rotated RoI Align: ``method="auto"`` lowers to the window reader for
+TPU) have no gather or scatter in the TPU program, no collective on the pod and
+per-chip temporaries bounded by the output (forward) and features + output
+(forward+backward). A program exported for TPU and CPU runs here with the same numbers.
 """
 
 from __future__ import annotations
@@ -165,6 +163,7 @@ TPU_PATH = {
     "deform_roi_align": (_deform(0), ONE),
     "deform_roi_align_fixed": (_deform(2), ONE),
     "roi_align_rotated_fixed": (_rotated(2), ONE),
+    "roi_align_rotated_adaptive": (_rotated(0), ONE),
     "roi_pool": (_roi_pool, ONE),
 }
 
@@ -215,20 +214,6 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
     grad_bytes = sum(int(np.prod(s)) for s in shapes) * 4
     bound = out_bytes + (max(feat_bytes, grad_bytes) + out_bytes if backward else 0) + window
     assert compiled.memory_analysis().temp_size_in_bytes <= bound
-
-
-# Ops without a TPU path yet: they compile for a chip and a pod; their gathers are known.
-NO_TPU_PATH = {
-    "roi_align_rotated_adaptive": _rotated(0),
-}
-
-
-@pytest.mark.parametrize("name", list(NO_TPU_PATH))
-def test_other_ops_compile_for_tpu(name, chip):
-    sharding, _ = chip
-    fn = NO_TPU_PATH[name]
-    compiled = _compile(_with_backward(fn), _specs(ONE, N, jnp.float32, sharding), None)
-    assert compiled.memory_analysis() is not None
 
 
 def test_export_for_tpu_and_cpu_runs_here():
