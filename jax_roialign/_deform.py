@@ -13,6 +13,7 @@ and the dense (matmul) path when a bin needs more rows than the window. On TPU
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any
 
@@ -323,12 +324,39 @@ def window_per_bin(
         out = _window.read_point_taps([features], layout, batch, taps(gy), taps(gx), dtype)
     else:
         gy, gx = _sampling.with_geometry(gy, gx)
-        wy, wx = _sampling.both_dense(gy, gx)
-        wy = wy * okp[..., None]
         live = jnp.any(okp > 0, axis=1)
         (lo_y, need_y), (lo_x, need_x) = _sampling.tap_span(gy, live), _sampling.tap_span(gx, live)
-        level = jnp.zeros_like(lo_y)
-        out = _window.contract_points(
-            [features], layout, wy, wx, level, lo_y, need_y, lo_x, need_x, dtype, batch=batch
+        # Each box's exact per-row weights made in the reader's loop (no [K, S, H]
+        # tables, nor their closed form's intermediates, for all boxes at once).
+        params = (gy.first, gy.bin, gx.first, gx.bin)
+        stop = jax.lax.stop_gradient
+        aux = (jax.tree.map(stop, gy), jax.tree.map(stop, gx), stop(okp))
+        out = _window.contract_points_boxwise(
+            [features],
+            layout,
+            _box_rows,
+            params,
+            aux,
+            lo_y,
+            need_y,
+            lo_x,
+            need_x,
+            dtype,
+            batch=batch,
         )
     return out.reshape(k, ph, pw, -1)
+
+
+def _box_rows(params, aux) -> tuple[Array, Array]:
+    """One box's dense per-bin weights ``[PH * PW, H]``, ``[PH * PW, W]`` (adaptive
+    grids): :func:`_sampling.dense_weights` of its rows of the grids, differentiable
+    in their ``first`` and ``bin``, the y weights masked by the bins' ``ok``."""
+    fy, by, fx, bx = params
+    gy, gx, okp = aux
+
+    def one(grid, first, bin_size):
+        grid = jax.tree.map(lambda a: a[None], grid)
+        grid = dataclasses.replace(grid, first=first[None], bin=bin_size[None])
+        return _sampling.dense_weights(grid)[0]
+
+    return one(gy, fy, by) * okp[:, None], one(gx, fx, bx)

@@ -1008,3 +1008,102 @@ def taps_vjp(
     out = tuple(_transpose_into(plan, acc, cot, wy, wx, b, branch, span_y, span_x, *idx))
     d_wy, d_wx = _weights_grad_fast(plan, maps, cot, wy, wx, b, branch, span_y, span_x, *idx)
     return out, d_wy, d_wx
+
+
+def _tree_row(tree, k):
+    """Row ``k`` of every array of a pytree (``None`` leaves stay)."""
+    return jax.tree.map(lambda a: _row(a, k), tree)
+
+
+def contract_points_boxwise(
+    maps: Sequence[Array],
+    layout: DataFormat,
+    rows,
+    params,
+    aux,
+    lo_y: Array,
+    need_y: Array,
+    lo_x: Array,
+    need_x: Array,
+    dtype,
+    *,
+    batch: Array,
+) -> Array:
+    """:func:`contract_points` of one map with each box's weights computed in the
+    loop, never as ``[K, S, H]`` tables.
+
+    ``rows(params_k, aux_k) -> (wy [S, H], wx [S, W])``: box ``k``'s dense weights
+    from its rows of ``params`` (a pytree of ``[K, ...]`` arrays, differentiated)
+    and of ``aux`` (not differentiated); a static function (the plan's closed
+    form, e.g. :func:`jax_roialign._sampling.dense_weights` of the box's grids).
+    The gradient is a custom VJP: the feature gradient is the transpose with the
+    weights made again box by box, and the gradient of ``params`` is each box's
+    weights' gradient (read from its windows) taken through ``rows`` by a VJP per
+    box, so the closed form's intermediates exist for one box at a time. First
+    order (the loops' trip counts are data). Returns ``[K, S, C]``.
+    """
+    maps = tuple(maps)
+    plan = Plan(layout, [m.shape for m in maps], [m.dtype for m in maps], dtype, points=True)
+    level = jnp.zeros_like(lo_y)
+    branch, span_y, span_x = _box_tables(plan, level, lo_y, need_y, lo_x, need_x)
+    ints = (batch.astype(jnp.int32), branch, span_y, span_x)
+    return _boxwise_op(plan, rows)(maps, params, aux, ints)
+
+
+def _boxwise_weights(plan: Plan, rows, params, aux):
+    """``(wy, wx)`` as functions of the box (for :func:`_forward`, :func:`_transpose_into`)."""
+
+    def one(k):
+        return rows(_tree_row(params, k), _tree_row(aux, k))
+
+    return (lambda k: one(k)[0].astype(plan.dtype)), (lambda k: one(k)[1].astype(plan.dtype))
+
+
+def _boxwise_op(plan: Plan, rows):
+    def no_grad(tree):
+        return jax.tree.map(lambda _: None, tree)
+
+    @jax.custom_vjp
+    def op(maps, params, aux, ints):
+        wy, wx = _boxwise_weights(plan, rows, params, aux)
+        shape = jax.eval_shape(lambda: rows(_tree_row(params, 0), _tree_row(aux, 0)))[0].shape
+        init = jnp.zeros((ints[0].shape[0], shape[0], plan.channels), plan.dtype)
+        init = _shard.varying(init, maps, params, aux, ints)
+        return _forward(plan, maps, wy, wx, *ints, init=init)
+
+    def fwd(maps, params, aux, ints):
+        return op(maps, params, aux, ints), (maps, params, aux, ints)
+
+    def bwd(res, g):
+        maps, params, aux, ints = res
+        g = g.astype(plan.dtype)
+        wy, wx = _boxwise_weights(plan, rows, params, aux)
+        acc = tuple(jnp.zeros(s, plan.dtype) for s in plan.shapes)
+        acc = _shard.varying(acc, maps, g, params, aux, ints)
+        acc = _transpose_into(plan, acc, g, wy, wx, *ints)
+        d_maps = tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
+        d_params = _boxwise_params_grad(plan, maps, g, rows, params, aux, *ints)
+        return d_maps, d_params, no_grad(aux), no_grad(ints)
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+def _boxwise_params_grad(plan: Plan, maps, g, rows, params, aux, batch, branch, span_y, span_x):
+    """``d<g, op>/d params``: per box, the weights' gradient inside its windows
+    (:func:`_grad_rows`) taken through ``rows`` by the box's own VJP."""
+    refs = (maps, g, params, aux, batch, span_y, span_x)
+    out = _shard.varying(jax.tree.map(jnp.zeros_like, params), *refs)
+
+    def body(lv, tier, k, out):
+        b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)
+        ak = _tree_row(aux, k)
+        (wyk, wxk), vjp = jax.vjp(lambda p: rows(p, ak), _tree_row(params, k))
+        wyc, wxc = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
+        zeros = _shard.varying((jnp.zeros_like(wyc), jnp.zeros_like(wxc)), *refs)
+        grad = _grad_rows(plan, maps, lv, tier, b, wyc, wxc, _row(g, k))
+        ry, rx = _per_tile(plan, lv, tier, ly, lx, wyc, wxc, grad, zeros)
+        (dp,) = vjp((ry.astype(wyk.dtype), rx.astype(wxk.dtype)))
+        return jax.tree.map(lambda o, d: _set_row(o, k, d), out, dp)
+
+    return _each_box(plan, branch, body, out)
