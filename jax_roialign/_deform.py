@@ -71,8 +71,9 @@ def deform_roi_align(
     multiplying; here ``mask`` is used as given.
 
     On TPU each bin is read box-locally (the window reader: one window per box
-    holding all its moved bins, no gather or scatter, forward or backward); per-image
-    boxes on batch-sharded features pool per device.
+    holding all its moved bins, no gather or scatter, forward or backward; with
+    adaptive sampling each box's weights are made in the loop, and reverse mode
+    goes to first order); per-image boxes on batch-sharded features pool per device.
 
     Args:
       features: ``[N, H, W, C]`` (``data_format="NHWC"``) or ``[N, C, H, W]``
@@ -305,7 +306,8 @@ def window_per_bin(
     touch, read from one window per box that holds every bin (the tiles of the
     box's span when larger). A fixed grid passes its two taps per sample (made
     dense inside each window); an adaptive grid its exact dense per-row weights
-    (:func:`_sampling.dense_weights`, any bin size).
+    (:func:`_sampling.dense_weights`, any bin size), made box by box inside the
+    reader's loop (:func:`._window.contract_points_boxwise`; first order).
     """
     from . import _window
 
