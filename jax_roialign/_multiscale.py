@@ -356,7 +356,9 @@ def _pool(
     if path in ("window", "pallas"):
         from ._roi_align import window_read
 
-        return window_read(
+        # Only the final cast follows: the levels' dtype out (same bits), so the
+        # backward widens its cotangent box by box (contract_window's out_dtype).
+        out = window_read(
             list(maps),
             layout,
             rois.batch,
@@ -368,7 +370,9 @@ def _pool(
             dtype,
             per_image=per_image,
             pallas=path == "pallas",
+            out_dtype=jnp.result_type(*maps),
         )
+        return out.astype(dtype)
 
     if layout is DataFormat.NHWC:
         flat = jnp.concatenate([m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)

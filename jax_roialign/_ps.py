@@ -249,6 +249,18 @@ def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
     live = ok[:, 0, 0] > 0
     gy, gx = _sampling.with_geometry(gy, gx)
     level = jnp.zeros_like(batch)
-    return window_read(
-        [features], layout, batch, level, live, gy, gx, ok, dtype, per_image=False, ps=True
+    out = window_read(
+        [features],
+        layout,
+        batch,
+        level,
+        live,
+        gy,
+        gx,
+        ok,
+        dtype,
+        per_image=False,
+        ps=True,
+        out_dtype=features.dtype,  # only the final cast follows (same bits)
     )
+    return out.astype(dtype)

@@ -386,6 +386,7 @@ def window_read(
     span: tuple[Any, Any] | None = None,
     pallas: bool = False,
     ps: bool = False,
+    out_dtype: Any = None,
 ) -> Array:
     """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``.
 
@@ -395,6 +396,7 @@ def window_read(
     ``dense`` and ``span``: those weights and spans when already computed.
     ``pallas``: the forward and feature gradient by the Pallas kernels (:mod:`._pallas`).
     ``ps``: each bin keeps its own channel group (position-sensitive, ``[K, PH, PW, C_out]``).
+    ``out_dtype``: the read's output dtype (:func:`._window.contract_window`).
     """
     from . import _window
 
@@ -420,6 +422,7 @@ def window_read(
             batch=batch,
             pallas=pallas,
             ps=ps,
+            out_dtype=out_dtype,
         )
     n = maps[0].shape[0]
 
@@ -439,6 +442,7 @@ def window_read(
         dtype,
         pallas=pallas,
         ps=ps,
+        out_dtype=out_dtype,
     )
     return out.reshape((-1,) + out.shape[2:])
 
@@ -447,7 +451,10 @@ def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, 
     gy, gx = shared.gy, shared.gx
     if method.windowed:
         level = jnp.zeros(batch.shape, jnp.int32)
-        return window_read(
+        # Nothing but the final cast follows: the reader rounds each box to the
+        # features' dtype as it writes it (the same bits), so the backward gets
+        # a narrow cotangent and widens it box by box, not as a whole.
+        out = window_read(
             [features],
             layout,
             batch,
@@ -461,7 +468,9 @@ def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, 
             dense=shared.window_dense,
             span=shared.span,
             pallas=method is Method.PALLAS,
+            out_dtype=features.dtype,
         )
+        return out.astype(dtype)
     row_vjp = method is Method.GATHER
 
     def dense(f, b, wy, wx):

@@ -118,6 +118,9 @@ class Plan:
     bin ``(p, q)`` keeps only its own group, so each box's ``[PH, PW, C]`` is
     reduced to ``[PH, PW, C_out]`` as it is written (:func:`_keep_own`; the
     cotangent widened back by :func:`_own_cot`), never stored for all boxes.
+    ``out_dtype``: the output's dtype (default the compute dtype), each box's
+    sums rounded to it as they are written; its cotangent is then widened box by
+    box (:func:`_cot_row`), never as a whole.
     """
 
     def __init__(
@@ -132,9 +135,11 @@ class Plan:
         pallas: bool = False,
         prep=None,
         ps: bool = False,
+        out_dtype=None,
     ):
         self.layout = layout
         self.ps = bool(ps)
+        self.out_dtype = np.dtype(dtype if out_dtype is None else out_dtype)
         self.points, self.taps, self.group = bool(points), bool(taps), int(group)
         self.pallas = bool(pallas)
         self.prep = prep
@@ -147,7 +152,8 @@ class Plan:
 
     def key(self):
         key = (self.layout, self.shapes, self.map_dtypes, self.dtype)
-        return key + (self.points, self.taps, self.group, self.pallas, self.prep, self.ps)
+        key += (self.points, self.taps, self.group, self.pallas, self.prep, self.ps)
+        return key + (self.out_dtype,)
 
     @property
     def nhwc(self) -> bool:
@@ -386,14 +392,15 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps, emi
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
-            return _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
+            out = _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
+            return out.astype(plan.out_dtype)
     refs = (maps, batch, span_y, span_x, taps) + tuple(a for a in (wy, wx) if not callable(a))
     if init is None:
         if plan.points:
             shape: tuple[int, ...] = (wy.shape[1] // plan.group, plan.channels)
         else:
             shape = (wy.shape[1], wx.shape[1], plan.out_channels(wy.shape[1], wx.shape[1]))
-        init = _shard.varying(jnp.zeros((wy.shape[0],) + shape, plan.dtype), *refs)
+        init = _shard.varying(jnp.zeros((wy.shape[0],) + shape, plan.out_dtype), *refs)
 
     def body(lv, tier, k, out):
         b, ly, lx = (_row(a, k) for a in (batch, span_y, span_x))
@@ -461,26 +468,85 @@ def _transpose(
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
+            g = g.astype(plan.dtype)
             acc = _pallas.transpose(plan, g, wy, wx, batch, branch, span_y, span_x, images)
             return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
-    acc = _shard.varying(
-        tuple(jnp.zeros(s, plan.dtype) for s in shapes), g, wy, wx, batch, span_y, span_x, taps
-    )
+    refs = (g, wy, wx, batch, span_y, span_x, taps)
+    widened = any(d != plan.dtype for d in plan.map_dtypes)
+    if widened and shapes[0][0] > 1:
+        return _transpose_by_image(
+            plan, shapes, refs, g, wy, wx, batch, branch, span_y, span_x, *taps
+        )
+    acc = _shard.varying(tuple(jnp.zeros(s, plan.dtype) for s in shapes), *refs)
     acc = _transpose_into(plan, acc, g, wy, wx, batch, branch, span_y, span_x, *taps)
     return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
+
+
+def _transpose_by_image(plan: Plan, shapes, refs, g, wy, wx, batch, branch, span_y, span_x, *taps):
+    """:func:`_transpose` for maps narrower than the compute dtype (bfloat16 maps,
+    float32 sums): one image at a time, its boxes' windows added into a map of
+    one image in the compute dtype, which is then rounded into that image of the
+    result. A cell only takes boxes of its own image, in the same order as in one
+    pass over all images (by branch, then position), so the sums are the same
+    bits, and the wide accumulator is one image instead of all of them."""
+    nb = sum(len(t) for t in plan.tiers)
+    n = shapes[0][0]
+    order, starts, ends = groups(batch * nb + branch, n * nb)
+    local = jnp.zeros_like(batch)  # every box reads image 0 of the one-image accumulator
+    body = _transpose_body(plan, g, wy, wx, local, span_y, span_x, taps)
+    zeros = [jnp.zeros(s, d) for s, d in zip(shapes, plan.map_dtypes, strict=True)]
+    out = _shard.varying(tuple(zeros), *refs)
+
+    def image(i, out):
+        acc = tuple(jnp.zeros((1,) + s[1:], plan.dtype) for s in shapes)
+        acc = _shard.varying(acc, *refs)
+        for j, fn in enumerate(_branches(plan, body)):
+            group = i * nb + j
+            acc = jax.lax.fori_loop(
+                _row(starts, group),
+                _row(ends, group),
+                lambda t, c, fn=fn: fn(_row(order, t), c),
+                acc,
+            )
+        return tuple(
+            jax.lax.dynamic_update_index_in_dim(o, a.astype(o.dtype), i, axis=0)
+            for o, a in zip(out, acc, strict=True)
+        )
+
+    return jax.lax.fori_loop(0, n, image, out)
 
 
 def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x, *taps):
     """``acc`` (maps in the compute dtype) plus :func:`_transpose`'s sums, in place
     (``g``, ``wy``, ``wx`` may be functions of the box, as for :func:`_forward`)."""
-    if not callable(g):
-        g = g.astype(plan.dtype)
+    body = _transpose_body(plan, g, wy, wx, batch, span_y, span_x, taps)
+    return _each_box(plan, branch, body, tuple(acc))
+
+
+def _cot_row(plan: Plan, g, k) -> Array:
+    """Box ``k``'s cotangent in the compute dtype (its channel groups widened for
+    ``plan.ps``). A narrower ``g`` is widened here, box by box: behind a barrier,
+    or XLA:TPU hoists the conversion out of the loops and stores a widened copy
+    of the whole cotangent in each loop's layout (two float32 copies of a
+    bfloat16 output)."""
+    if callable(g):
+        return _own_cot(plan, g(k).astype(plan.dtype))
+    gk = _row(g, k)
+    if gk.dtype != plan.dtype:
+        gk = jax.lax.optimization_barrier(gk).astype(plan.dtype)
+    return _own_cot(plan, gk)
+
+
+def _transpose_body(plan: Plan, g, wy, wx, batch, span_y, span_x, taps):
+    """``body(level, tier, k, acc)``: box ``k``'s windows of ``wy^T . g[k] . wx``
+    added into ``acc`` (in place) at image ``batch[k]``. The cotangent is widened
+    to the compute dtype box by box (a bfloat16 ``g`` is never copied whole)."""
 
     def body(lv, tier, k, acc):
         b, ly, lx = _row(batch, k), _row(span_y, k), _row(span_x, k)
         wyk, wxk = _box(wy, k), _box(wx, k)
-        gk = _own_cot(plan, _box(g, k).astype(plan.dtype))
+        gk = _cot_row(plan, g, k)
 
         def add(acc, y0, x0, wyw, wxw, own):
             acc = list(acc)
@@ -489,7 +555,7 @@ def _transpose_into(plan: Plan, acc, g, wy, wx, batch, branch, span_y, span_x, *
 
         return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, add, acc, taps=_box_taps(taps, k))
 
-    return _each_box(plan, branch, body, tuple(acc))
+    return body
 
 
 def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk, tk=(None, None)):
@@ -510,14 +576,13 @@ def _grad_rows(plan: Plan, maps, lv, tier, b, wyk, wxk, gk, tk=(None, None)):
 
 
 def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
-    """``g`` may be a function of the box (as for :func:`_transpose_into`)."""
-    if not callable(g):
-        g = g.astype(plan.dtype)
+    """``g`` may be a function of the box (as for :func:`_transpose_into`); it is
+    widened to the compute dtype box by box."""
     refs = (maps, wy, wx, batch, span_y, span_x, taps) + (() if callable(g) else (g,))
 
     def body(lv, tier, k, out):
         b, ly, lx, wyk, wxk = (_row(a, k) for a in (batch, span_y, span_x, wy, wx))
-        gk = _own_cot(plan, _box(g, k).astype(plan.dtype))
+        gk = _cot_row(plan, g, k)
         wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
         tk = _box_taps(taps, k)
         zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
@@ -748,6 +813,7 @@ def contract_window(
     batch: Array | None = None,
     pallas: bool = False,
     ps: bool = False,
+    out_dtype=None,
 ) -> Array:
     """``out[k] = sum_hw wy[k, :, h] wx[k, :, w] F_level[k][batch[k], h, w, :]``, box-locally.
 
@@ -770,12 +836,18 @@ def contract_window(
       ps: position-sensitive: bin ``(p, q)`` keeps only channel group ``(p, q)``
         of ``C = C_out x PH x PW`` (channel ``(c * PH + p) * PW + q``), reduced box
         by box as it is read (``Plan.ps``).
+      out_dtype: the output's dtype (default ``dtype``): each box's sums are
+        rounded to it as they are written, so a narrower output (the maps'
+        bfloat16, when nothing but a cast follows) has a narrow cotangent, widened
+        box by box in the backward instead of as a whole.
 
     Returns ``[K, PH, PW, C]`` (or ``[N, R, PH, PW, C]``; ``C_out`` with ``ps``) in
-    ``dtype``.
+    ``out_dtype``.
     """
     span = (lo_y, need_y, lo_x, need_x)
-    return _read(maps, layout, wy, wx, level, span, dtype, batch, pallas=pallas, ps=ps)
+    return _read(
+        maps, layout, wy, wx, level, span, dtype, batch, pallas=pallas, ps=ps, out_dtype=out_dtype
+    )
 
 
 def _read(
@@ -793,6 +865,7 @@ def _read(
     group=1,
     pallas=False,
     ps=False,
+    out_dtype=None,
 ):
     """:func:`contract_window` and :func:`contract_points`: ``taps`` the tap rows and
     columns ``(idx_y, idx_x)`` when ``wy``, ``wx`` are tap weights."""
@@ -800,7 +873,18 @@ def _read(
     if wy.shape[-2] % group:
         raise ValueError(f"{wy.shape[-2]} points do not split into groups of {group}")
     shapes, dtypes = [m.shape for m in maps], [m.dtype for m in maps]
-    plan = Plan(layout, shapes, dtypes, dtype, points, taps is not None, group, pallas, ps=ps)
+    plan = Plan(
+        layout,
+        shapes,
+        dtypes,
+        dtype,
+        points,
+        taps is not None,
+        group,
+        pallas,
+        ps=ps,
+        out_dtype=out_dtype,
+    )
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
     if taps is None:
@@ -1076,7 +1160,6 @@ def _boxwise_op(plan: Plan, rows):
 
     def bwd(res, g):
         maps, params, aux, ints = res
-        g = g.astype(plan.dtype)
         wy, wx = _boxwise_weights(plan, rows, params, aux)
         acc = tuple(jnp.zeros(s, plan.dtype) for s in plan.shapes)
         acc = _shard.varying(acc, maps, g, params, aux, ints)
@@ -1101,7 +1184,7 @@ def _boxwise_params_grad(plan: Plan, maps, g, rows, params, aux, batch, branch, 
         (wyk, wxk), vjp = jax.vjp(lambda p: rows(p, ak), _tree_row(params, k))
         wyc, wxc = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
         zeros = _shard.varying((jnp.zeros_like(wyc), jnp.zeros_like(wxc)), *refs)
-        grad = _grad_rows(plan, maps, lv, tier, b, wyc, wxc, _row(g, k))
+        grad = _grad_rows(plan, maps, lv, tier, b, wyc, wxc, _cot_row(plan, g, k))
         ry, rx = _per_tile(plan, lv, tier, ly, lx, wyc, wxc, grad, zeros)
         (dp,) = vjp((ry.astype(wyk.dtype), rx.astype(wxk.dtype)))
         return jax.tree.map(lambda o, d: _set_row(o, k, d), out, dp)

@@ -256,3 +256,43 @@ def test_multiscale_and_precise_match_gather(sampling_ratio):
 
     for g, w in zip(jax.tree.leaves(pr("window")), jax.tree.leaves(pr("scatter")), strict=True):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_bfloat16_maps_round_once(sampling_ratio):
+    # bfloat16 maps: each box's float32 sums are rounded to bfloat16 as the
+    # reader writes them (its ``out_dtype``), its cotangent widened box by box,
+    # and its feature gradient summed one image at a time in float32 and rounded
+    # into that image. The bits must be those of the float32 computation on the
+    # same values rounded once at the end: outputs, feature and box gradients,
+    # flat boxes, per-image boxes, FPN levels.
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((3, 40, 70, 8)), jnp.bfloat16)
+    small = jnp.asarray(rng.standard_normal((3, 20, 35, 8)), jnp.bfloat16)
+    boxes = np.stack([_boxes(rng, 10, 40, 70) for _ in range(3)]).astype(np.float32)
+    flat_batch = np.repeat(np.arange(3), 10)
+    kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, method="window")
+    ops = {
+        "flat": lambda f, b: jr.roi_align(f[0], b.reshape(-1, 4), box_indices=flat_batch, **kw),
+        "per_image": lambda f, b: jr.roi_align(f[0], b, **kw),
+        "levels": lambda f, b: jr.multiscale_roi_align(
+            list(f), b, spatial_scales=(1.0, 0.5), canonical_scale=20, **kw
+        ),
+    }
+    for name, op in ops.items():
+        wide = (x.astype(jnp.float32), small.astype(jnp.float32))
+
+        def grads(maps, b, op=op):
+            out, vjp = jax.vjp(jax.jit(op), maps, b)
+            cot = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+            return out, vjp(cot.astype(jnp.bfloat16).astype(out.dtype))  # the same values
+
+        out, (d_maps, d_boxes) = grads((x, small), boxes)
+        want, (w_maps, w_boxes) = grads(wide, boxes)
+        assert out.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want.astype(jnp.bfloat16)))
+        for got, exp in zip(d_maps, w_maps, strict=True):
+            assert got.dtype == jnp.bfloat16, name
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(exp.astype(jnp.bfloat16)))
+        # Box gradients: through the weights' gradient, the same sums.
+        np.testing.assert_array_equal(np.asarray(d_boxes), np.asarray(w_boxes))
