@@ -394,21 +394,33 @@ def window_rotated(
     def positions(grid: _sampling.AxisGrid, s: int) -> Array:
         return _sampling.sample_positions(grid, jnp.arange(s, dtype=dtype))  # [K, P, s]
 
-    # Samples ordered (ph, pw, iy, ix): a bin's samples are consecutive.
-    yy = positions(gy, sy)[:, :, None, :, None]
-    xx = positions(gx, sx)[:, None, :, None, :]
-
-    def per_box(a: Array) -> Array:
-        return a[:, None, None, None, None]
-
-    cos, sin, cy, cx = (per_box(a) for a in (geo.cos, geo.sin, geo.cy, geo.cx))
-    y = yy * cos - xx * sin + cy
-    x = yy * sin + xx * cos + cx
-    live = inside(y, gy.length) & inside(x, gx.length) & (ok[:, :, :, None, None] > 0)
-    ty, tx = point_tap_table(y, gy.length, live), point_tap_table(x, gx.length, live)
+    rotation = (geo.cos, geo.sin, geo.cy, geo.cx)
+    lengths = (gy.length, gx.length)
+    ty, tx = _rotated_taps(positions(gy, sy), positions(gx, sx), rotation, lengths, ok)
     out = read_point_taps([features], layout, batch, ty, tx, dtype, group=sy * sx)
     count = float(max(sy * sx, 1))
     return out.reshape(k, ph, pw, -1) * ok[..., None] / count
+
+
+def _rotated_taps(yy, xx, rotation, lengths, ok, in_range=None):
+    """Point tap tables ``(idx, w, live)`` per map axis of the samples at box
+    coordinates ``yy [K, PH, s_y]``, ``xx [K, PW, s_x]``, rotated about the centre
+    (``rotation = (cos, sin, cy, cx)``, each ``[K]``); samples ordered
+    ``(ph, pw, iy, ix)``, so a bin's samples are consecutive. ``in_range``
+    ``[K, PH, PW, s_y, s_x]``: the samples that count (the others weigh 0)."""
+    cos, sin, cy, cx = (a[:, None, None, None, None] for a in rotation)
+    h, w = lengths
+    yy, xx = yy[:, :, None, :, None], xx[:, None, :, None, :]
+    y = yy * cos - xx * sin + cy
+    x = yy * sin + xx * cos + cx
+    live = inside(y, h) & inside(x, w) & (ok[:, :, :, None, None] > 0)
+    if in_range is not None:
+        live = live & in_range
+    ty, tx = point_tap_table(y, h, live), point_tap_table(x, w, live)
+    if in_range is not None:
+        iy, wy, lv = ty
+        ty = (iy, wy * in_range.reshape(wy.shape[0], -1, 1).astype(wy.dtype), lv)
+    return ty, tx
 
 
 def window_rotated_adaptive(
@@ -463,20 +475,8 @@ def _block_read(features, params, aux, u, v, layout, lengths, dtype) -> Array:
     ox = (v * BLOCK).astype(fx.dtype)
     yy, in_y = positions(fy, by, count_y, h, lo_y, n_y, oy)  # [K, PH, BLOCK]
     xx, in_x = positions(fx, bx, count_x, w, lo_x, n_x, ox)
-    # Samples ordered (ph, pw, iy, ix): a bin's samples are consecutive.
-    yy, xx = yy[:, :, None, :, None], xx[:, None, :, None, :]
     in_range = in_y[:, :, None, :, None] & in_x[:, None, :, None, :]
-
-    def per_box(a: Array) -> Array:
-        return a[:, None, None, None, None]
-
-    cos, sin, cy, cx = (per_box(a) for a in (cos, sin, cy, cx))
-    y = yy * cos - xx * sin + cy
-    x = yy * sin + xx * cos + cx
-    live = inside(y, h) & inside(x, w) & in_range & (ok[:, :, :, None, None] > 0)
-    iy, wy, _ = point_tap_table(y, h, live)
-    ty = (iy, wy * in_range.reshape(k, -1, 1).astype(wy.dtype), live.reshape(k, -1))
-    tx = point_tap_table(x, w, live)
+    ty, tx = _rotated_taps(yy, xx, (cos, sin, cy, cx), (h, w), ok, in_range)
     out = read_point_taps([features], layout, batch, ty, tx, dtype, group=BLOCK * BLOCK)
     return out.reshape(k, ph, pw, -1)
 
