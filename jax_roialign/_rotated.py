@@ -477,7 +477,10 @@ def _block_read(features, params, aux, u, v, layout, lengths, dtype) -> Array:
     xx, in_x = positions(fx, bx, count_x, w, lo_x, n_x, ox)
     in_range = in_y[:, :, None, :, None] & in_x[:, None, :, None, :]
     ty, tx = _rotated_taps(yy, xx, (cos, sin, cy, cx), (h, w), ok, in_range)
-    out = read_point_taps([features], layout, batch, ty, tx, dtype, group=BLOCK * BLOCK)
+    # Its VJP runs inside the blocks' loop: one pass over all images there.
+    out = read_point_taps(
+        [features], layout, batch, ty, tx, dtype, group=BLOCK * BLOCK, by_image=False
+    )
     return out.reshape(k, ph, pw, -1)
 
 
@@ -513,16 +516,18 @@ def _blocked_sum(layout: DataFormat, lengths: tuple[int, int], dtype):
     def bwd(res, g):
         features, params, aux = res
         m_y, m_x = trips(aux)
-        acc_dtype = jnp.promote_types(features.dtype, dtype)
 
         def body(t, carry):
             d_f, d_p = carry
             _, vjp = jax.vjp(lambda f, p: read(f, p, aux, t, m_x), features, params)
             df, dp = vjp(g.astype(dtype))
             d_p = jax.tree.map(lambda a, b: a + b.astype(a.dtype), d_p, dp)
-            return d_f + df.astype(acc_dtype), d_p
+            # Each block's feature gradient comes in the features' dtype (summed
+            # in the compute dtype inside the reader); blocks add in that dtype
+            # (one block, the usual case, is exactly the reader's).
+            return d_f + df, d_p
 
-        zeros = (jnp.zeros(features.shape, acc_dtype), jax.tree.map(jnp.zeros_like, params))
+        zeros = (jnp.zeros(features.shape, features.dtype), jax.tree.map(jnp.zeros_like, params))
         zeros = _shard.varying(zeros, features, params, aux, g)
         d_f, d_p = jax.lax.fori_loop(0, m_y * m_x, body, zeros)
         return d_f.astype(features.dtype), d_p, jax.tree.map(lambda _: None, aux)

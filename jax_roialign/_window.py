@@ -120,7 +120,10 @@ class Plan:
     cotangent widened back by :func:`_own_cot`), never stored for all boxes.
     ``out_dtype``: the output's dtype (default the compute dtype), each box's
     sums rounded to it as they are written; its cotangent is then widened box by
-    box (:func:`_cot_row`), never as a whole.
+    box (:func:`_cot_row`), never as a whole. ``by_image``: sum the feature
+    gradient of maps narrower than the compute dtype one image at a time
+    (:func:`_transpose_by_image`); off for reads whose VJP runs inside another
+    loop, where XLA:TPU then holds more, not less.
     """
 
     def __init__(
@@ -136,9 +139,11 @@ class Plan:
         prep=None,
         ps: bool = False,
         out_dtype=None,
+        by_image: bool = True,
     ):
         self.layout = layout
         self.ps = bool(ps)
+        self.by_image = bool(by_image)
         self.out_dtype = np.dtype(dtype if out_dtype is None else out_dtype)
         self.points, self.taps, self.group = bool(points), bool(taps), int(group)
         self.pallas = bool(pallas)
@@ -153,7 +158,7 @@ class Plan:
     def key(self):
         key = (self.layout, self.shapes, self.map_dtypes, self.dtype)
         key += (self.points, self.taps, self.group, self.pallas, self.prep, self.ps)
-        return key + (self.out_dtype,)
+        return key + (self.out_dtype, self.by_image)
 
     @property
     def nhwc(self) -> bool:
@@ -474,7 +479,7 @@ def _transpose(
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
     refs = (g, wy, wx, batch, span_y, span_x, taps)
     widened = any(d != plan.dtype for d in plan.map_dtypes)
-    if widened and shapes[0][0] > 1:
+    if widened and plan.by_image and shapes[0][0] > 1:
         return _transpose_by_image(
             plan, shapes, refs, g, wy, wx, batch, branch, span_y, span_x, *taps
         )
@@ -866,6 +871,7 @@ def _read(
     pallas=False,
     ps=False,
     out_dtype=None,
+    by_image=True,
 ):
     """:func:`contract_window` and :func:`contract_points`: ``taps`` the tap rows and
     columns ``(idx_y, idx_x)`` when ``wy``, ``wx`` are tap weights."""
@@ -884,6 +890,7 @@ def _read(
         pallas,
         ps=ps,
         out_dtype=out_dtype,
+        by_image=by_image,
     )
     per_image = batch is None
     heights, widths = max(plan.heights), max(plan.widths)
@@ -985,6 +992,7 @@ def read_point_taps(
     *,
     level: Array | None = None,
     group: int = 1,
+    by_image: bool = True,
 ) -> Array:
     """:func:`contract_points` of taps ``(idx, w, live)`` per axis (``idx, w [K, S, T]``,
     ``live [K, S]`` or ``[K, S, T]`` the taps that count: every tap whose weight
@@ -998,7 +1006,18 @@ def read_point_taps(
         level = jnp.zeros_like(span[0])
     taps = (iy, ix)
     return _read(
-        maps, layout, wy, wx, level, span, dtype, batch, points=True, taps=taps, group=group
+        maps,
+        layout,
+        wy,
+        wx,
+        level,
+        span,
+        dtype,
+        batch,
+        points=True,
+        taps=taps,
+        group=group,
+        by_image=by_image,
     )
 
 
