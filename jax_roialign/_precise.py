@@ -250,7 +250,8 @@ def _precise_nhwc_out(
             dtype,
             batch=batch,
             pallas=method is Method.PALLAS,
-        )
+            out_dtype=features.dtype,  # only the final cast follows (same bits)
+        ).astype(dtype)
 
     if method.windowed:
         return window()

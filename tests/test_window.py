@@ -265,7 +265,7 @@ def test_bfloat16_maps_round_once(sampling_ratio):
     # and its feature gradient summed one image at a time in float32 and rounded
     # into that image. The bits must be those of the float32 computation on the
     # same values rounded once at the end: outputs, feature and box gradients,
-    # flat boxes, per-image boxes, FPN levels.
+    # flat boxes, per-image boxes, FPN levels, precise pooling.
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.standard_normal((3, 40, 70, 8)), jnp.bfloat16)
     small = jnp.asarray(rng.standard_normal((3, 20, 35, 8)), jnp.bfloat16)
@@ -277,6 +277,9 @@ def test_bfloat16_maps_round_once(sampling_ratio):
         "per_image": lambda f, b: jr.roi_align(f[0], b, **kw),
         "levels": lambda f, b: jr.multiscale_roi_align(
             list(f), b, spatial_scales=(1.0, 0.5), canonical_scale=20, **kw
+        ),
+        "precise": lambda f, b: jr.precise_roi_pool(
+            f[0], b, output_size=(3, 4), spatial_scale=0.9, method="window"
         ),
     }
     for name, op in ops.items():
