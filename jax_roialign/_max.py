@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from . import _sampling, _shard
 from ._validation import DataFormat
+from ._window import _row, _set_row
 
 Array = jax.Array
 
@@ -306,10 +307,10 @@ def window_max(
             v, codes = blocks.split(v, i, code)
             top = jnp.max(v, axis=(1, 3))  # NaN if the window read a non-finite cell
             first = jnp.min(jnp.where(v == top[:, None, :, None], codes, _NONE), axis=(1, 3))
-            b, w = _row_of(best, i), _row_of(where, i)
+            b, w = _row(best, i), _row(where, i)
             # An earlier block keeps equal values; a NaN stays (and has no winner).
             better = (top > b) | jnp.isnan(top)
-            return _set_row_of(best, i, jnp.where(better, top, b)), _set_row_of(
+            return _set_row(best, i, jnp.where(better, top, b)), _set_row(
                 where, i, jnp.where(better, first, w)
             )
 
@@ -332,12 +333,13 @@ def window_max(
 _NONE = jnp.iinfo(jnp.int32).max
 
 
-def _row_of(a: Array, i) -> Array:
-    return jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
-
-
-def _set_row_of(a: Array, i, value: Array) -> Array:
-    return jax.lax.dynamic_update_index_in_dim(a, value.astype(a.dtype), i, axis=0)
+def block_counts(n_y: Array, n_x: Array, live: Array, t_y: int, t_x: int) -> tuple[Array, Array]:
+    """Blocks of ``t_y x t_x`` samples per axis (int32) that cover the longest
+    range ``n [K, P]`` of a live box (``live`` broadcastable against ``n``); at
+    least one block across, so an empty call still runs one (empty) block."""
+    m_y = jnp.ceil(jnp.max(jnp.where(live, n_y, 0.0), initial=0.0) / t_y)
+    m_x = jnp.ceil(jnp.max(jnp.where(live, n_x, 0.0), initial=0.0) / t_x)
+    return m_y.astype(jnp.int32), jnp.maximum(m_x, 1.0).astype(jnp.int32)
 
 
 class _Blocks:
@@ -365,10 +367,7 @@ class _Blocks:
         if self.static:
             self.m_y = self.m_x = jnp.ones((), jnp.int32)
         else:
-            n_y = jnp.max(jnp.where(live[:, None], self.n_y, 0.0), initial=0.0)
-            n_x = jnp.max(jnp.where(live[:, None], self.n_x, 0.0), initial=0.0)
-            self.m_y = jnp.ceil(n_y / self.t_y).astype(jnp.int32)
-            self.m_x = jnp.maximum(jnp.ceil(n_x / self.t_x), 1.0).astype(jnp.int32)
+            self.m_y, self.m_x = block_counts(self.n_y, self.n_x, live[:, None], self.t_y, self.t_x)
         k, ph = gy.first.shape
         pw = gx.first.shape[1]
         self.out_shape = (k, ph, pw, c)
@@ -414,7 +413,7 @@ class _Blocks:
         (samples past a range at ``-inf``), and their codes (same shape)."""
         _, ph, pw, c = self.out_shape
         v = v.reshape(ph, self.t_y, pw, self.t_x, c)
-        ci = _row_of(code, i)[..., None]
+        ci = _row(code, i)[..., None]
         return jnp.where(ci != _NONE, v, -jnp.inf), jnp.broadcast_to(ci, v.shape)
 
     def fold(self, body, init):
@@ -464,9 +463,9 @@ def _winner_ops(layout: DataFormat, c: int, dtype):
             taps_y, taps_x, code = blocks.taps(u, v)
 
             def cot(i):  # box i's cotangent of the block's samples
-                ci = _row_of(code, i)[..., None]
-                kept = ci == _row_of(where, i)[:, None, :, None, :]
-                out = jnp.where(kept, _row_of(g, i)[:, None, :, None, :], 0.0)
+                ci = _row(code, i)[..., None]
+                kept = ci == _row(where, i)[:, None, :, None, :]
+                out = jnp.where(kept, _row(g, i)[:, None, :, None, :], 0.0)
                 return out.reshape(ph * blocks.t_y, pw * blocks.t_x, c)
 
             (acc,), d_wy, d_wx = taps_vjp(

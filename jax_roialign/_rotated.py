@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _sampling, _shard
-from ._max import bilinear_2d, inside, point_tap_table, point_taps
+from ._max import bilinear_2d, block_counts, inside, point_tap_table, point_taps
 from ._validation import (
     DataFormat,
     Method,
@@ -492,10 +492,7 @@ def _blocked_sum(layout: DataFormat, lengths: tuple[int, int], dtype):
 
     def trips(aux):
         _, ok, _, _, _, n_y, _, n_x = aux
-        live = ok[:, :, 0] > 0
-        m_y = jnp.ceil(jnp.max(jnp.where(live, n_y, 0.0), initial=0.0) / BLOCK)
-        m_x = jnp.ceil(jnp.max(jnp.where(live, n_x, 0.0), initial=0.0) / BLOCK)
-        return m_y.astype(jnp.int32), jnp.maximum(m_x, 1.0).astype(jnp.int32)
+        return block_counts(n_y, n_x, ok[:, :, 0] > 0, BLOCK, BLOCK)
 
     def read(features, params, aux, t, m_x):
         return _block_read(features, params, aux, t // m_x, t % m_x, layout, lengths, dtype)
