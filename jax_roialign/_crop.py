@@ -5,8 +5,8 @@ Both are separable, so each builds per-axis taps ``idx, w`` ``[K, P, T]`` (the
 geometry functions below, one per convention) and reads them through
 :mod:`._contract`: :func:`crop_and_resize` through
 :func:`._contract.contract_taps` (one map), :func:`multilevel_crop_and_resize`
-through :func:`._contract.contract_rows` on the pyramid's levels concatenated
-flat (one level's cost). The feature gradient is the readers' row-window
+through :func:`._contract.contract_levels` (each box from its own level, one
+level's cost). The feature gradient is the readers' row-window
 transpose on CPU (no scatter); the box gradient flows through the weights. On
 TPU (``auto`` there) both read through :func:`._window.read_taps` instead: the
 taps as dense weights, one window per box, no gather or scatter (the same sum;
@@ -364,16 +364,26 @@ def _rows_sum_op(dtype: Any, row_vjp: bool, min_row_length: int):
         b = batch[:, None, None]
         base = offset[:, None, None]
         rl = row_length[:, None, None]
-        acc = None
-        for a in range(iy.shape[-1]):
-            for t in range(ix.shape[-1]):
-                rows, cols = iy[:, :, None, a], ix[:, None, :, t]
-                w = rounded(wy[:, :, None, a] * wx[:, None, :, t])[..., None]
-                term = rounded(w * flat[b, base + rows * rl + cols].astype(dtype))
-                acc = term if acc is None else acc + term
-        return acc
+        return ordered_corners(
+            lambda rows, cols: flat[b, base + rows * rl + cols], iy, wy, ix, wx, dtype
+        )
 
     return _exact_op(ordered, weighted)
+
+
+def ordered_corners(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype: Any) -> Array:
+    """Model Garden's sum of the weighted corners ``reader(rows, cols)`` in its
+    order: each weight ``wy * wx`` and each term rounded, added tap pair by tap
+    pair (a ``combine`` of :func:`._contract.contract_levels`)."""
+    acc = None
+    for a in range(iy.shape[-1]):
+        for t in range(ix.shape[-1]):
+            rows, cols = iy[:, :, None, a], ix[:, None, :, t]
+            w = rounded(wy[:, :, None, a] * wx[:, None, :, t])[..., None]
+            term = rounded(w * reader(rows, cols).astype(dtype))
+            acc = term if acc is None else acc + term
+    assert acc is not None
+    return acc
 
 
 def _crop_size(crop_size: Any) -> tuple[int, int]:
@@ -485,9 +495,12 @@ def multilevel_crop_and_resize(
     linearly from rows 0 and 1 (torchvision's RoI Align reads 0 beyond -1 and
     clamps to the edge in between), one past the boundary takes the edge value.
 
-    On CPU all levels are concatenated flat and read through one gather per tap
-    pair, so the cost is one level's; the feature gradient is added box by box
-    into row windows, without a scatter. On TPU each box reads one window of its
+    On CPU the boxes are sorted by level and read in chunks, each from its own
+    level (the pyramid is not concatenated), so the cost is one level's; the
+    feature gradient is added box by box into row windows of each level, without
+    a scatter. (A pyramid whose levels are less than half the one below reads
+    past a level's end as Model Garden's flat gather does: through one flat
+    concatenation.) On TPU each box reads one window of its
     own level (no gather or scatter; float32 within rounding of the CPU's
     numbers), and with batch-sharded features each device pools its own images
     (no collective). Differentiable in ``features`` and ``boxes`` (reverse mode,
@@ -559,6 +572,14 @@ def multilevel_crop_and_resize(
     iy, wy = clamped_bin_taps(y1, h, bound_y, pooled=pooled, sample_offset=sample_offset)
     ix, wx = clamped_bin_taps(x1, w, bound_x, pooled=pooled, sample_offset=sample_offset)
 
+    # Model Garden's bounds keep every tap inside its level when each level is at
+    # least half the one below it (floor(H_min / 2**l) <= H_l): then each level
+    # can be read on its own.
+    halves = 2 ** np.arange(len(order))
+    in_levels = bool(
+        np.all(heights[0] // halves <= heights) and np.all(widths[0] // halves <= widths)
+    )
+
     def read(how: Method):
         def pool(maps, batch, level, iy, wy, ix, wx):
             if how is Method.WINDOW:  # TPU: box-local windows of each box's level
@@ -571,7 +592,25 @@ def multilevel_crop_and_resize(
                 return _window.read_taps(
                     maps, DataFormat.NHWC, batch, taps_y, taps_x, dtype, level=level
                 )
-            # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
+            if how is Method.GATHER and in_levels:
+                # CPU: each box read from its own level, the pyramid not
+                # concatenated; the row-window feature gradient per level.
+                flats = [m.reshape(m.shape[0], -1, c) for m in maps]
+                return _contract.contract_levels(
+                    flats,
+                    [int(x) for x in widths],
+                    DataFormat.NHWC,
+                    batch,
+                    level,
+                    iy,
+                    wy,
+                    ix,
+                    wx,
+                    dtype,
+                    combine=ordered_corners,
+                )
+            # Autodiff's scatter-add gradient elsewhere (and, on CPU, for a
+            # pyramid whose taps run past a level: the flat read runs on).
             flat = jnp.concatenate([m.reshape(m.shape[0], -1, c) for m in maps], axis=1)
             ints = (
                 batch,

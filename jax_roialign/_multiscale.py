@@ -1,10 +1,13 @@
 """Multi-scale RoI Align: each box pooled from the FPN level its size picks.
 
-All levels are flattened and concatenated into one ``[N, sum(H_l * W_l), C]``
-map; every box gets its own level's scale and map extent, the shared per-axis
-sampling code builds its taps, and one tap contraction reads
-``flat[b, offset_l + row * W_l + col]``. The cost is that of pooling every box
-from one map, whatever the number of levels.
+Every box gets its own level's scale and map extent and the shared per-axis
+sampling code builds its taps. On CPU (``gather``) the boxes are sorted by
+level and read in chunks, each from its own level's map
+(:func:`._contract.contract_levels`): the levels are never concatenated, and
+the cost is that of pooling every box from one map, whatever the number of
+levels. The other tap reads (``scatter``: autodiff's gradient) read one flat
+concatenation of the levels, ``flat[b, offset_l + row * W_l + col]``; the
+window reader reads each box's window of its own level.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ._validation import (
     check_bool,
     compute_dtype,
     features_nhwc_shape,
+    fence,
     output_size_pair,
     parse_boxes,
     positive_scale,
@@ -96,8 +100,9 @@ def multiscale_roi_align(
     as the references do; a box of negative area (one side reversed) has no
     level there (``sqrt`` is NaN) and gives zeros here too.
 
-    Every level is read through one flat concatenation of the maps, so the cost
-    is about that of one RoI Align over all the boxes, not one per level. Shapes
+    Each box is read from its own level only (on CPU the boxes are sorted by level
+    and read in chunks, with no copy of the pyramid), so the cost is about that
+    of one RoI Align over all the boxes, not one per level. Shapes
     are static; under adaptive sampling a fast windowed read serves boxes up to
     about 56 cells a side on their level, and a batch holding a larger box (e.g.
     a huge box clamped to the coarsest level) takes the exact dense path.
@@ -208,12 +213,15 @@ def multiscale_roi_align(
 
         def run(how):
             args = (rois.coords, rois.batch, rois.ok, level, has_level)
+            # The CPU's level-sorted read fences its own vectorized reads; a
+            # loop's output needs no fence (one would be a copy inside a loss).
+            wrap = (lambda x: x) if how is Method.GATHER else fence
             if len(rois.lead_shape) == 2:  # per image: per device when batch-sharded
-                return lambda: _shard.by_image(lambda m, *a: pool(m, *a, how), maps, *args)
-            return lambda: pool(maps, *args, how)
+                return lambda: wrap(_shard.by_image(lambda m, *a: pool(m, *a, how), maps, *args))
+            return lambda: wrap(pool(maps, *args, how))
 
         out = how.run(run)
-    return finish_output(out, rois, layout, out_dtype)
+    return finish_output(out, rois, layout, out_dtype, fenced=False)
 
 
 def _check_maps(features: Any, layout: DataFormat) -> tuple[list[Array], list[tuple]]:
@@ -374,19 +382,21 @@ def _pool(
         )
         return out.astype(dtype)
 
-    if layout is DataFormat.NHWC:
-        flat = jnp.concatenate([m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps], axis=1)
-    else:
-        flat = jnp.concatenate([m.reshape(m.shape[0], m.shape[1], -1) for m in maps], axis=2)
-
     ty = fast_window(pooled[0], gy.length)
     tx = fast_window(pooled[1], gx.length)
+    widths = [int(w) for w in ws]
 
-    def fast(f, m, b, gy, gx, ok, geo):
-        off, row_len, _ = geo
+    def fast(m, b, gy, gx, ok, geo):
+        off, row_len, lv = geo
         (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
+        flats = [_contract.flat_view(x, layout)[0] for x in m]
+        if row_vjp:  # each box read from its own level: no concatenation
+            return _contract.contract_levels(
+                flats, widths, layout, b, lv, iy, wy * ok, ix, wx, dtype
+            )
+        flat = jnp.concatenate(flats, axis=1 if layout is DataFormat.NHWC else 2)
         return _contract.contract_rows(
-            f,
+            flat,
             layout,
             b,
             off,
@@ -396,11 +406,11 @@ def _pool(
             ix,
             wx,
             dtype,
-            min_row_length=int(ws.min()),
-            row_vjp=row_vjp,
+            min_row_length=min(widths),
+            row_vjp=False,
         )
 
-    def exact(f, m, b, gy, gx, ok, geo):
+    def exact(m, b, gy, gx, ok, geo):
         # Dense weights over the largest level once (zero beyond each box's own
         # extent), cut to each level's size; each level contracts only its boxes.
         wy_all, wx_all = _sampling.both_dense(gy, gx)
@@ -417,13 +427,11 @@ def _pool(
     def run(fn):
         args = (gy, gx, okf, geo)
         if not per_image:
-            return fn(flat, maps, rois.batch, *args)
-        n = flat.shape[0]
+            return fn(maps, rois.batch, *args)
+        n = maps[0].shape[0]
         grouped = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), args)
         local = jnp.zeros((grouped[2].shape[1],), jnp.int32)
-        out = jax.vmap(lambda f, m, *a: fn(f, m, local, *a))(
-            flat[:, None], [x[:, None] for x in maps], *grouped
-        )
+        out = jax.vmap(lambda m, *a: fn(m, local, *a))([x[:, None] for x in maps], *grouped)
         return out.reshape((-1,) + out.shape[2:])
 
     if path == "fast":

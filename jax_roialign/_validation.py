@@ -337,9 +337,17 @@ def _fence_jvp(primals, tangents):
     return fence(primals[0]), tangents[0]
 
 
-def finish_output(out: Array, rois: Rois, layout: DataFormat, dtype: Any) -> Array:
-    """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``."""
-    out = fence(out.astype(dtype))
+def finish_output(
+    out: Array, rois: Rois, layout: DataFormat, dtype: Any, *, fenced: bool = True
+) -> Array:
+    """``[K, PH, PW, C]`` -> the caller's leading shape and layout, in ``dtype``.
+
+    ``fenced=False``: the caller has put its vectorized reads behind
+    :func:`fence` itself (a loop's output is stored anyway and needs none).
+    """
+    out = out.astype(dtype)
+    if fenced:
+        out = fence(out)
     if layout is DataFormat.NCHW:
         out = jnp.moveaxis(out, -1, 1)
     return out.reshape(rois.lead_shape + out.shape[1:])

@@ -309,21 +309,86 @@ def test_check_grads_features_and_boxes(sampling_ratio):
     check_grads(fn, (*maps, boxes), order=1, modes=["rev"], eps=1e-5)
 
 
-def test_gather_count_independent_of_levels():
-    """One tap contraction for all levels: the program does not grow with the level count."""
+def _pyramid_program(n_levels, grad):
+    sizes = [(32 >> i, 40 >> i) for i in range(n_levels)]
+    maps = [jnp.zeros((2, h, w, 8)) for h, w in sizes]
+    scales = [2.0 ** -(2 + i) for i in range(n_levels)]
 
-    def count(n_levels):
-        sizes = [(16 >> i, 20 >> i) for i in range(n_levels)]
-        maps = [jnp.zeros((2, h, w, 4)) for h, w in sizes]
-        scales = [2.0 ** -(2 + i) for i in range(n_levels)]
-        fn = lambda m, b: multiscale_roi_align(
+    def fn(m, b):
+        out = multiscale_roi_align(
             m, b, output_size=3, spatial_scales=scales, sampling_ratio=2, method="gather"
-        )  # noqa: E731
-        jaxpr = jax.make_jaxpr(fn)(maps, jnp.zeros((2, 6, 4)))
-        return str(jaxpr).count("gather[")
+        )
+        return jnp.sum(out * out)
 
-    # 16 tap pairs (2 samples x 2 neighbours per axis), plus the per-box level geometry.
-    assert count(2) == count(4) <= 16 + 4
+    return jax.jit(jax.grad(fn) if grad else fn), maps
+
+
+def test_each_box_read_once_from_its_level():
+    """One tap contraction per level, each box in exactly one of them (a
+    ``lax.switch`` per chunk of level-sorted boxes): 16 gathers per level (2
+    samples x 2 neighbours per axis), however many boxes."""
+
+    def branch_gathers(n_levels):
+        fn, maps = _pyramid_program(n_levels, grad=False)
+        jaxpr = jax.make_jaxpr(fn)(maps, jnp.zeros((2, 6, 4)))
+        switches = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "cond"]
+        return [
+            [str(b).count("gather[") for b in e.params["branches"]]
+            for e in switches
+            if len(e.params["branches"]) == n_levels
+        ]
+
+    assert branch_gathers(4) == [[16] * 4]
+    assert branch_gathers(2) == [[16] * 2]
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from _all_eqns(sub)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_levels_not_concatenated(grad):
+    """The CPU path reads every level where it is: no copy of the pyramid in the
+    program's temporaries (forward, and the backward's per-level gradients)."""
+    fn, maps = _pyramid_program(4, grad)
+    boxes = jnp.zeros((2, 6, 4))
+    temp = fn.lower(maps, boxes).compile().memory_analysis().temp_size_in_bytes
+    pyramid = sum(m.size * m.dtype.itemsize for m in maps)
+    assert temp < pyramid / 2, (temp, pyramid)
+
+
+def test_vmapped_and_second_order():
+    """``vmap`` over a batch of pyramids (the level-sorted CPU read folds the mapped
+    axis into the images) and second-order gradients give the numbers of the
+    plain autodiff path, per element and to float64 rounding."""
+    rng = np.random.default_rng(11)
+    maps = [rng.standard_normal((3, 2, 32 >> i, 40 >> i, 3)) for i in range(3)]
+    lo = rng.uniform(0.0, 100.0, (3, 2, 5, 2))
+    boxes = np.concatenate([lo, lo + rng.uniform(4.0, 90.0, (3, 2, 5, 2))], axis=-1)
+    kw = dict(output_size=3, spatial_scales=(1 / 4, 1 / 8, 1 / 16), sampling_ratio=2)
+
+    def pool(m, b, method):
+        return multiscale_roi_align(m, b, method=method, **kw)
+
+    batched = jax.jit(jax.vmap(lambda m, b: pool(m, b, "gather")))(maps, boxes)
+    for i in range(3):
+        one = pool([m[i] for m in maps], boxes[i], "scatter")
+        np.testing.assert_allclose(batched[i], one, rtol=0, atol=1e-13)
+
+    def second(m, b, method):  # a gradient penalty: differentiates the gradient
+        gm = jax.grad(lambda m: jnp.sum(pool(m, b, method) ** 2))(m)
+        return sum(jnp.sum(x**3) for x in gm)
+
+    # Per-image boxes (vmapped over the images inside the op) and one image's
+    # [K, 4] boxes (the op called directly).
+    for args in [([m[0] for m in maps], boxes[0]), ([m[0, :1] for m in maps], boxes[0, 0])]:
+        got = jax.grad(second, (0, 1))(*args, "gather")
+        want = jax.grad(second, (0, 1))(*args, "scatter")
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input():
