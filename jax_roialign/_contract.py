@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _shard
+from ._sampling import by_level
 from ._validation import DataFormat, fence
 
 Array = jax.Array
@@ -686,14 +687,6 @@ def contract_levels(
     return op(flats, wy, wx, batch, level, iy, ix)
 
 
-def _by_level(values, level: Array) -> Array:
-    """``values[level]`` int32 for a short static table, by selects (no gather)."""
-    out = jnp.zeros_like(level, dtype=jnp.int32)
-    for i, v in enumerate(np.asarray(values).tolist()):
-        out = jnp.where(level == i, jnp.int32(v), out)
-    return out
-
-
 def _levels_chunk(k: int, out_row_bytes: int) -> int:
     return int(min(k, LEVEL_MAX_BOXES, max(LEVEL_MIN_BOXES, LEVEL_CHUNK_BYTES // out_row_bytes)))
 
@@ -713,16 +706,11 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
         # one per level, and the one read faster than the chunked loop on 16-bit
         # words (FPN step: 58 against 75-90 ms).
         axis = 1 if layout is DataFormat.NHWC else 2
-        bits = jnp.concatenate([jax.lax.bitcast_convert_type(f, jnp.uint16) for f in flats], axis)
         sizes = [f.shape[axis] for f in flats]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        b = batch[:, None, None]
-        base = _by_level(offsets, level)[:, None, None]
-        rl = _by_level(widths, level)[:, None, None]
-
-        def reader(rows, cols):
-            return _widen_bf16(read_flat(bits, layout, b, base + rows * rl + cols))
-
+        offset, row_length = by_level(offsets, level, jnp.int32), by_level(widths, level, jnp.int32)
+        flat = jnp.concatenate(flats, axis)
+        reader = _row_reader(layout, dtype, flat, batch, offset, row_length, True)
         # Behind a fence, as every vectorized read: a loss on the output would
         # otherwise store every tap pair's term.
         return fence(combine(reader, iy, wy, ix, wx, dtype))
@@ -851,7 +839,13 @@ def _levels_op(
             if want_weights:
                 axis = 1 if layout is DataFormat.NHWC else 2
                 flat = jnp.concatenate(flats, axis=axis)
-                ints = (batch, _by_level(offsets, level), _by_level(widths, level), iy, ix)
+                ints = (
+                    batch,
+                    by_level(offsets, level, jnp.int32),
+                    by_level(widths, level, jnp.int32),
+                    iy,
+                    ix,
+                )
                 d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
         return (d_flats, d_wy, d_wx, None, None, None, None)
 
