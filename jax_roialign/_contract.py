@@ -176,6 +176,22 @@ def flat_view(features: Array, layout: DataFormat) -> tuple[Array, int]:
     return features.reshape(n, c, h * w), w
 
 
+def concat_levels(
+    flats: Sequence[Array], widths: Sequence[int], layout: DataFormat, level: Array
+) -> tuple[Array, Array, Array]:
+    """The levels' flat views (:func:`flat_view`) as one flat map, with each box's
+    level offset into it and row length (``[K]`` int32): the arguments a flat
+    read of :func:`contract_rows` takes for boxes on several levels."""
+    axis = 1 if layout is DataFormat.NHWC else 2
+    sizes = [f.shape[axis] for f in flats]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return (
+        jnp.concatenate(list(flats), axis=axis),
+        by_level(offsets, level, jnp.int32),
+        by_level(np.asarray(widths), level, jnp.int32),
+    )
+
+
 def read_flat(flat: Array, layout: DataFormat, b: Array, pos: Array) -> Array:
     """``flat[b, pos]`` as ``[..., C]`` for either flat layout."""
     return flat[b, pos] if layout is DataFormat.NHWC else flat[b, :, pos]
@@ -705,11 +721,7 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
         # the integer view of a map a copy anyway; this one copy is as cheap as
         # one per level, and the one read faster than the chunked loop on 16-bit
         # words (FPN step: 58 against 75-90 ms).
-        axis = 1 if layout is DataFormat.NHWC else 2
-        sizes = [f.shape[axis] for f in flats]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        offset, row_length = by_level(offsets, level, jnp.int32), by_level(widths, level, jnp.int32)
-        flat = jnp.concatenate(flats, axis)
+        flat, offset, row_length = concat_levels(flats, widths, layout, level)
         reader = _row_reader(layout, dtype, flat, batch, offset, row_length, True)
         # Behind a fence, as every vectorized read: a loss on the output would
         # otherwise store every tap pair's term.
@@ -763,8 +775,6 @@ def _levels_op(
         _rows_ops(layout, dtype, min(ROW_CHUNK, widths[lv]), shapes[lv], flat_dtype, LEVEL_UNROLL)
         for lv in range(n_levels)
     ]
-    sizes = [s[1] if layout is DataFormat.NHWC else s[2] for s in shapes]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
     weights_grad = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
 
     @jax.custom_batching.custom_vmap
@@ -837,15 +847,8 @@ def _levels_op(
                     for lv in range(n_levels)
                 )
             if want_weights:
-                axis = 1 if layout is DataFormat.NHWC else 2
-                flat = jnp.concatenate(flats, axis=axis)
-                ints = (
-                    batch,
-                    by_level(offsets, level, jnp.int32),
-                    by_level(widths, level, jnp.int32),
-                    iy,
-                    ix,
-                )
+                flat, offset, row_length = concat_levels(flats, widths, layout, level)
+                ints = (batch, offset, row_length, iy, ix)
                 d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
         return (d_flats, d_wy, d_wx, None, None, None, None)
 

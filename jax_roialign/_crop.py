@@ -565,7 +565,6 @@ def multilevel_crop_and_resize(
     level = model_garden_levels(coords, min_level, max_level) - min_level
     heights = np.array([jnp.shape(m)[1] for m in maps])
     widths = np.array([jnp.shape(m)[2] for m in maps])
-    offsets = np.concatenate([[0], np.cumsum(heights * widths)[:-1]])
     # 2**-level is exact, like Model Garden's division by 2**level.
     inv = by_level(2.0 ** -np.arange(min_level, max_level + 1), level, dtype)
     y1, x1 = coords[:, 0] * inv, coords[:, 1] * inv
@@ -616,16 +615,12 @@ def multilevel_crop_and_resize(
                 )
             # Autodiff's scatter-add gradient elsewhere (and, on CPU, for a
             # pyramid whose taps run past a level: the flat read runs on).
-            flat = jnp.concatenate([m.reshape(m.shape[0], -1, c) for m in maps], axis=1)
-            ints = (
-                batch,
-                by_level(offsets, level, jnp.int32),
-                by_level(widths, level, jnp.int32),
-                iy,
-                ix,
+            flats = [m.reshape(m.shape[0], -1, c) for m in maps]
+            flat, offset, row_length = _contract.concat_levels(
+                flats, widths, DataFormat.NHWC, level
             )
             op = _rows_sum_op(np.dtype(dtype), how is Method.GATHER, int(widths.min()))
-            return op(flat, wy, wx, *ints)
+            return op(flat, wy, wx, batch, offset, row_length, iy, ix)
 
         # Boxes image-major: on batch-sharded maps each device pools its own.
         batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num)

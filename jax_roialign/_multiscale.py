@@ -343,7 +343,6 @@ def _pool(
     """
     hs = np.array([h for h, _ in sizes])
     ws = np.array([w for _, w in sizes])
-    offsets = np.concatenate([[0], np.cumsum(hs * ws)[:-1]])
     ok = rois.ok & has_level
     scale = _sampling.by_level(scales, level, dtype)
     ext_h = _sampling.by_level(hs, level, jnp.int32)
@@ -358,15 +357,12 @@ def _pool(
     )
     gy = _sampling.axis_grid(y1, y2, pooled=pooled[0], length=int(hs.max()), extent=ext_h, **common)
     gx = _sampling.axis_grid(x1, x2, pooled=pooled[1], length=int(ws.max()), extent=ext_w, **common)
-    geo = (_sampling.by_level(offsets, level, jnp.int32), ext_w, level)
     okf = ok.astype(dtype)[:, None, None]
     per_image = len(rois.lead_shape) == 2
     if path in ("window", "pallas"):
         from ._roi_align import window_read
 
-        # Only the final cast follows: the levels' dtype out (same bits), so the
-        # backward widens its cotangent box by box (contract_window's out_dtype).
-        out = window_read(
+        return window_read(
             list(maps),
             layout,
             rois.batch,
@@ -378,23 +374,20 @@ def _pool(
             dtype,
             per_image=per_image,
             pallas=path == "pallas",
-            out_dtype=jnp.result_type(*maps),
         )
-        return out.astype(dtype)
 
     ty = fast_window(pooled[0], gy.length)
     tx = fast_window(pooled[1], gx.length)
     widths = [int(w) for w in ws]
 
-    def fast(m, b, gy, gx, ok, geo):
-        off, row_len, lv = geo
+    def fast(m, b, gy, gx, ok, lv):
         (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
         flats = [_contract.flat_view(x, layout)[0] for x in m]
         if row_vjp:  # each box read from its own level: no concatenation
             return _contract.contract_levels(
                 flats, widths, layout, b, lv, iy, wy * ok, ix, wx, dtype
             )
-        flat = jnp.concatenate(flats, axis=1 if layout is DataFormat.NHWC else 2)
+        flat, off, row_len = _contract.concat_levels(flats, widths, layout, lv)
         return _contract.contract_rows(
             flat,
             layout,
@@ -410,39 +403,49 @@ def _pool(
             row_vjp=False,
         )
 
-    def exact(m, b, gy, gx, ok, geo):
+    def exact(m, b, gy, gx, ok, lv):
         # Dense weights over the largest level once (zero beyond each box's own
         # extent), cut to each level's size; each level contracts only its boxes.
         wy_all, wx_all = _sampling.both_dense(gy, gx)
         wy_all = wy_all * ok
         out = None
         for i, (h, w) in enumerate(sizes):
-            on = (geo[2] == i).astype(dtype)[:, None, None]
+            on = (lv == i).astype(dtype)[:, None, None]
             part = _contract.contract_dense(
                 m[i], layout, b, wy_all[..., :h] * on, wx_all[..., :w], dtype
             )
             out = part if out is None else out + part
         return out
 
-    def run(fn):
-        args = (gy, gx, okf, geo)
+    def run(fn, folded: bool = False):
+        args = (gy, gx, okf, level)
         if not per_image:
             return fn(maps, rois.batch, *args)
         n = maps[0].shape[0]
+        if folded:
+            # The level-sorted read folds a vmap over the images into one call on
+            # all of them anyway: make that call (each box's image among these
+            # maps, the device's own under by_image), not the vmap, whose
+            # unbatched trace would be thrown away.
+            images = jnp.repeat(jnp.arange(n, dtype=jnp.int32), level.shape[0] // n)
+            return fn(maps, images, *args)
         grouped = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), args)
         local = jnp.zeros((grouped[2].shape[1],), jnp.int32)
         out = jax.vmap(lambda m, *a: fn(m, local, *a))([x[:, None] for x in maps], *grouped)
         return out.reshape((-1,) + out.shape[2:])
 
+    def run_fast():
+        return run(fast, folded=row_vjp)
+
     if path == "fast":
-        return run(fast)
+        return run_fast()
     if path == "exact":
         return run(exact)
 
     if all(g.static_count is not None or t >= g.length for g, t in ((gy, ty), (gx, tx))):
-        return run(fast)
+        return run_fast()
     live = ok[:, None]
     index = jnp.maximum(
         _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
     )
-    return jax.lax.switch(index, [lambda: run(fast), lambda: run(exact)])
+    return jax.lax.switch(index, [run_fast, lambda: run(exact)])

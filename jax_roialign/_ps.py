@@ -249,7 +249,7 @@ def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
     live = ok[:, 0, 0] > 0
     gy, gx = _sampling.with_geometry(gy, gx)
     level = jnp.zeros_like(batch)
-    out = window_read(
+    return window_read(
         [features],
         layout,
         batch,
@@ -261,6 +261,4 @@ def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
         dtype,
         per_image=False,
         ps=True,
-        out_dtype=features.dtype,  # only the final cast follows (same bits)
     )
-    return out.astype(dtype)

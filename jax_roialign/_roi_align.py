@@ -386,9 +386,9 @@ def window_read(
     span: tuple[Any, Any] | None = None,
     pallas: bool = False,
     ps: bool = False,
-    out_dtype: Any = None,
 ) -> Array:
-    """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``.
+    """The box-local gather-free read (:mod:`._window`) of separable grids, ``[K, PH, PW, C]``
+    in ``dtype``.
 
     Dense weights (the matmul path's, one source of numbers), each box's tap span
     per axis, and one window per box. ``per_image``: boxes are ``N`` equal groups,
@@ -396,7 +396,10 @@ def window_read(
     ``dense`` and ``span``: those weights and spans when already computed.
     ``pallas``: the forward and feature gradient by the Pallas kernels (:mod:`._pallas`).
     ``ps``: each bin keeps its own channel group (position-sensitive, ``[K, PH, PW, C_out]``).
-    ``out_dtype``: the read's output dtype (:func:`._window.contract_window`).
+    The reader rounds each box to the maps' dtype as it writes it and only the
+    cast to ``dtype`` follows (the same bits), so the backward gets a cotangent
+    in the maps' dtype and widens it box by box (``contract_window``'s
+    ``out_dtype``), not as a whole.
     """
     from . import _window
 
@@ -407,8 +410,9 @@ def window_read(
     if span is None:
         span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
     (lo_y, need_y), (lo_x, need_x) = span
+    out_dtype = jnp.result_type(*maps)
     if not per_image:
-        return _window.contract_window(
+        out = _window.contract_window(
             maps,
             layout,
             wy,
@@ -424,6 +428,7 @@ def window_read(
             ps=ps,
             out_dtype=out_dtype,
         )
+        return out.astype(dtype)
     n = maps[0].shape[0]
 
     def g(t: Array) -> Array:
@@ -444,17 +449,14 @@ def window_read(
         ps=ps,
         out_dtype=out_dtype,
     )
-    return out.reshape((-1,) + out.shape[2:])
+    return out.reshape((-1,) + out.shape[2:]).astype(dtype)
 
 
 def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, per_image):
     gy, gx = shared.gy, shared.gx
     if method.windowed:
         level = jnp.zeros(batch.shape, jnp.int32)
-        # Nothing but the final cast follows: the reader rounds each box to the
-        # features' dtype as it writes it (the same bits), so the backward gets
-        # a narrow cotangent and widens it box by box, not as a whole.
-        out = window_read(
+        return window_read(
             [features],
             layout,
             batch,
@@ -468,9 +470,7 @@ def _aggregate_avg(features, layout, batch, ok, shared: _Shared, method, dtype, 
             dense=shared.window_dense,
             span=shared.span,
             pallas=method is Method.PALLAS,
-            out_dtype=features.dtype,
         )
-        return out.astype(dtype)
     row_vjp = method is Method.GATHER
 
     def dense(f, b, wy, wx):

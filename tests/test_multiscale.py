@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 from jax.test_util import check_grads
 from reference import roi_align_ref
 
@@ -345,7 +346,7 @@ def test_each_box_read_once_from_its_level():
 def _all_eqns(jaxpr):
     for e in jaxpr.eqns:
         yield e
-        for sub in jax.extend.core.jaxprs_in_params(e.params):
+        for sub in jaxprs_in_params(e.params):
             yield from _all_eqns(sub)
 
 
