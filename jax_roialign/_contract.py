@@ -784,15 +784,12 @@ def _levels_op(
     @forward.def_vmap
     def forward_rule(axis_size, in_batched, flats, wy, wx, batch, level, iy, ix):
         # B calls on N images each are one call on B * N images.
-        args = [flats, wy, wx, batch, level, iy, ix]
-        batched = [in_batched[0]] + list(in_batched[1:])
-
         def full(a, b):
             return a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
 
-        flats = tuple(full(f, b) for f, b in zip(flats, batched[0], strict=True))
+        flats = tuple(full(f, b) for f, b in zip(flats, in_batched[0], strict=True))
         wy, wx, batch, level, iy, ix = (
-            full(a, b) for a, b in zip(args[1:], batched[1:], strict=True)
+            full(a, b) for a, b in zip((wy, wx, batch, level, iy, ix), in_batched[1:], strict=True)
         )
         n = shapes[0][0]
         batch = batch + n * jnp.arange(axis_size, dtype=batch.dtype)[:, None]

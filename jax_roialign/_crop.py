@@ -596,10 +596,10 @@ def multilevel_crop_and_resize(
                 return _window.read_taps(
                     maps, DataFormat.NHWC, batch, taps_y, taps_x, dtype, level=level
                 )
+            flats = [m.reshape(m.shape[0], -1, c) for m in maps]
             if how is Method.GATHER and in_levels:
                 # CPU: each box read from its own level, the pyramid not
                 # concatenated; the row-window feature gradient per level.
-                flats = [m.reshape(m.shape[0], -1, c) for m in maps]
                 return _contract.contract_levels(
                     flats,
                     [int(x) for x in widths],
@@ -615,7 +615,6 @@ def multilevel_crop_and_resize(
                 )
             # Autodiff's scatter-add gradient elsewhere (and, on CPU, for a
             # pyramid whose taps run past a level: the flat read runs on).
-            flats = [m.reshape(m.shape[0], -1, c) for m in maps]
             flat, offset, row_length = _contract.concat_levels(
                 flats, widths, DataFormat.NHWC, level
             )
