@@ -623,8 +623,12 @@ def multilevel_crop_and_resize(
 
         # Boxes image-major: on batch-sharded maps each device pools its own.
         batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num)
-        return lambda: _shard.per_image_pool(pool, maps, batch, level, iy, wy, ix, wx)
+        # Vectorized reads go behind a fence (a loss on the output would otherwise
+        # store every corner's term); the level-sorted read fences its own, and a
+        # loop's output needs none (one would be a copy of the output), as in
+        # multiscale_roi_align.
+        wrap = (lambda x: x) if how is Method.GATHER and in_levels else fence
+        return lambda: wrap(_shard.per_image_pool(pool, maps, batch, level, iy, wy, ix, wx))
 
     out = _READER.run(read)
-    # Behind a fence: a loss on the output would otherwise store every corner's term.
-    return fence(out.reshape(b, num, pooled, pooled, c).astype(out_dtype))
+    return out.reshape(b, num, pooled, pooled, c).astype(out_dtype)

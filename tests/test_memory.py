@@ -202,3 +202,42 @@ def test_fence_changes_no_bit(dtype):
     t = jnp.asarray(rng.standard_normal(x.shape), dt)
     _, tangent = jax.jvp(fence, (x,), (t,))
     np.testing.assert_array_equal(np.asarray(tangent).view(uint), np.asarray(t).view(uint))
+
+
+@pytest.mark.parametrize("op_name", ["multiscale_roi_align", "multilevel_crop_and_resize"])
+def test_level_loop_output_not_copied(op_name):
+    """On CPU the FPN ops read each level's boxes in a loop whose output is
+    stored once; a fence after it (needed only behind vectorized reads) would be
+    a copy of the whole output. The loop's own buffers are a chunk of boxes."""
+    rng = np.random.default_rng(0)
+    n, k = 2, 256  # per image; chunks of at most 64 boxes: 1/8 of the output
+    if op_name == "multiscale_roi_align":
+        feats = [
+            jnp.asarray(rng.standard_normal((n, 64 >> i, 96 >> i, 16)), jnp.float32)
+            for i in range(2)
+        ]
+        lo = rng.uniform(0.0, 40.0, (n, k, 2))
+        boxes = jnp.asarray(
+            np.concatenate([lo, lo + rng.uniform(4.0, 48.0, (n, k, 2))], -1), jnp.float32
+        )
+
+        def op(feats):
+            return jr.multiscale_roi_align(
+                feats, boxes, output_size=7, spatial_scales=(1.0, 0.5), sampling_ratio=2
+            )
+
+    else:
+        feats = {
+            str(lv): jnp.asarray(rng.standard_normal((n, 256 >> lv, 256 >> lv, 16)), jnp.float32)
+            for lv in range(2, 5)
+        }
+        lo = rng.uniform(0.0, 200.0, (n, k, 2))
+        side = rng.uniform(16.0, 200.0, (n, k, 1))
+        boxes = jnp.asarray(np.concatenate([lo, lo + side], -1), jnp.float32)
+
+        def op(feats):
+            return jr.multilevel_crop_and_resize(feats, boxes, output_size=7)
+
+    out = jax.eval_shape(op, feats)
+    out_bytes = int(np.prod(out.shape)) * out.dtype.itemsize
+    assert _temp(op, feats) < out_bytes / 2, (_temp(op, feats), out_bytes)
