@@ -2,10 +2,11 @@
 
 Needs the ``tpu`` extra (``pip install -e ".[tpu]"``: libtpu, whose TPU compiler
 compiles for a named topology without a TPU). For each workload, dtype, and
-forward / forward+backward it compiles ``method="auto"`` (what a TPU program
-gets: the box-local window reader) for one v5e chip and for a 16-chip v5e pod
-(features and per-image boxes sharded on the batch, 2 images per chip), and
-``method="matmul"`` (the dense gather-free path) on one chip for comparison. It
+forward / forward+backward it compiles the default implementation ("auto":
+what a TPU program gets, the box-local window reader) for one v5e chip and for
+a 16-chip v5e pod (features and per-image boxes sharded on the batch, 2 images
+per chip), and ``implementation="matmul"`` (the dense gather-free path) on one
+chip for comparison. It
 reports compile time, per-chip temporaries (``memory_analysis``), the gathers,
 scatters and collectives in the compiled program, the TPU cost model's
 estimate, and the bytes the window reader moves (computed from the workload's
@@ -20,7 +21,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 
 import jax_roialign as jr  # noqa: E402
 from jax_roialign import _sampling, _window  # noqa: E402
-from jax_roialign._roi_align import box_grids  # noqa: E402
-from jax_roialign._validation import DataFormat, Rois  # noqa: E402
+from jax_roialign._validation import DataFormat  # noqa: E402
+from tests.helpers import count_ops, map_copies_in_loops, topology  # noqa: E402
 
 from .harness import time_fn  # noqa: E402
 from .workloads import LEVELS, Workload, make_inputs, workloads  # noqa: E402
@@ -44,43 +44,6 @@ HBM_BYTES_PER_S = 819e9  # v5e
 CHIP = "v5e:2x2"
 POD = "v5e:4x4"
 POD_CHIPS = 16
-OPS = ("gather", "scatter", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-OPS += ("all-to-all",)
-
-
-def topology(name: str):
-    """A TPU topology to compile for (no TPU needed)."""
-    from jax.experimental import topologies
-
-    return topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=name,
-        chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-    )
-
-
-def count_ops(text: str) -> dict[str, int]:
-    """Gathers, scatters and collectives among the compiled program's instructions
-    (any result shape, tuples included)."""
-    return {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in OPS}
-
-
-def map_copies_in_loops(text: str, shapes) -> list[str]:
-    """Copies of an array of a map's shape (the map, its gradient; any dtype and
-    layout) outside the entry computation of a compiled program: inside a loop
-    or a branch, where they run once per trip."""
-    dims = [",".join(str(int(d)) for d in s) for s in shapes]
-    alternatives = "|".join(map(re.escape, dims))
-    pattern = re.compile(rf"= (\w+)\[({alternatives})\]\S* (copy|copy-start)\(")
-    found, entry = [], False
-    for line in text.splitlines():
-        if re.match(r"^\S.*\{\s*$", line):
-            entry = line.startswith("ENTRY")
-        if not entry and pattern.search(line):
-            found.append(line.strip()[:120])
-    return found
 
 
 def _per_device(spec: Any) -> tuple[int, ...]:
@@ -114,8 +77,10 @@ def compile_for(fn: Callable[..., Any], specs: tuple[Any, ...], mesh=None) -> di
 
 
 def op_fn(wl: Workload, method: str) -> Callable[..., Any]:
-    """``fn(features_tuple, boxes [N, R, 4]) -> [N, R, P, P, C]`` for the workload."""
+    """``fn(features_tuple, boxes [N, R, 4]) -> [N, R, P, P, C]`` for the workload,
+    by implementation ``method`` (``"auto"``: the default)."""
     p = wl.output_size
+    impl = None if method == "auto" else method
     if wl.multiscale:
 
         def fwd(feats, boxes):
@@ -126,7 +91,7 @@ def op_fn(wl: Workload, method: str) -> Callable[..., Any]:
                 spatial_scales=wl.spatial_scales(),
                 sampling_ratio=wl.sampling_ratio,
                 aligned=wl.aligned,
-                method=method,
+                implementation=impl,
             )
 
         return fwd
@@ -139,7 +104,7 @@ def op_fn(wl: Workload, method: str) -> Callable[..., Any]:
             spatial_scale=wl.spatial_scales()[0],
             sampling_ratio=wl.sampling_ratio,
             aligned=wl.aligned,
-            method=method,
+            implementation=impl,
         )
 
     return fwd
@@ -191,15 +156,9 @@ def _spans(wl: Workload, boxes: np.ndarray):
         if not sel.any():
             continue
         h, w, stride = LEVELS[name]
-        rois = Rois(
-            flat[sel],
-            jnp.zeros(int(sel.sum()), jnp.int32),
+        gy, gx = _sampling.box_grids(
+            jnp.asarray(flat[sel]),
             jnp.ones(int(sel.sum()), bool),
-            (int(sel.sum()),),
-            jnp.zeros(int(sel.sum()), jnp.int32),
-        )
-        gy, gx = box_grids(
-            rois,
             (p, p),
             (h, w),
             spatial_scale=1.0 / stride,
@@ -282,6 +241,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     pod = topology(POD)
     mesh = Mesh(np.array(pod.devices), ("batch",), axis_types=(AxisType.Explicit,))
     batch = NamedSharding(mesh, P("batch"))
+    # Automatic sharding: the same placement by jit's in_shardings, no mesh in context.
+    auto_mesh = Mesh(np.array(pod.devices), ("batch",))
+    auto_batch = NamedSharding(auto_mesh, P("batch"))
     rows = []
     all_wl = workloads()
     for name in args.workloads.split(","):
@@ -295,6 +257,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ("chip", "auto", wl, one, None),
                     ("pod", "auto", pod_workload(wl), batch, mesh),
                 ]
+                if args.auto_sharding:
+                    targets.append(("pod-auto", "auto", pod_workload(wl), auto_batch, None))
                 if args.matmul and dtype_name == "float32":
                     targets.insert(1, ("chip", "matmul", wl, one, None))
                 if args.pallas:
@@ -446,7 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the dense matmul path (the 'before' column)",
     )
     ap.add_argument(
-        "--pallas", action="store_true", help="also compile method='pallas' (chip and pod)"
+        "--pallas", action="store_true", help="also compile implementation='pallas' (chip and pod)"
+    )
+    ap.add_argument(
+        "--auto-sharding",
+        action="store_true",
+        help="also compile for the pod with plain jit and NamedSharding in_shardings",
     )
     ap.add_argument("--no-cpu", dest="cpu", action="store_false", help="skip the CPU timings")
     ap.add_argument("--repeats", type=int, default=5)

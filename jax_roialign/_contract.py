@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _shard
 from ._sampling import by_level
+from ._tuning import TUNING
 from ._validation import DataFormat, fence
 
 Array = jax.Array
@@ -67,16 +68,12 @@ def contract_taps(
     )
 
 
-# Tap pairs unrolled into one fused loop at most; wider windows loop over rows.
-UNROLL_LIMIT = 36
-
-
 def contract_taps_with(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype) -> Array:
     """:func:`contract_taps` for any ``reader(rows [K,PH,PW], cols [K,PH,PW]) -> [K,PH,PW,C]``.
 
     Lets ops that address the map differently (a flat concatenation of FPN
     levels, a channel group per bin) share the same tap loop. Up to
-    ``UNROLL_LIMIT`` tap pairs are unrolled (one fused loop, nothing larger than
+    ``TUNING.unroll_limit`` tap pairs are unrolled (one fused loop, nothing larger than
     the output); a wider window goes through a ``lax.scan`` over its rows, each
     step ``B`` reads, which keeps compile time and the backward's memory flat.
     """
@@ -97,7 +94,7 @@ def contract_taps_with(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype
         assert acc is not None
         return acc
 
-    if iy.shape[-1] * ix.shape[-1] <= UNROLL_LIMIT:
+    if iy.shape[-1] * ix.shape[-1] <= TUNING.unroll_limit:
         return rows_sum(iy, wy)
 
     def step(acc, taps):
@@ -126,12 +123,23 @@ def contract_dense(
     are accepted too. The image is picked by a one-hot weight so there is no
     gather; boxes go in chunks to bound the intermediate.
     """
+    return contract_dense_of(features, layout, batch, lambda w: w, (wy, wx), dtype, chunk)
+
+
+def contract_dense_of(
+    features: Array, layout: DataFormat, batch: Array, weights, params, dtype, chunk: int = 16
+) -> Array:
+    """:func:`contract_dense` of ``weights(params_chunk) -> (wy, wx)``, the weights
+    made chunk by chunk from ``params`` (a pytree of ``[K, ...]`` arrays; padded
+    boxes get zeros), so that no ``[K, P, H]`` array exists, nor in the VJP (each
+    chunk is rematerialized)."""
     n = features.shape[0]
     f = features.astype(dtype)
     chw = "nhwc" if layout is DataFormat.NHWC else "nchw"
 
     def one(args):
-        wy_c, wx_c, b_c = args
+        params_c, b_c = args
+        wy_c, wx_c = weights(params_c)
         onehot = (b_c[:, None] == jnp.arange(n)).astype(dtype)
         if wy_c.ndim == 3 and wx_c.ndim == 3:
             wyn = wy_c[:, :, None, :] * onehot[:, None, :, None]
@@ -152,13 +160,16 @@ def contract_dense(
     # Rematerialised: autodiff would store every chunk's ``Wy . F`` (``[K, PH, W, C]``)
     # for the weights' gradient, also when this path is a branch not taken.
     one = jax.checkpoint(one)
-    k = wy.shape[0]
+    k = batch.shape[0]
     if k <= chunk:
-        return one((wy, wx, batch))
+        return one((params, batch))
     pad = -k % chunk
-    parts = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (wy, wx, batch)]
-    parts = [x.reshape((-1, chunk) + x.shape[1:]) for x in parts]
-    out = jax.lax.map(one, tuple(parts))
+
+    def cut(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((-1, chunk) + x.shape[1:])
+
+    out = jax.lax.map(one, jax.tree.map(cut, (params, batch)))
     return out.reshape((-1,) + out.shape[2:])[:k]
 
 
@@ -197,15 +208,6 @@ def read_flat(flat: Array, layout: DataFormat, b: Array, pos: Array) -> Array:
     return flat[b, pos] if layout is DataFormat.NHWC else flat[b, :, pos]
 
 
-# Widest run of columns one step of the transpose adds at once.
-ROW_CHUNK = 32
-# Rows of a box unrolled in one step of the transpose; more loop over bins.
-ROW_UNROLL = 32
-# Output columns one segment of the transpose contracts with a run (wider
-# outputs are cut into slices of this many columns).
-OUT_SLICE = 32
-
-
 def contract_rows(
     flat: Array,
     layout: DataFormat,
@@ -225,7 +227,7 @@ def contract_rows(
     ``flat[batch[k], offset[k] + r * row_length[k] + c]`` (one map, or FPN levels
     concatenated). Separable taps ``[K, P, T]``; returns ``[K, PH, PW, C]``.
 
-    Differentiable in ``flat``, ``wy`` and ``wx`` (reverse mode, any order). The
+    Differentiable in ``flat``, ``wy`` and ``wx`` (reverse mode, first order). The
     feature gradient is :func:`rows_transpose`: per box, the cotangent is
     contracted with the x-weights of a run of columns and added row by row with
     ``dynamic_update_slice``, in box order -- no scatter, so it is the same bits
@@ -237,7 +239,7 @@ def contract_rows(
     op, _ = _rows_ops(
         layout,
         np.dtype(dtype),
-        min(ROW_CHUNK, int(min_row_length)),
+        min(TUNING.row_chunk, int(min_row_length)),
         tuple(flat.shape),
         np.dtype(flat.dtype),
     )
@@ -300,7 +302,7 @@ def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
             d_wx.append(jnp.sum(pair * a_wy[:, :, None], axis=1))
         return d_wy, jnp.stack(d_wx, axis=-1)
 
-    if iy.shape[-1] * ix.shape[-1] <= UNROLL_LIMIT:
+    if iy.shape[-1] * ix.shape[-1] <= TUNING.unroll_limit:
         rows = [row(iy[..., a], wy[..., a]) for a in range(iy.shape[-1])]
         d_wy = jnp.stack([r[0] for r in rows], axis=-1)
         d_wx = sum((r[1] for r in rows[1:]), rows[0][1])
@@ -317,10 +319,6 @@ def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
     return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
 
 
-# Bytes of reads one step of the weights' gradient may hold at once.
-WEIGHTS_GRAD_BYTES = 4 << 20
-
-
 def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g):
     """:func:`_weights_grad_taps` over chunks of boxes, in order.
 
@@ -328,16 +326,16 @@ def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g):
     tap pair's reads (``[K, PH, PW, C]``, the output's size) are stored, and the
     scheduler may keep all of them at once: 16x the output for 2 x 2 samples,
     100x and more for adaptive windows. Chunks of boxes bound what is held to
-    about ``WEIGHTS_GRAD_BYTES`` and keep it in cache.
+    about ``TUNING.weights_grad_bytes`` and keep it in cache.
     """
     k, ph, a_n = wy.shape
     pw, t_n = wx.shape[1:]
     channels = g.shape[-1]
-    live = a_n * t_n if a_n * t_n <= UNROLL_LIMIT else t_n
+    live = a_n * t_n if a_n * t_n <= TUNING.unroll_limit else t_n
     per_box = live * ph * pw * channels * np.dtype(dtype).itemsize
     # At least two boxes a step: with one, XLA:CPU's gathers lose the box axis
     # and run several times slower (mask_p3: 300 ms against 90 ms for two).
-    chunk = min(k, max(2, WEIGHTS_GRAD_BYTES // max(per_box, 1)))
+    chunk = min(k, max(2, TUNING.weights_grad_bytes // max(per_box, 1)))
     if chunk >= k:
         return _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g)
     g = jnp.asarray(g)
@@ -373,71 +371,57 @@ def _rows_ops(
     chunk: int,
     flat_shape: tuple,
     flat_dtype: Any,
-    row_unroll: int = ROW_UNROLL,
+    row_unroll: int = TUNING.row_unroll,
 ):
-    """``(op, transpose)``: :func:`contract_rows` and its transpose in the map, two
-    ``custom_vjp`` functions that differentiate into each other, so reverse-mode
-    autodiff of any order runs the fast pair (``op`` is bilinear in the map and
-    the weights; so is ``transpose`` in the cotangent and the weights)."""
+    """``(op, transpose)``: :func:`contract_rows` as a ``custom_vjp`` whose VJP is
+    the transpose in the map (:func:`rows_transpose`) and the weights' gradient,
+    and that transpose. First order: higher orders differentiate the plain-JAX
+    implementation (:mod:`jax_roialign._dispatch`)."""
     # Nested jits: each is traced once per argument shape and reused (autodiff
-    # traces a backward more than once; ``auto`` traces every platform's path).
+    # traces a backward more than once).
     forward = jax.jit(functools.partial(_rows_forward, layout, dtype, narrow=True))
 
     # <g, op(flat, wy, wx)> is linear in wy and in wx; the reads of ``flat`` are
     # constants here (no scatter), summed over the channels per tap pair.
     weights_grad = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
 
+    @jax.jit
+    def transpose(g, wy, wx, *ints):
+        batched = _batched_rows_transpose(layout, dtype, chunk, flat_shape, row_unroll)
+        return batched(g, wy, wx, *ints).astype(flat_dtype)
+
     @jax.custom_vjp
     def op(flat, wy, wx, *ints):
         return forward(flat, wy, wx, *ints)
 
-    @jax.jit
-    def transpose_impl(g, wy, wx, *ints):
-        batched = _batched_rows_transpose(layout, dtype, chunk, flat_shape, row_unroll)
-        return batched(g, wy, wx, *ints).astype(flat_dtype)
-
-    transpose = jax.custom_vjp(transpose_impl)
-
-    def unpack(args):
+    def op_fwd(*args):
         # symbolic_zeros: each argument says whether it is differentiated; the
         # residuals record which parts of the gradient anybody asked for.
         values = tuple(a.value for a in args)
-        return values, (args[0].perturbed, args[1].perturbed or args[2].perturbed)
+        wanted = (args[0].perturbed, args[1].perturbed or args[2].perturbed)
+        return forward(*values), (values, wanted)
 
-    def rule(fn, partner, cot_is_map: bool):
-        """fwd/bwd of ``fn`` (``op`` or ``transpose``), whose VJP in its first
-        argument is ``partner``. ``<cot, fn(first, wy, wx)>`` pairs a map with an
-        output-shaped array; which is which decides the weights' gradient."""
+    def op_bwd(res, cot):
+        (flat, wy, wx, *ints), (want_map, want_weights) = res
+        d_map = d_wy = d_wx = None
+        if not _is_zero(cot):
+            if want_map:
+                d_map = transpose(cot, wy, wx, *ints)
+            if want_weights:
+                d_wy, d_wx = weights_grad(flat, wy, wx, tuple(ints), cot)
+        return (d_map, d_wy, d_wx) + (None,) * len(ints)
 
-        def fwd(*args):
-            values, wanted = unpack(args)
-            return fn(*values), (values, wanted)
-
-        def bwd(res, cot):
-            (first, wy, wx, *ints), (want_first, want_weights) = res
-            d_first = d_wy = d_wx = None
-            if not _is_zero(cot):
-                if cot_is_map:
-                    cot = jnp.asarray(cot, flat_dtype)
-                if want_first:
-                    d_first = partner(cot, wy, wx, *ints)
-                if want_weights:
-                    the_map, out_cot = (cot, first) if cot_is_map else (first, cot)
-                    d_wy, d_wx = weights_grad(the_map, wy, wx, ints, out_cot)
-            return (d_first, d_wy, d_wx) + (None,) * len(ints)
-
-        return fwd, bwd
-
-    op_fwd, op_bwd = rule(forward, transpose, cot_is_map=False)
     op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
-    t_fwd, t_bwd = rule(transpose_impl, op, cot_is_map=True)
-    transpose.defvjp(t_fwd, t_bwd, symbolic_zeros=True)
     return op, transpose
 
 
 @functools.lru_cache(maxsize=256)
 def _batched_rows_transpose(
-    layout: DataFormat, dtype: Any, chunk: int, flat_shape: tuple, row_unroll: int = ROW_UNROLL
+    layout: DataFormat,
+    dtype: Any,
+    chunk: int,
+    flat_shape: tuple,
+    row_unroll: int = TUNING.row_unroll,
 ):
     """:func:`rows_transpose` with a vmap rule that folds the vmapped axis into the
     images: ``B`` maps of ``N`` images are one map of ``B * N`` images and the
@@ -497,7 +481,7 @@ def rows_transpose(
     *,
     dtype,
     chunk: int,
-    row_unroll: int = ROW_UNROLL,
+    row_unroll: int = TUNING.row_unroll,
 ) -> Array:
     """The transpose of :func:`contract_rows` in ``flat``: ``[N, L, C]`` / ``[N, C, L]``.
 
@@ -507,16 +491,16 @@ def rows_transpose(
     (``[PH, chunk, C]``, small matmuls) and each y-tap ``(ph, a)`` adds
     ``wy * u[ph]`` to its row. Every add is a ``dynamic_update_slice`` of a
     contiguous run. One loop runs over every box's runs, each in steps of at most
-    ``ROW_UNROLL`` row adds (its trip count is the boxes' total, no loop inside
+    ``TUNING.row_unroll`` row adds (its trip count is the boxes' total, no loop inside
     another); boxes, runs, bins and taps go in order, so the sum is
     deterministic.
 
-    Outputs wider than ``OUT_SLICE`` columns are cut into slices of
-    ``OUT_SLICE`` output columns, each a segment with its own runs: a run is
+    Outputs wider than ``TUNING.out_slice`` columns are cut into slices of
+    ``TUNING.out_slice`` output columns, each a segment with its own runs: a run is
     contracted only with the output columns whose taps can reach it. Without
     slices, a 224-column crop contracts all 224 columns with every 32-column run,
     and most of that matmul multiplies zeros. Work per segment is
-    ``taps_y * run_columns * min(PW, OUT_SLICE) * C`` per run.
+    ``taps_y * run_columns * min(PW, TUNING.out_slice) * C`` per run.
     """
     k_boxes, ph_n = iy.shape[0], iy.shape[1]
     a_n = iy.shape[2]
@@ -525,7 +509,7 @@ def rows_transpose(
     # Segments: (box, slice of output columns). The last slice starts early
     # enough to be full width; the columns it shares with the slice before it
     # get weight 0 there, so each output column is added once.
-    qs = min(pw_n, OUT_SLICE)
+    qs = min(pw_n, TUNING.out_slice)
     n_slices = -(-pw_n // qs)
     q_start = np.minimum(np.arange(n_slices) * qs, pw_n - qs)
     if n_slices > 1:
@@ -549,9 +533,9 @@ def rows_transpose(
     cols = jnp.arange(chunk, dtype=jnp.int32)
     nhwc = layout is DataFormat.NHWC
 
-    # One step adds at most ROW_UNROLL rows: ``group`` bins (a divisor of PH)
+    # One step adds at most TUNING.row_unroll rows: ``group`` bins (a divisor of PH)
     # with all their y-taps, or, for bins with more taps than that, one bin's
-    # taps in blocks of ROW_UNROLL.
+    # taps in blocks of TUNING.row_unroll.
     if a_n <= row_unroll:
         group = max(d for d in range(1, ph_n + 1) if ph_n % d == 0 and d * a_n <= row_unroll)
         block, blocks = a_n, 1
@@ -628,16 +612,6 @@ def rows_transpose(
 # Separable taps on several maps (FPN levels), without concatenating them.
 # ---------------------------------------------------------------------------
 
-# Bytes of output one step of the level-sorted read writes (its boxes: at least
-# LEVEL_MIN_BOXES, at most LEVEL_MAX_BOXES).
-LEVEL_CHUNK_BYTES = 2 << 20
-LEVEL_MIN_BOXES = 8
-LEVEL_MAX_BOXES = 64
-# Row adds one step of a level's feature gradient unrolls (ROW_UNROLL for one
-# map): every level has its own loop, and the smaller body keeps the
-# forward+backward's compile time near that of one map (FPN step: 7.7 s with 32).
-LEVEL_UNROLL = 16
-
 
 def contract_levels(
     flats: Sequence[Array],
@@ -668,7 +642,7 @@ def contract_levels(
     reads the concatenation, built only when the boxes are differentiated.
     Under ``vmap`` the mapped axis is folded into the images (one loop, not one
     per mapped element). Differentiable in the maps and the weights (reverse
-    mode, any order).
+    mode).
 
     ``combine(reader, iy, wy, ix, wx, dtype)`` computes the value from the reads
     (default :func:`contract_taps_with`); a reference's own order of the same
@@ -704,7 +678,13 @@ def contract_levels(
 
 
 def _levels_chunk(k: int, out_row_bytes: int) -> int:
-    return int(min(k, LEVEL_MAX_BOXES, max(LEVEL_MIN_BOXES, LEVEL_CHUNK_BYTES // out_row_bytes)))
+    return int(
+        min(
+            k,
+            TUNING.level_max_boxes,
+            max(TUNING.level_min_boxes, TUNING.level_chunk_bytes // out_row_bytes),
+        )
+    )
 
 
 def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level, iy, ix):
@@ -772,7 +752,14 @@ def _levels_op(
     ``op(flats, wy, wx, batch, level, iy, ix)``."""
     n_levels = len(shapes)
     pairs = [
-        _rows_ops(layout, dtype, min(ROW_CHUNK, widths[lv]), shapes[lv], flat_dtype, LEVEL_UNROLL)
+        _rows_ops(
+            layout,
+            dtype,
+            min(TUNING.row_chunk, widths[lv]),
+            shapes[lv],
+            flat_dtype,
+            TUNING.level_unroll,
+        )
         for lv in range(n_levels)
     ]
     weights_grad = jax.jit(functools.partial(weights_grad_rows, layout, dtype))

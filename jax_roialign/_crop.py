@@ -24,6 +24,7 @@ are TensorFlow's bits; the backward is that of the same sum as weighted taps
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from collections.abc import Mapping, Sequence
@@ -33,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _shard, _window
+from . import _contract, _dispatch, _window
+from ._dispatch import Implementation
 from ._sampling import by_level, exact_divide, rounded
-from ._validation import DataFormat, Method, _check_static_indices, fence
+from ._tuning import TUNING
+from ._validation import DataFormat, _check_static_indices, fence
 
 Array = jax.Array
 
@@ -126,6 +129,7 @@ def crop_and_resize(
     *,
     method: str = "bilinear",
     extrapolation_value: float | Array = 0.0,
+    implementation: str | None = None,
 ) -> Array:
     """Crops boxes out of images and resizes them, as ``tf.image.crop_and_resize``.
 
@@ -162,6 +166,9 @@ def crop_and_resize(
       method: ``"bilinear"`` (default) or ``"nearest"``.
       extrapolation_value: the value of samples outside the image (a number or a
         scalar array; differentiable).
+      implementation: which reader runs; all give the same numbers. ``None``
+        (default) chooses by platform; or ``"gather"``, ``"scatter"``,
+        ``"window"`` (others raise ``ValueError``).
 
     Returns:
       ``[K, crop_h, crop_w, C]``, float32 (float64 for a float64 image under x64).
@@ -194,6 +201,7 @@ def crop_and_resize(
         raise ValueError(f"image must have a non-empty spatial extent, got shape {shape}")
     ch, cw = _crop_size(crop_size)
     nearest = _method(method)
+    impl = _dispatch.parse_implementation(implementation)
     bshape, bdt = jnp.shape(boxes), jnp.result_type(boxes)
     if not jnp.issubdtype(bdt, jnp.floating):
         raise TypeError(f"boxes must be floating point, got dtype {bdt}")
@@ -222,30 +230,58 @@ def crop_and_resize(
     raw = jnp.asarray(box_indices).astype(jnp.int32)
     ok = (raw >= 0) & (raw < n)
     batch = jnp.clip(raw, 0, n - 1)
-    iy, wy, vy = corner_aligned_taps(coords[:, 0], coords[:, 2], crop=ch, length=h, nearest=nearest)
-    ix, wx, vx = corner_aligned_taps(coords[:, 1], coords[:, 3], crop=cw, length=w, nearest=nearest)
+    recipe = Crop((ch, cw), (h, w), np.dtype(dtype), nearest)
+    return _dispatch.call(recipe, impl, image, coords, batch, ok, extra.astype(dtype))[0]
 
-    def read(how: Method):
-        if how is Method.WINDOW:  # TPU: box-local windows, no gather or scatter
-            live_y, live_x = vy & ok[:, None], vx & ok[:, None]
-            taps_y, taps_x = (iy, wy, live_y), (ix, wx, live_x)
-            return lambda: _window.read_taps([image], DataFormat.NHWC, batch, taps_y, taps_x, dtype)
-        # The row-window feature gradient on CPU, autodiff's scatter-add elsewhere.
-        row_vjp = how is Method.GATHER
-        if nearest:
-            return lambda: _contract.contract_taps(
-                image, DataFormat.NHWC, batch, iy, wy, ix, wx, dtype, row_vjp=row_vjp
+
+@dataclasses.dataclass(frozen=True)
+class Crop(_dispatch.Recipe):
+    """``crop_and_resize`` on ``(image, coords [K, 4], batch [K], ok [K], extra [])``:
+    taps (``GATHER``: the row-window gradient; ``SCATTER``: autodiff's), in
+    TensorFlow's float order for bilinear crops, or box-local windows (``WINDOW``)."""
+
+    name = "crop_and_resize"
+    supports = frozenset({Implementation.GATHER, Implementation.SCATTER, Implementation.WINDOW})
+    unsupported_reason = "crops read through taps or windows"
+    crop: tuple[int, int]
+    size: tuple[int, int]
+    dtype: Any
+    nearest: bool
+
+    def out_avals(self, image, coords, *rest):
+        shape = (coords.shape[0], *self.crop, image.shape[3])
+        return [jax.core.ShapedArray(shape, self.dtype)]
+
+    def forward(self, impl, exact=True):
+        def fn(image, coords, batch, ok, extra):
+            (ch, cw), (h, w), dtype = self.crop, self.size, self.dtype
+            taps_y = corner_aligned_taps(
+                coords[:, 0], coords[:, 2], crop=ch, length=h, nearest=self.nearest
             )
-        return lambda: _lerp_op(np.dtype(dtype), row_vjp)(image, wy, wx, batch, iy, ix)
+            taps_x = corner_aligned_taps(
+                coords[:, 1], coords[:, 3], crop=cw, length=w, nearest=self.nearest
+            )
+            (iy, wy, vy), (ix, wx, vx) = taps_y, taps_x
+            if impl is Implementation.WINDOW:  # box-local windows, no gather or scatter
+                live = ((iy, wy, vy & ok[:, None]), (ix, wx, vx & ok[:, None]))
+                out = _window.read_taps([image], DataFormat.NHWC, batch, *live, dtype)
+            elif self.nearest or not exact:
+                row_vjp = impl is Implementation.GATHER
+                out = _contract.contract_taps(
+                    image, DataFormat.NHWC, batch, iy, wy, ix, wx, dtype, row_vjp=row_vjp
+                )
+            else:
+                op = _lerp_op(np.dtype(dtype), impl is Implementation.GATHER)
+                out = op(image, wy, wx, batch, iy, ix)
+            out = jnp.where(ok[:, None, None, None], out, 0.0)
+            inside = (vy[:, :, None] & vx[:, None, :])[..., None]
+            return [jnp.where(inside, out, extra)]
 
-    out = _READER.run(read)
-    out = jnp.where(ok[:, None, None, None], out, 0.0)
-    inside = (vy[:, :, None] & vx[:, None, :])[..., None]
-    return jnp.where(inside, out, extra.astype(dtype))
+        return fn
 
-
-# The reader both crops take: ``AUTO`` picks the platform's (tests set others).
-_READER = Method.AUTO
+    def differentiable(self, impl):
+        # The weighted sum (TensorFlow's order only rounds differently).
+        return self.forward(Implementation.SCATTER, exact=False)
 
 
 def _exact_op(exact, weighted):
@@ -284,7 +320,7 @@ def _lerp_op(dtype: Any, row_vjp: bool):
 
     def lerp(image, wy, wx, batch, iy, ix):
         _, h, w, c = image.shape
-        if c > FEW_CHANNELS:
+        if c > TUNING.few_channels:
             b = batch[:, None, None]
 
             def read(a: int, t: int) -> Array:
@@ -325,11 +361,6 @@ def _lerp_op(dtype: Any, row_vjp: bool):
         return ordered_lerp(at, wy, wx)
 
     return _exact_op(lerp, weighted)
-
-
-# Up to this many channels, a bilinear crop reads each sample's 2 x 2 cells with
-# one gather; above, one gather per neighbour.
-FEW_CHANNELS = 8
 
 
 def ordered_lerp(at, wy: Array, wx: Array) -> Array:
@@ -486,6 +517,8 @@ def multilevel_crop_and_resize(
     boxes: Array,
     output_size: int = 7,
     sample_offset: float = 0.5,
+    *,
+    implementation: str | None = None,
 ) -> Array:
     """RoI Align from a feature pyramid, as TF Model Garden's ``multilevel_crop_and_resize``.
 
@@ -522,6 +555,9 @@ def multilevel_crop_and_resize(
       boxes: ``[B, N, 4]`` ``(y1, x1, y2, x2)`` in image pixels.
       output_size: the side of the square output, ``>= 1``.
       sample_offset: where in each bin the sample sits (0.5: its centre).
+      implementation: which reader runs; all give the same numbers. ``None``
+        (default) chooses by platform; or ``"gather"``, ``"scatter"``,
+        ``"window"`` (others raise ``ValueError``).
 
     Returns:
       ``[B, N, output_size, output_size, C]`` in the features' dtype (computed
@@ -538,6 +574,7 @@ def multilevel_crop_and_resize(
       >>> round(float(out[0, 0].mean()), 6), round(float(out[0, 1].mean()), 6)  # levels 2, 3
       (1.0, 3.0)
     """
+    impl = _dispatch.parse_implementation(implementation)
     order, maps = _pyramid(features)
     if isinstance(output_size, bool) or not isinstance(output_size, (numbers.Integral)):
         raise TypeError(f"output_size must be an int, got {output_size!r}")
@@ -560,22 +597,8 @@ def multilevel_crop_and_resize(
     num = bshape[1]
     if num == 0:
         return jnp.zeros((b, 0, pooled, pooled, c), out_dtype)
-    min_level, max_level = order[0], order[-1]
-    coords = jnp.asarray(boxes).reshape(b * num, 4).astype(dtype)
-    level = model_garden_levels(coords, min_level, max_level) - min_level
     heights = np.array([jnp.shape(m)[1] for m in maps])
     widths = np.array([jnp.shape(m)[2] for m in maps])
-    # 2**-level is exact, like Model Garden's division by 2**level.
-    inv = by_level(2.0 ** -np.arange(min_level, max_level + 1), level, dtype)
-    y1, x1 = coords[:, 0] * inv, coords[:, 1] * inv
-    h = (coords[:, 2] - coords[:, 0]) * inv
-    w = (coords[:, 3] - coords[:, 1]) * inv
-    stride = by_level(2.0 ** np.arange(len(order)), level, jnp.float32)
-    bound_y = (exact_divide(jnp.full_like(stride, float(heights[0])), stride) - 1.0).astype(dtype)
-    bound_x = (exact_divide(jnp.full_like(stride, float(widths[0])), stride) - 1.0).astype(dtype)
-    iy, wy = clamped_bin_taps(y1, h, bound_y, pooled=pooled, sample_offset=sample_offset)
-    ix, wx = clamped_bin_taps(x1, w, bound_x, pooled=pooled, sample_offset=sample_offset)
-
     # Model Garden's bounds keep every tap inside its level when each level is at
     # least half the one below it (floor(H_min / 2**l) <= H_l): then each level
     # can be read on its own.
@@ -583,52 +606,124 @@ def multilevel_crop_and_resize(
     in_levels = bool(
         np.all(heights[0] // halves <= heights) and np.all(widths[0] // halves <= widths)
     )
-
-    def read(how: Method):
-        def pool(maps, batch, level, iy, wy, ix, wx):
-            if how is Method.WINDOW:  # TPU: box-local windows of each box's level
-                # Taps stay inside their level (they do when each level is half
-                # the one below it, as Model Garden assumes; the flat read runs on).
-                rows = jnp.minimum(iy, by_level(heights - 1, level, jnp.int32)[:, None, None])
-                cols = jnp.minimum(ix, by_level(widths - 1, level, jnp.int32)[:, None, None])
-                live = jnp.ones(rows.shape[:2], bool)
-                taps_y, taps_x = (rows, wy, live), (cols, wx, live)
-                return _window.read_taps(
-                    maps, DataFormat.NHWC, batch, taps_y, taps_x, dtype, level=level
-                )
-            flats = [m.reshape(m.shape[0], -1, c) for m in maps]
-            if how is Method.GATHER and in_levels:
-                # CPU: each box read from its own level, the pyramid not
-                # concatenated; the row-window feature gradient per level.
-                return _contract.contract_levels(
-                    flats,
-                    [int(x) for x in widths],
-                    DataFormat.NHWC,
-                    batch,
-                    level,
-                    iy,
-                    wy,
-                    ix,
-                    wx,
-                    dtype,
-                    combine=ordered_corners,
-                )
-            # Autodiff's scatter-add gradient elsewhere (and, on CPU, for a
-            # pyramid whose taps run past a level: the flat read runs on).
-            flat, offset, row_length = _contract.concat_levels(
-                flats, widths, DataFormat.NHWC, level
-            )
-            op = _rows_sum_op(np.dtype(dtype), how is Method.GATHER, int(widths.min()))
-            return op(flat, wy, wx, batch, offset, row_length, iy, ix)
-
-        # Boxes image-major: on batch-sharded maps each device pools its own.
-        batch = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num)
-        # Vectorized reads go behind a fence (a loss on the output would otherwise
-        # store every corner's term); the level-sorted read fences its own, and a
-        # loop's output needs none (one would be a copy of the output), as in
-        # multiscale_roi_align.
-        wrap = (lambda x: x) if how is Method.GATHER and in_levels else fence
-        return lambda: wrap(_shard.per_image_pool(pool, maps, batch, level, iy, wy, ix, wx))
-
-    out = _READER.run(read)
+    recipe = MultilevelCrop(
+        levels=(order[0], order[-1]),
+        heights=tuple(int(x) for x in heights),
+        widths=tuple(int(x) for x in widths),
+        pooled=pooled,
+        sample_offset=float(sample_offset),
+        dtype=np.dtype(dtype),
+        in_levels=in_levels,
+    )
+    coords = jnp.asarray(boxes).reshape(b * num, 4).astype(dtype)
+    out = _dispatch.call(recipe, impl, maps, coords, per_image=True)[0]
     return out.reshape(b, num, pooled, pooled, c).astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultilevelCrop(_dispatch.Recipe):
+    """``multilevel_crop_and_resize`` on ``(*maps, coords [B * N, 4])`` (image-major):
+    each box read from its level (``GATHER``: the level-sorted read with the
+    row-window gradient, where the levels hold their taps), from the levels'
+    concatenation (``SCATTER``: autodiff's gradient), or through box-local
+    windows of its level (``WINDOW``)."""
+
+    name = "multilevel_crop_and_resize"
+    supports = frozenset({Implementation.GATHER, Implementation.SCATTER, Implementation.WINDOW})
+    unsupported_reason = "crops read through taps or windows"
+    levels: tuple[int, int]
+    heights: tuple[int, ...]
+    widths: tuple[int, ...]
+    pooled: int
+    sample_offset: float
+    dtype: Any
+    in_levels: bool
+
+    def out_avals(self, *args):
+        maps, coords = args[:-1], args[-1]
+        shape = (coords.shape[0], self.pooled, self.pooled, maps[0].shape[3])
+        return [jax.core.ShapedArray(shape, self.dtype)]
+
+    def taps(self, coords):
+        """Each box's level and its taps ``(level, iy, wy, ix, wx)``."""
+        dtype, (min_level, max_level) = self.dtype, self.levels
+        level = model_garden_levels(coords, min_level, max_level) - min_level
+        # 2**-level is exact, like Model Garden's division by 2**level.
+        inv = by_level(2.0 ** -np.arange(min_level, max_level + 1), level, dtype)
+        y1, x1 = coords[:, 0] * inv, coords[:, 1] * inv
+        h = (coords[:, 2] - coords[:, 0]) * inv
+        w = (coords[:, 3] - coords[:, 1]) * inv
+        stride = by_level(2.0 ** np.arange(len(self.heights)), level, jnp.float32)
+        bound_y = exact_divide(jnp.full_like(stride, float(self.heights[0])), stride) - 1.0
+        bound_x = exact_divide(jnp.full_like(stride, float(self.widths[0])), stride) - 1.0
+        opts = dict(pooled=self.pooled, sample_offset=self.sample_offset)
+        iy, wy = clamped_bin_taps(y1, h, bound_y.astype(dtype), **opts)
+        ix, wx = clamped_bin_taps(x1, w, bound_x.astype(dtype), **opts)
+        return level, iy, wy, ix, wx
+
+    def forward(self, impl, exact=True):
+        def fn(*args):
+            maps, coords = list(args[:-1]), args[-1]
+            n, c = maps[0].shape[0], maps[0].shape[3]
+            batch = jnp.repeat(jnp.arange(n, dtype=jnp.int32), coords.shape[0] // n)
+            out = self._read(impl, exact, maps, c, batch, *self.taps(coords))
+            # Vectorized reads go behind a fence (a loss on the output would
+            # otherwise store every corner's term); the level-sorted read fences
+            # its own, and a loop's output needs none (one would be a copy).
+            looped = impl is Implementation.GATHER and self.in_levels and exact
+            return [out if looped else fence(out)]
+
+        return fn
+
+    def _read(self, impl, exact, maps, c, batch, level, iy, wy, ix, wx):
+        dtype, heights, widths = self.dtype, np.array(self.heights), np.array(self.widths)
+        if impl is Implementation.WINDOW:  # box-local windows of each box's level
+            # Taps stay inside their level (they do when each level is half
+            # the one below it, as Model Garden assumes; the flat read runs on).
+            rows = jnp.minimum(iy, by_level(heights - 1, level, jnp.int32)[:, None, None])
+            cols = jnp.minimum(ix, by_level(widths - 1, level, jnp.int32)[:, None, None])
+            live = jnp.ones(rows.shape[:2], bool)
+            taps_y, taps_x = (rows, wy, live), (cols, wx, live)
+            return _window.read_taps(
+                maps, DataFormat.NHWC, batch, taps_y, taps_x, dtype, level=level
+            )
+        flats = [m.reshape(m.shape[0], -1, c) for m in maps]
+        if impl is Implementation.GATHER and self.in_levels and exact:
+            # Each box read from its own level, the pyramid not concatenated;
+            # the row-window feature gradient per level.
+            return _contract.contract_levels(
+                flats,
+                [int(x) for x in widths],
+                DataFormat.NHWC,
+                batch,
+                level,
+                iy,
+                wy,
+                ix,
+                wx,
+                dtype,
+                combine=ordered_corners,
+            )
+        # The levels' concatenation (a pyramid whose taps run past a level: the
+        # flat read runs on, as Model Garden's).
+        flat, offset, row_length = _contract.concat_levels(flats, widths, DataFormat.NHWC, level)
+        if not exact:  # the weighted sum, for derivatives
+            return _contract.contract_rows(
+                flat,
+                DataFormat.NHWC,
+                batch,
+                offset,
+                row_length,
+                iy,
+                wy,
+                ix,
+                wx,
+                dtype,
+                min_row_length=int(widths.min()),
+                row_vjp=False,
+            )
+        op = _rows_sum_op(np.dtype(dtype), impl is Implementation.GATHER, int(widths.min()))
+        return op(flat, wy, wx, batch, offset, row_length, iy, ix)
+
+    def differentiable(self, impl):
+        return self.forward(Implementation.SCATTER, exact=False)

@@ -21,15 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _sampling, _shard
+from . import _contract, _dispatch, _sampling
+from ._dispatch import Implementation
 from ._max import inside
-from ._roi_align import fast_window
-from ._validation import (
-    DataFormat,
-    Method,
-    prepare,
-    sampling_ratio_int,
-)
+from ._recipe import BoxRecipe
+from ._tuning import TUNING
+from ._validation import DataFormat, prepare, sampling_ratio_int
 
 Array = jax.Array
 
@@ -46,6 +43,7 @@ def deform_roi_align(
     mask: Array | None = None,
     box_indices: Array | None = None,
     data_format: str = "NHWC",
+    implementation: str | None = None,
 ) -> Array:
     """Deformable RoI Align: RoI Align whose bins are shifted by per-bin offsets.
 
@@ -92,6 +90,9 @@ def deform_roi_align(
         factor of each bin's value.
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"``.
+      implementation: which reader runs; both give the same numbers. ``None``
+        (default) chooses by platform; or ``"scatter"`` (per-bin taps, autodiff's
+        gradient) or ``"window"`` (others raise ``ValueError``).
 
     Returns:
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
@@ -120,6 +121,7 @@ def deform_roi_align(
       >>> out[0, :, :, 0].tolist()
       [[14.5, 16.5], [30.5, 32.5]]
     """
+    impl = _dispatch.parse_implementation(implementation)
     ratio = sampling_ratio_int(sampling_ratio)
     gamma = _finite_number(gamma, "gamma")
     call = prepare(
@@ -135,45 +137,57 @@ def deform_roi_align(
     offsets = _per_bin(offsets, "offsets", lead + (ph, pw, 2), jnp.shape(boxes))
     if mask is not None:
         mask = _per_bin(mask, "mask", lead + (ph, pw), jnp.shape(boxes))
-    dtype = jnp.result_type(call.dtype, offsets.dtype)
+    settings = BoxRecipe.settings(call)
+    settings["dtype"] = np.dtype(jnp.result_type(call.dtype, offsets.dtype))
+    recipe = DeformAlign(**settings, sampling_ratio=ratio, gamma=gamma)
     k = rois.coords.shape[0]
-    per_image = len(lead) == 2
 
     def body() -> Array:
-        offs = offsets.reshape(k, ph, pw, 2).astype(dtype)
-        bin_ok = rois.ok[:, None, None] & jnp.all(jnp.isfinite(offs), axis=-1)
-        offs = jnp.where(bin_ok[..., None], offs, 0.0)
-        gy, gx = deform_grids(
-            rois.coords,
-            rois.ok,
-            offs,
-            call.size,
-            spatial_scale=call.spatial_scale,
-            sampling_ratio=ratio,
-            gamma=gamma,
-            dtype=dtype,
-        )
-        okb = bin_ok.astype(dtype)
-
-        def build(how: Method):
-            def pool(f, batch, okb, gy, gx):
-                read = window_per_bin if how is Method.WINDOW else aggregate_avg_per_bin
-                return read(f, call.layout, batch, okb, gy, gx, (ph, pw), dtype)
-
-            if per_image:  # on batch-sharded features each device pools its own images
-                return lambda: _shard.per_image_pool(pool, call.features, rois.batch, okb, gy, gx)
-            return lambda: pool(call.features, rois.batch, okb, gy, gx)
-
-        out = _READER.run(build)
+        offs = offsets.reshape(k, ph, pw, 2)
+        args = (rois.coords, rois.batch, rois.ok, offs)
+        out = _dispatch.call(recipe, impl, call.features, *args, per_image=recipe.per_image)[0]
         if mask is not None:
-            out = out * mask.reshape(k, ph, pw, 1).astype(dtype)
+            out = out * mask.reshape(k, ph, pw, 1).astype(recipe.dtype)
         return out
 
     return call.output(body)
 
 
-# The reader ``deform_roi_align`` takes: ``AUTO`` picks the platform's (tests set others).
-_READER = Method.AUTO
+@dataclasses.dataclass(frozen=True)
+class DeformAlign(BoxRecipe):
+    """``deform_roi_align`` on ``(features, coords [K, 4], batch [K], ok [K],
+    offsets [K, PH, PW, 2])``: per-bin taps (``SCATTER``: autodiff's gradient) or
+    the window reader's points (``WINDOW``)."""
+
+    name = "deform_roi_align"
+    supports = frozenset({Implementation.SCATTER, Implementation.WINDOW})
+    fallback = Implementation.SCATTER
+    unsupported_reason = "each bin has its own offset, read per bin"
+    sampling_ratio: int = 0
+    gamma: float = 0.1
+
+    def forward(self, impl):
+        read = window_per_bin if impl is Implementation.WINDOW else aggregate_avg_per_bin
+
+        def fn(features, coords, batch, ok, offsets):
+            offs = offsets.astype(self.dtype)
+            bin_ok = ok[:, None, None] & jnp.all(jnp.isfinite(offs), axis=-1)
+            offs = jnp.where(bin_ok[..., None], offs, 0.0)
+            gy, gx = deform_grids(
+                coords,
+                ok,
+                offs,
+                self.size,
+                spatial_scale=self.spatial_scale,
+                sampling_ratio=self.sampling_ratio,
+                gamma=self.gamma,
+                dtype=self.dtype,
+            )
+            okb = bin_ok.astype(self.dtype)
+            b = self.batch(features, batch)
+            return [read(features, self.layout, b, okb, gy, gx, self.pooled, self.dtype)]
+
+        return fn
 
 
 def _finite_number(value: Any, name: str) -> float:
@@ -248,7 +262,7 @@ def aggregate_avg_per_bin(
     """The per-bin separable average ``[K, PH, PW, C]`` for grids over flattened bins.
 
     ``ok`` ``[K, PH, PW]`` (0 or 1) zeroes bins. The per-bin counterpart of
-    :func:`_roi_align.aggregate_avg`: fixed grids use two taps per sample,
+    :func:`jax_roialign._separable.average`: fixed grids use two taps per sample,
     adaptive grids a static window of exact per-row weights, and a
     ``lax.cond`` takes the dense path when any bin needs more rows.
     """
@@ -272,8 +286,8 @@ def aggregate_avg_per_bin(
             features, layout, batch, per_bin(iy), per_bin(wy) * okw, per_bin(ix), per_bin(wx), dtype
         )
 
-    ty = fast_window(gy.length, ph)
-    tx = fast_window(gx.length, pw)
+    ty = TUNING.half_map_window(gy.length, ph)
+    tx = TUNING.half_map_window(gx.length, pw)
 
     def fast(_):
         (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))

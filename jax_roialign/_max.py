@@ -10,7 +10,7 @@ computed in two steps:
    form an index range per bin (:func:`_sampling.valid_range`, widened by one
    sample at each end and tested sample by sample), at most
    about ``2 L + 3`` long because adaptive samples are more than half a cell
-   apart. That range is scanned in tiles of ``TILE x TILE`` samples by a
+   apart. That range is scanned in tiles of ``TILE x TUNING.max_tile`` samples by a
    ``while_loop`` whose trip count is what the largest bin needs (one tile for
    ordinary boxes). The samples outside the range read 0; when a bin has any,
    a 0 takes part in the max (as do invalid samples inside the range).
@@ -28,13 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from . import _sampling, _shard
+from ._tuning import TUNING
 from ._validation import DataFormat
 from ._window import _row, _set_row
 
 Array = jax.Array
-
-#: Samples per axis scanned per step of the adaptive search.
-TILE = 2
 
 
 def inside(y: Array, length: int) -> Array:
@@ -177,8 +175,8 @@ def aggregate_max(
     start_y, n_y, tot_y = _search_window(sgy)
     start_x, n_x, tot_x = _search_window(sgx)
     static = gy.static_count is not None and gx.static_count is not None
-    ty = gy.static_count if gy.static_count is not None else TILE
-    tx = gx.static_count if gx.static_count is not None else TILE
+    ty = gy.static_count if gy.static_count is not None else TUNING.max_tile
+    tx = gx.static_count if gx.static_count is not None else TUNING.max_tile
 
     def scan_tile(carry, oy, ox):
         """Folds the samples ``start + o + [0, t)`` of both axes into the running max."""
@@ -273,7 +271,7 @@ def window_max(
 
     The same search and the same numbers, read in blocks: a block is
     ``t_y x t_x`` samples of every bin (the whole ``s x s`` grid for a fixed grid,
-    one block; ``TILE x TILE`` samples of the search range for an adaptive one, as
+    one block; ``TILE x TUNING.max_tile`` samples of the search range for an adaptive one, as
     many blocks as the largest bin needs, in :func:`aggregate_max`'s tile order).
     Each sample is a point with its two taps per axis, read through one window per
     box (:func:`._window.fold_taps`), and each box's block is folded at once into
@@ -359,8 +357,8 @@ class _Blocks:
         self.start_y, self.n_y, self.tot_y = _search_window(sgy)
         self.start_x, self.n_x, self.tot_x = _search_window(sgx)
         self.static = gy.static_count is not None and gx.static_count is not None
-        self.t_y = gy.static_count if gy.static_count is not None else TILE
-        self.t_x = gx.static_count if gx.static_count is not None else TILE
+        self.t_y = gy.static_count if gy.static_count is not None else TUNING.max_tile
+        self.t_x = gx.static_count if gx.static_count is not None else TUNING.max_tile
         # A search range is at most about 2 L + 3 samples (module docstring).
         self.stride = self.t_x if self.static else 2 * gx.length + 8
         live = ok[:, 0, 0] > 0

@@ -12,6 +12,7 @@ window reader reads each box's window of its own level.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import numbers
@@ -22,16 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _sampling, _shard
-from ._roi_align import finish_output
+from . import _contract, _dispatch, _sampling
+from ._dispatch import Implementation
+from ._separable import window_read
+from ._tuning import TUNING
 from ._validation import (
     DataFormat,
-    Method,
     Rois,
     check_bool,
     compute_dtype,
     features_nhwc_shape,
     fence,
+    finish_output,
     output_size_pair,
     parse_boxes,
     positive_scale,
@@ -39,22 +42,6 @@ from ._validation import (
 )
 
 Array = jax.Array
-
-# A box on its own FPN level spans 14 to 28 cells (sqrt of its area); the fast
-# adaptive path reads windows wide enough for a side of this many cells (aspect
-# 4:1 at the top of a level's range), clamped levels' boxes larger than that
-# take the exact dense path.
-_FAST_SPAN = 56
-
-
-# Reader of each method: taps (window switch, dense fallback), dense only, windows.
-_PATHS = {
-    Method.GATHER: "auto",
-    Method.SCATTER: "auto",
-    Method.MATMUL: "exact",
-    Method.WINDOW: "window",
-    Method.PALLAS: "pallas",
-}
 
 
 class LevelMapper(enum.Enum):
@@ -85,7 +72,8 @@ def multiscale_roi_align(
     level_mapper: str = "torchvision",
     box_indices: Array | None = None,
     data_format: str = "NHWC",
-    method: str = "auto",
+    implementation: str | None = None,
+    method: str | None = None,
 ) -> Array:
     """Multi-scale RoI Align (FPN): each box is pooled from the level its size selects.
 
@@ -138,9 +126,10 @@ def multiscale_roi_align(
       level_mapper: ``"torchvision"`` or ``"detectron2"`` (the formulas above).
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"``.
-      method: as :func:`jax_roialign.roi_align`: ``"auto"``, ``"gather"`` (row-window
-        gradient, reverse mode only), ``"scatter"`` (autodiff's scatter-add,
-        forward mode too) or ``"matmul"`` (dense per-level weights, no gather).
+      implementation: which reader runs; all give the same numbers. ``None``
+        (default) chooses by platform; or ``"gather"``, ``"scatter"``,
+        ``"window"``, ``"pallas"``, ``"matmul"`` (as :func:`jax_roialign.roi_align`).
+      method: deprecated alias of ``implementation`` (``"auto"`` is ``None``).
 
     Returns:
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
@@ -166,7 +155,7 @@ def multiscale_roi_align(
       [1.0, 2.0]
     """
     layout = DataFormat.parse(data_format)
-    how = Method.parse(method)
+    impl = _dispatch.implementation_arg(implementation, method)
     mapper = LevelMapper.parse(level_mapper)
     ph, pw = output_size_pair(output_size)
     ratio = sampling_ratio_int(sampling_ratio)
@@ -180,48 +169,95 @@ def multiscale_roi_align(
     rois = parse_boxes(boxes, box_indices, n)
     dtype = compute_dtype(jnp.result_type(*maps), boxes)
     out_dtype = jnp.result_type(*maps)
-    level, has_level = fpn_levels(
-        rois.coords,
+    recipe = MultiScale(
+        layout=layout,
+        sizes=tuple((h, w) for (_, h, w, _) in shapes),
+        scales=tuple(scales),
         k_min=k_min,
-        k_max=k_min + len(maps) - 1,
+        pooled=(ph, pw),
+        sampling_ratio=ratio,
+        aligned=aligned,
         canonical_scale=canonical_scale,
         canonical_level=int(canonical_level),
-        level_mapper=mapper,
+        mapper=mapper,
+        dtype=np.dtype(dtype),
+        per_image=len(rois.lead_shape) == 2,
     )
     if rois.coords.shape[0] == 0:
         out = jnp.zeros((0, ph, pw, c), dtype)
     else:
-        sizes = [(h, w) for (_, h, w, _) in shapes]
+        args = (rois.coords, rois.batch, rois.ok)
+        out = _dispatch.call(recipe, impl, maps, *args, per_image=recipe.per_image)[0]
+    return finish_output(out, rois, layout, out_dtype, fenced=False)
 
-        def pool(maps, coords, batch, ok, level, has_level, how):
-            boxes = Rois(coords, batch, ok, rois.lead_shape, batch)
-            return _pool(
+
+# The reader of each implementation: taps (window switch, dense fallback), dense
+# only, windows.
+_PATHS = {
+    Implementation.GATHER: "auto",
+    Implementation.SCATTER: "auto",
+    Implementation.MATMUL: "exact",
+    Implementation.WINDOW: "window",
+    Implementation.PALLAS: "pallas",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScale(_dispatch.Recipe):
+    """``multiscale_roi_align`` on ``(*maps, coords [K, 4], batch [K], ok [K])``."""
+
+    name = "multiscale_roi_align"
+    layout: DataFormat
+    sizes: tuple[tuple[int, int], ...]
+    scales: tuple[float, ...]
+    k_min: int
+    pooled: tuple[int, int]
+    sampling_ratio: int
+    aligned: bool
+    canonical_scale: float
+    canonical_level: int
+    mapper: LevelMapper
+    dtype: Any
+    per_image: bool
+
+    def out_avals(self, *args):
+        maps, coords = args[: len(self.sizes)], args[len(self.sizes)]
+        c = maps[0].shape[3 if self.layout is DataFormat.NHWC else 1]
+        return [jax.core.ShapedArray((coords.shape[0], *self.pooled, c), self.dtype)]
+
+    def forward(self, impl):
+        def fn(*args):
+            maps, (coords, batch, ok) = list(args[: len(self.sizes)]), args[len(self.sizes) :]
+            level, has_level = fpn_levels(
+                coords,
+                k_min=self.k_min,
+                k_max=self.k_min + len(self.sizes) - 1,
+                canonical_scale=self.canonical_scale,
+                canonical_level=self.canonical_level,
+                level_mapper=self.mapper,
+            )
+            n, k = maps[0].shape[0], coords.shape[0]
+            lead = (n, k // n) if self.per_image else (k,)
+            out = _pool(
                 maps,
-                layout,
-                boxes,
+                self.layout,
+                Rois(coords, batch, ok, lead, batch),
                 level,
                 has_level,
-                sizes,
-                scales,
-                (ph, pw),
-                sampling_ratio=ratio,
-                aligned=aligned,
-                dtype=dtype,
-                path=_PATHS[how],
-                row_vjp=how is Method.GATHER,
+                list(self.sizes),
+                list(self.scales),
+                self.pooled,
+                sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned,
+                dtype=self.dtype,
+                path=_PATHS[impl],
+                row_vjp=impl is Implementation.GATHER,
             )
-
-        def run(how):
-            args = (rois.coords, rois.batch, rois.ok, level, has_level)
             # The CPU's level-sorted read fences its own vectorized reads; a
             # loop's output needs no fence (one would be a copy inside a loss).
-            wrap = (lambda x: x) if how is Method.GATHER else fence
-            if len(rois.lead_shape) == 2:  # per image: per device when batch-sharded
-                return lambda: wrap(_shard.by_image(lambda m, *a: pool(m, *a, how), maps, *args))
-            return lambda: wrap(pool(maps, *args, how))
+            return [out if impl is Implementation.GATHER else fence(out)]
 
-        out = how.run(run)
-    return finish_output(out, rois, layout, out_dtype, fenced=False)
+        return fn
 
 
 def _check_maps(features: Any, layout: DataFormat) -> tuple[list[Array], list[tuple]]:
@@ -311,11 +347,6 @@ def fpn_levels(
     return (k - k_min).astype(jnp.int32), has_level
 
 
-def fast_window(pooled: int, length: int) -> int:
-    """Rows per bin read by the fast adaptive path (enough for a ``_FAST_SPAN``-cell side)."""
-    return min(length, math.ceil(_FAST_SPAN / pooled) + 3)
-
-
 def _pool(
     maps: list[Array],
     layout: DataFormat,
@@ -360,8 +391,6 @@ def _pool(
     okf = ok.astype(dtype)[:, None, None]
     per_image = len(rois.lead_shape) == 2
     if path in ("window", "pallas"):
-        from ._roi_align import window_read
-
         return window_read(
             list(maps),
             layout,
@@ -376,8 +405,8 @@ def _pool(
             pallas=path == "pallas",
         )
 
-    ty = fast_window(pooled[0], gy.length)
-    tx = fast_window(pooled[1], gx.length)
+    ty = TUNING.level_window(gy.length, pooled[0])
+    tx = TUNING.level_window(gx.length, pooled[1])
     widths = [int(w) for w in ws]
 
     def fast(m, b, gy, gx, ok, lv):

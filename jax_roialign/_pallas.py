@@ -31,7 +31,7 @@ step, in the table's order, each of its windows of the gradient copied into
 VMEM, added to (``wy^T . g . wx``) and copied back before the next, so boxes
 that share cells add in turn and the sum is the same on every run. The
 weights' gradient (the box gradient) is the window reader's own
-(:mod:`jax_roialign._window`), so ``method="pallas"`` has every gradient the
+(:mod:`jax_roialign._window`), so ``implementation="pallas"`` has every gradient the
 window path has, with no gather or scatter.
 """
 
@@ -46,7 +46,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from . import _sampling, _window
+from . import _sampling
+from ._tuning import TUNING
 
 Array = jax.Array
 
@@ -55,25 +56,18 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Block indices are int32 (a Python 0 would be int64 under x64, which Mosaic refuses).
 _ZERO = np.int32(0)
 
-# The side of a window a box's span is cut into (clipped to the map). A box
-# spanning more reads more windows.
-WINDOW = 16
-# Largest output side the kernel takes (its y-weights live in SMEM and its rows are
-# added one scalar weight at a time); wider outputs use the XLA window reader.
-MAX_ROWS = 32
-
 
 def supported(plan, ph: int) -> bool:
     """Whether the kernel takes a read of ``plan`` with ``ph`` output rows: NHWC maps
     (the TPU's layout for convolutions; in NCHW a window's columns would be lanes,
-    whose copies must start at multiples of 128), at most ``MAX_ROWS`` rows, and
-    whole-row strips (:class:`Sides`) of at most ``MAX_STRIP`` bytes."""
+    whose copies must start at multiples of 128), at most ``TUNING.pallas_max_rows`` rows, and
+    whole-row strips (:class:`Sides`) of at most ``TUNING.pallas_max_strip`` bytes."""
     if plan.points or plan.taps or plan.group != 1 or plan.prep is not None:  # plain reads only
         return False
-    if not plan.nhwc or ph > MAX_ROWS or plan.dtype == np.dtype(np.float16):
+    if not plan.nhwc or ph > TUNING.pallas_max_rows or plan.dtype == np.dtype(np.float16):
         return False
     return all(
-        not side.strip or side.h * width * plan.channels * dt.itemsize <= MAX_STRIP
+        not side.strip or side.h * width * plan.channels * dt.itemsize <= TUNING.pallas_max_strip
         for side, width, dt in zip(_sides(plan), plan.widths, plan.map_dtypes, strict=True)
     )
 
@@ -107,23 +101,10 @@ def _sides(plan) -> list[Sides]:
     out = []
     for height, width, dt in zip(plan.heights, plan.widths, plan.map_dtypes, strict=True):
         a = _sublanes(dt)
-        h, w = min(WINDOW, height), min(WINDOW, width)
+        h, w = min(TUNING.pallas_window, height), min(TUNING.pallas_window, width)
         block = min(w + a, width)
         out.append(Sides(h, w, block, a, block < width and width % a != 0))
     return out
-
-
-# Largest whole-row strip (bytes) the kernel keeps in VMEM for a map whose width
-# is not a multiple of its alignment; wider maps use the XLA window reader.
-MAX_STRIP = 4 * 2**20
-
-
-def _levels(plan, branch: Array) -> Array:
-    """The map of each box, from its branch (:func:`jax_roialign._window.branch_index`)."""
-    level = jnp.zeros_like(branch)
-    for lv, offset in enumerate(plan.branch_offset[1:], start=1):
-        level = jnp.where(branch >= offset, lv, level)
-    return level
 
 
 def _select(level: Array, values: list[int]) -> Array | int:
@@ -145,7 +126,7 @@ def _first_col(x0, width: int, cols: int, align: int):
     return jnp.minimum(jax.lax.div(x0, jnp.int32(align)) * align, last)
 
 
-def forward(plan, maps, wy: Array, wx: Array, batch, branch, span_y, span_x) -> Array:
+def forward(plan, maps, wy: Array, wx: Array, batch, level, span_y, span_x) -> Array:
     """``out[k] = wy[k] . F[batch[k]] . wx[k]^T`` over box ``k``'s span: ``[K, PH, PW, C]``.
 
     As :func:`jax_roialign._window._forward` (flat tables), by a Pallas kernel;
@@ -153,18 +134,17 @@ def forward(plan, maps, wy: Array, wx: Array, batch, branch, span_y, span_x) -> 
     """
     kernel = functools.partial(_call, plan, interpret=False)
     interpreted = functools.partial(_call, plan, interpret=True)
-    args = (tuple(maps), wy, wx, batch, branch, span_y, span_x)
+    args = (tuple(maps), wy, wx, batch, level, span_y, span_x)
     return jax.lax.platform_dependent(*args, tpu=kernel, default=interpreted)
 
 
-def _table(plan, batch, branch, span_y, span_x) -> tuple[Array, ...]:
+def _table(plan, batch, level, span_y, span_x) -> tuple[Array, ...]:
     """The box table the kernels read from SMEM (scalar prefetch), ``[K]`` each
     unless said: the order boxes are visited in (by level), each box's image,
     level, first row and column in its map and windows down and across, and
     each level's first and last position in the order (``[L]``)."""
     nmaps, sides = len(plan.shapes), _sides(plan)
-    level = _levels(plan, branch).astype(jnp.int32)
-    order, starts, ends = _window.groups(level, nmaps)
+    order, starts, ends = _sampling.groups(level, nmaps)
     # Per box: its first row and column in its own map, and how many windows it reads.
     heights = _select(level, list(plan.heights))
     widths = _select(level, list(plan.widths))
@@ -179,13 +159,13 @@ def _table(plan, batch, branch, span_y, span_x) -> tuple[Array, ...]:
     return (order, batch.astype(jnp.int32), level, lo_y, lo_x, down, across, starts, ends)
 
 
-def _call(plan, maps, wy, wx, batch, branch, span_y, span_x, *, interpret: bool) -> Array:
+def _call(plan, maps, wy, wx, batch, level, span_y, span_x, *, interpret: bool) -> Array:
     k_boxes, ph, hm = wy.shape
     pw, wm = wx.shape[1], wx.shape[2]
     c = plan.channels
     nmaps = len(maps)
     sides = _sides(plan)
-    table = _table(plan, batch, branch, span_y, span_x)
+    table = _table(plan, batch, level, span_y, span_x)
 
     def window_map(lv):
         height, width = plan.heights[lv], plan.widths[lv]
@@ -386,23 +366,23 @@ def _kernel(plan, sides, ph, *refs):
                         read_strip(t)
 
 
-def transpose(plan, g, wy, wx, batch, branch, span_y, span_x, images: int | None = None):
+def transpose(plan, g, wy, wx, batch, level, span_y, span_x, images: int | None = None):
     """The feature gradient, as :func:`jax_roialign._window._transpose` (flat
     tables), by a Pallas kernel: ``wy[k]^T . g[k] . wx[k]`` added into each box's
     windows of its map. Interpreted off TPU. Returns one array per map, in the
     compute dtype."""
     kernel = functools.partial(_transpose_call, plan, images=images, interpret=False)
     interpreted = functools.partial(_transpose_call, plan, images=images, interpret=True)
-    args = (g, wy, wx, batch, branch, span_y, span_x)
+    args = (g, wy, wx, batch, level, span_y, span_x)
     return jax.lax.platform_dependent(*args, tpu=kernel, default=interpreted)
 
 
-def _transpose_call(plan, g, wy, wx, batch, branch, span_y, span_x, *, images, interpret: bool):
+def _transpose_call(plan, g, wy, wx, batch, level, span_y, span_x, *, images, interpret: bool):
     k_boxes, ph, hm = wy.shape
     pw, wm = wx.shape[1], wx.shape[2]
     c, nmaps, sides = plan.channels, len(plan.shapes), _sides(plan)
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
-    table = _table(plan, batch, branch, span_y, span_x)
+    table = _table(plan, batch, level, span_y, span_x)
     in_specs = [
         pl.BlockSpec((None, ph, pw, c), _box_block(ph, pw, c)),
         pl.BlockSpec((None, ph, hm), _box_block(ph, hm), memory_space=pltpu.SMEM),

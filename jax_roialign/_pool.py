@@ -9,7 +9,7 @@ read only a few cells. The running max records the flat index of the first
 maximum in scan order (torchvision's ``argmax``), and the output is one gather
 at that index, so the gradient goes to exactly the cell torchvision picks.
 
-On TPU (``auto``) a gather-free path (:func:`window_pool`) reads the cells of
+On TPU (the default there) a gather-free path (:func:`window_pool`) reads the cells of
 every bin through the box-local window reader in blocks, each box's block
 reduced to its first maximum as it is read, and takes the gradient to the same
 cell through the reader's transpose: the same numbers, no gather or scatter.
@@ -17,21 +17,20 @@ cell through the reader's transpose: the same numbers, no gather or scatter.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _shard
+from . import _dispatch, _shard
 from ._contract import read
+from ._dispatch import Implementation
+from ._recipe import BoxRecipe
 from ._sampling import exact_divide
-from ._validation import (
-    Call,
-    DataFormat,
-    Method,
-    prepare,
-)
+from ._tuning import TUNING
+from ._validation import DataFormat, prepare
 from ._window import _row, _set_row, add_transpose_taps, fold_taps
 
 Array = jax.Array
@@ -51,6 +50,7 @@ def roi_pool(
     spatial_scale: float = 1.0,
     box_indices: Array | None = None,
     data_format: str = "NHWC",
+    implementation: str | None = None,
     checks: bool = False,
 ) -> Array:
     """RoI Pool (Fast R-CNN): max over whole cells in each bin of a rounded box.
@@ -83,6 +83,9 @@ def roi_pool(
       spatial_scale: map size over image size (1/stride), e.g. 0.0625 for stride 16.
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"`` (as torchvision).
+      implementation: which reader runs; both give the same numbers. ``None``
+        (default) chooses by platform; or ``"gather"`` (a search by gathers) or
+        ``"window"`` (others raise ``ValueError``).
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
@@ -110,6 +113,7 @@ def roi_pool(
       >>> out[0, :, :, 0].tolist()
       [[27.0, 29.0], [43.0, 45.0]]
     """
+    impl = _dispatch.parse_implementation(implementation)
     call = prepare(
         features,
         boxes,
@@ -119,7 +123,13 @@ def roi_pool(
         data_format=data_format,
         checks=checks,
     )
-    return call.output(lambda: _roi_pool_nhwc_out(call))
+    recipe = Pool(**Pool.settings(call))
+
+    def body():
+        args = (call.rois.coords, call.rois.batch, call.rois.ok)
+        return _dispatch.call(recipe, impl, call.features, *args, per_image=recipe.per_image)[0]
+
+    return call.output(body)
 
 
 def round_half_away(v: Array) -> Array:
@@ -146,7 +156,9 @@ def pool_bins(
     return jnp.clip(start, 0, length), jnp.clip(end, 0, length)
 
 
-def window_ladder(h: int, w: int, smallest: int = 5) -> list[tuple[int, int]]:
+def window_ladder(
+    h: int, w: int, smallest: int = TUNING.pool_smallest_window
+) -> list[tuple[int, int]]:
     """Window sizes ``(rows, cols)``: ``smallest`` cells, doubling, up to the whole map.
 
     Five cells hold any bin of up to four cells, the common case (a box of 14-28
@@ -218,35 +230,32 @@ def gather_flat(features: Array, layout: DataFormat, batch: Array, flat: Array) 
     return features.reshape(n, c, -1)[b, ch, flat]
 
 
-def _roi_pool_nhwc_out(call: Call) -> Array:
-    features, layout, rois = call.features, call.layout, call.rois
-    pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
-    coords = jax.lax.stop_gradient(jnp.where(rois.ok[:, None], rois.coords.astype(dtype), 0.0))
-    x1, y1, x2, y2 = (coords[:, i] for i in range(4))
-    ys, ye = pool_bins(y1, y2, pooled=pooled[0], length=size[0], spatial_scale=spatial_scale)
-    xs, xe = pool_bins(x1, x2, pooled=pooled[1], length=size[1], spatial_scale=spatial_scale)
-    per_image = len(rois.lead_shape) == 2
-    # Per-image boxes on batch-sharded features: per device (no collective; the
-    # CPU's gathers would not even trace under explicit sharding). Otherwise the
-    # boxes' own image indices (the CPU program as it was).
-    sharded = _shard.batch_axes(features) is not None
+@dataclasses.dataclass(frozen=True)
+class Pool(BoxRecipe):
+    """``roi_pool`` on ``(features, coords [K, 4], batch [K], ok [K])``: the running
+    max over a window ladder and a gather at the arg-max (``GATHER``), or the
+    window reader's blocks (``WINDOW``)."""
 
-    def build(how: Method):
-        def pool(f, b, ok, ys, ye, xs, xe):
-            if how is Method.WINDOW:
-                return window_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
-            return _scan_pool(f, layout, b, ok, ys, ye, xs, xe, dtype)
+    name = "roi_pool"
+    supports = frozenset({Implementation.GATHER, Implementation.WINDOW})
+    unsupported_reason = "the max over cells is read by a search or by windows"
 
-        args = (rois.ok, ys, ye, xs, xe)
-        if per_image and sharded:  # each device pools its own images
-            return lambda: _shard.per_image_pool(pool, features, rois.batch, *args)
-        return lambda: pool(features, rois.batch, *args)
+    def forward(self, impl):
+        read = window_pool if impl is Implementation.WINDOW else _scan_pool
 
-    return _READER.run(build)
+        def fn(features, coords, batch, ok):
+            coords = jax.lax.stop_gradient(jnp.where(ok[:, None], coords.astype(self.dtype), 0.0))
+            x1, y1, x2, y2 = (coords[:, i] for i in range(4))
+            (ph, pw), (h, w), scale = self.pooled, self.size, self.spatial_scale
+            ys, ye = pool_bins(y1, y2, pooled=ph, length=h, spatial_scale=scale)
+            xs, xe = pool_bins(x1, x2, pooled=pw, length=w, spatial_scale=scale)
+            b = self.batch(features, batch)
+            return [read(features, self.layout, b, ok, ys, ye, xs, xe, self.dtype)]
 
+        return fn
 
-# The reader ``roi_pool`` takes: ``AUTO`` picks the platform's (tests set others).
-_READER = Method.AUTO
+    def differentiable(self, impl):
+        return self.forward(Implementation.GATHER)
 
 
 def _scan_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
@@ -272,13 +281,6 @@ def _scan_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
     return jnp.where(keep, out, 0.0)
 
 
-# Samples per axis of one read of the TPU path: each read is one block of
-# ``ty = BLOCK // PH`` by ``tx = BLOCK // PW`` cells of every bin (``[PH * ty, PW * tx,
-# C]`` per box, reduced box by box), so bins of up to ``ty x tx`` cells (8 x 8 for a
-# 7 x 7 output) are read in one pass.
-BLOCK = 56
-
-
 def _encode(v: Array) -> Array:
     """The search's window prep: a finite code of every value, in the same order as
     torchvision's comparisons. A window is read by contracting it with one-hot
@@ -297,7 +299,7 @@ def _decode(code: Array) -> Array:
 
 
 class _Blocks:
-    """The cells of every bin in blocks of ``ty x tx`` cells (:data:`BLOCK`), as one-tap
+    """The cells of every bin in blocks of ``ty x tx`` cells (``TUNING.pool_block``), as one-tap
     samples for the window reader (:func:`._window.fold_taps`): block ``(i, j)``
     holds the cells ``ys + i * ty + [0, ty)`` by ``xs + j * tx + [0, tx)`` of each
     bin (those past the bin's end are not live: weight 0, outside the box's span).
@@ -311,8 +313,8 @@ class _Blocks:
         self.height, self.width = (shape[1], shape[2]) if nhwc else (shape[2], shape[3])
         self.channels = shape[3] if nhwc else shape[1]
         self.dtype = dtype
-        self.ty = max(1, BLOCK // self.ys.shape[1])
-        self.tx = max(1, BLOCK // self.xs.shape[1])
+        self.ty = max(1, TUNING.pool_block // self.ys.shape[1])
+        self.tx = max(1, TUNING.pool_block // self.xs.shape[1])
         live = self.ok[:, None]
         need_y = jnp.max(jnp.where(live, self.ye - self.ys, 0), initial=0)
         need_x = jnp.max(jnp.where(live, self.xe - self.xs, 0), initial=0)
@@ -364,8 +366,7 @@ def window_pool(features, layout, batch, ok, ys, ye, xs, xe, dtype) -> Array:
     max that keeps the first maximum in row-major order (on equal values the
     smaller flat index), so any bin of any box is exact. The gradient goes to that
     cell alone: the feature gradient is the transpose of the same reads with the
-    cotangent kept at each bin's winning cell (:func:`_argmax_ops`), and its own
-    gradient the read again, so reverse mode works to any order.
+    cotangent kept at each bin's winning cell (:func:`_argmax_ops`).
     """
     k, ph = ys.shape
     pw = xs.shape[1]
@@ -411,10 +412,10 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
     cotangent to each bin's winning cell ``argmax`` ``[K, PH, PW, C]`` (the last of
     ``aux``; a flat index, ``-1`` for none).
 
-    That VJP is ``pick_t``, the transpose of ``pick(m)``, which reads ``m`` at the
-    winning cells (the blocks' reads, each cell kept where it won); ``pick_t`` adds
-    each block's cotangent, kept at the winning cells, into the map through the
-    reads' transpose. Each is the other's VJP (any order of reverse mode).
+    That VJP is ``pick_t``, the transpose of reading the map at the winning
+    cells: it adds each block's cotangent, kept at the winning cells, into the
+    map through the reads' transpose (first order; higher orders differentiate
+    the gather search, :mod:`jax_roialign._dispatch`).
     """
 
     def no_aux(aux):
@@ -424,23 +425,6 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
         flat, live = cells(i)
         return live & (flat == _row(argmax, i)[:, None, :, None, :])
 
-    @jax.custom_vjp
-    def pick(m, aux):
-        blocks = _Blocks(shape, layout, aux, dtype)
-        argmax = aux[-1]
-
-        def body(blk, acc):
-            taps_y, taps_x, cells = blk
-
-            def emit(i, v, acc):
-                v = jnp.where(kept(cells, i, argmax), blocks.split(v), 0.0)
-                return _set_row(acc, i, _row(acc, i) + jnp.sum(v, axis=(1, 3)))
-
-            return fold_taps([m], layout, blocks.batch, taps_y, taps_x, dtype, emit, acc)
-
-        return blocks.fold(body, jnp.zeros(argmax.shape, dtype), m, argmax)
-
-    @jax.custom_vjp
     def pick_t(g, aux):
         blocks = _Blocks(shape, layout, aux, dtype)
         argmax = aux[-1]
@@ -459,9 +443,6 @@ def _argmax_ops(layout: DataFormat, shape, map_dtype, dtype):
             return acc
 
         return blocks.fold(body, jnp.zeros(shape, dtype), g, argmax).astype(map_dtype)
-
-    pick.defvjp(lambda m, aux: (pick(m, aux), aux), lambda aux, g: (pick_t(g, aux), no_aux(aux)))
-    pick_t.defvjp(lambda g, aux: (pick_t(g, aux), aux), lambda aux, m: (pick(m, aux), no_aux(aux)))
 
     @jax.custom_vjp
     def value(features, v, aux):

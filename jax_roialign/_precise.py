@@ -14,17 +14,17 @@ differentiable in the box coordinates too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from . import _shard, _window
+from . import _dispatch, _window
 from ._contract import contract_dense, contract_taps
-from ._roi_align import fast_window
-from ._validation import (
-    Call,
-    Method,
-    prepare,
-)
+from ._dispatch import Implementation
+from ._recipe import BoxRecipe
+from ._tuning import TUNING
+from ._validation import prepare
 
 Array = jax.Array
 
@@ -37,8 +37,9 @@ def precise_roi_pool(
     spatial_scale: float = 1.0,
     box_indices: Array | None = None,
     data_format: str = "NHWC",
-    method: str = "auto",
+    implementation: str | None = None,
     checks: bool = False,
+    method: str | None = None,
 ) -> Array:
     """Precise RoI Pooling: the exact average of the bilinear surface over each bin.
 
@@ -69,11 +70,12 @@ def precise_roi_pool(
       spatial_scale: map size over image size (1/stride), e.g. 0.0625 for stride 16.
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"``.
-      method: as :func:`jax_roialign.roi_align`: ``"auto"``, ``"gather"`` (row-window
-        gradient, reverse mode only), ``"scatter"`` (autodiff's scatter-add,
-        forward mode too) or ``"matmul"`` (dense integral weights, no gather).
+      implementation: which reader runs; all give the same numbers. ``None``
+        (default) chooses by platform; or ``"gather"``, ``"scatter"``,
+        ``"window"``, ``"pallas"``, ``"matmul"`` (as :func:`jax_roialign.roi_align`).
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
+      method: deprecated alias of ``implementation`` (``"auto"`` is ``None``).
 
     Returns:
       ``[K, PH, PW, C]`` (NHWC) or ``[K, C, PH, PW]`` (NCHW), ``[N, R, ...]`` for
@@ -101,7 +103,7 @@ def precise_roi_pool(
       >>> jax.grad(loss)(boxes).tolist()
       [[0.0, 2.0, 16.0, 2.0, 16.0]]
     """
-    how = Method.parse(method)
+    impl = _dispatch.implementation_arg(implementation, method)
     call = prepare(
         features,
         boxes,
@@ -111,31 +113,27 @@ def precise_roi_pool(
         data_format=data_format,
         checks=checks,
     )
+    recipe = PrecisePool(**PrecisePool.settings(call))
 
     def body():
-        rois = call.rois
-
-        def pool(features, coords, batch, ok, how):
-            return _precise_nhwc_out(call, features, coords, batch, ok, how)
-
-        if len(rois.lead_shape) == 2:  # per image: per device when batch-sharded
-            r = rois.lead_shape[1]
-
-            def local(features, coords, ok, how):
-                n = features.shape[0]
-                batch = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
-                return pool(features, coords, batch, ok, how)
-
-            return how.run(
-                lambda m: (
-                    lambda: _shard.by_image(
-                        lambda f, c, o: local(f, c, o, m), call.features, rois.coords, rois.ok
-                    )
-                )
-            )
-        return how.run(lambda m: lambda: pool(call.features, rois.coords, rois.batch, rois.ok, m))
+        args = (call.rois.coords, call.rois.batch, call.rois.ok)
+        return _dispatch.call(recipe, impl, call.features, *args, per_image=recipe.per_image)[0]
 
     return call.output(body)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisePool(BoxRecipe):
+    """``precise_roi_pool`` on ``(features, coords [K, 4], batch [K], ok [K])``."""
+
+    name = "precise_roi_pool"
+
+    def forward(self, impl):
+        def fn(features, coords, batch, ok):
+            b = self.batch(features, batch)
+            return [_precise_read(self, features, coords, b, ok, impl)]
+
+        return fn
 
 
 def tent_integral(u: Array) -> Array:
@@ -180,8 +178,8 @@ def integral_window(first: Array, bin_size: Array, length: int) -> tuple[Array, 
     return r0.astype(jnp.int32), (r1 - r0 + 1).astype(jnp.int32)
 
 
-def _precise_nhwc_out(
-    call: Call, features: Array, coords: Array, batch: Array, ok_box: Array, method: Method
+def _precise_read(
+    call: PrecisePool, features: Array, coords: Array, batch: Array, ok_box: Array, method
 ) -> Array:
     layout = call.layout
     pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
@@ -193,7 +191,8 @@ def _precise_nhwc_out(
     axes = ((fy, by, size[0]), (fx, bx, size[1]))
     # A bin of b cells meets at most ceil(b) + 2 rows.
     windows = [
-        min(length, fast_window(length, p) + 1) for length, p in zip(size, pooled, strict=True)
+        min(length, TUNING.half_map_window(length, p) + 1)
+        for length, p in zip(size, pooled, strict=True)
     ]
 
     def fast():
@@ -214,7 +213,7 @@ def _precise_nhwc_out(
             ix,
             wx,
             dtype,
-            row_vjp=method is Method.GATHER,
+            row_vjp=method is Implementation.GATHER,
         )
 
     def dense():
@@ -249,11 +248,11 @@ def _precise_nhwc_out(
             nx,
             dtype,
             batch=batch,
-            pallas=method is Method.PALLAS,
+            pallas=method is Implementation.PALLAS,
             out_dtype=features.dtype,  # only the final cast follows (same bits)
         ).astype(dtype)
 
-    if method.windowed:
+    if method in (Implementation.WINDOW, Implementation.PALLAS):
         return window()
 
     fits = [
@@ -261,7 +260,7 @@ def _precise_nhwc_out(
         for (first, bin_size, length), t in zip(axes, windows, strict=True)
         if t < length
     ]
-    if method is Method.MATMUL:
+    if method is Implementation.MATMUL:
         return dense()
     if not fits:
         return fast()

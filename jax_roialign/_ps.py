@@ -9,21 +9,19 @@ not ``PH * PW`` of them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from . import _sampling, _shard
+from . import _dispatch, _sampling
 from ._contract import _HIGHEST, contract_taps_with
-from ._roi_align import box_grids, fast_window
-from ._validation import (
-    Call,
-    DataFormat,
-    Method,
-    prepare,
-    sampling_ratio_int,
-)
+from ._dispatch import Implementation
+from ._recipe import BoxRecipe
+from ._separable import window_read
+from ._tuning import TUNING
+from ._validation import DataFormat, prepare, sampling_ratio_int
 
 Array = jax.Array
 
@@ -37,6 +35,7 @@ def ps_roi_align(
     sampling_ratio: int = 0,
     box_indices: Array | None = None,
     data_format: str = "NHWC",
+    implementation: str | None = None,
     checks: bool = False,
 ) -> Array:
     """Position-sensitive RoI Align: RoI Align where each bin reads its own channel group.
@@ -73,6 +72,9 @@ def ps_roi_align(
         any box size).
       box_indices: ``[K]`` integer image index of each box, with ``[K, 4]`` boxes.
       data_format: ``"NHWC"`` (default) or ``"NCHW"`` (as torchvision).
+      implementation: which reader runs; all give the same numbers. ``None``
+        (default) chooses by platform; or ``"scatter"``, ``"window"``,
+        ``"matmul"`` (others raise ``ValueError``).
       checks: insert ``jax.experimental.checkify`` checks that every box is finite
         and every batch index in range; wrap the call in ``checkify.checkify``.
 
@@ -98,6 +100,7 @@ def ps_roi_align(
       >>> out[0, :, :, 0].tolist()
       [[0.0, 1.0], [2.0, 3.0]]
     """
+    impl = _dispatch.parse_implementation(implementation)
     ratio = sampling_ratio_int(sampling_ratio)
     call = prepare(
         features,
@@ -115,10 +118,13 @@ def ps_roi_align(
             f"{ph * pw} channels, got {c} (features shape {jnp.shape(features)}, "
             f"data_format={call.layout.value!r})"
         )
-    return call.output(
-        lambda: _ps_nhwc_out(call, ratio),
-        channels=c // (ph * pw),
-    )
+    recipe = PsAlign(**PsAlign.settings(call), sampling_ratio=ratio)
+
+    def body():
+        args = (call.rois.coords, call.rois.batch, call.rois.ok)
+        return _dispatch.call(recipe, impl, call.features, *args, per_image=recipe.per_image)[0]
+
+    return call.output(body, channels=c // (ph * pw))
 
 
 def group_view(features: Array, layout: DataFormat, pooled: tuple[int, int]) -> Array:
@@ -188,55 +194,67 @@ def contract_dense_grouped(
     return out.reshape((-1,) + out.shape[2:])[:k]
 
 
-def _ps_nhwc_out(call: Call, sampling_ratio: int) -> Array:
-    features, layout, rois = call.features, call.layout, call.rois
-    pooled, size, spatial_scale, dtype = call.pooled, call.size, call.spatial_scale, call.dtype
-    # torchvision's ps_roi_align geometry is roi_align's with aligned=True.
-    gy, gx = box_grids(
-        rois,
-        pooled,
-        size,
-        spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio,
-        aligned=True,
-        dtype=dtype,
-    )
-    ok = rois.ok.astype(dtype)[:, None, None]
-    per_image = len(rois.lead_shape) == 2
-    ty = fast_window(gy.length, pooled[0])
-    tx = fast_window(gx.length, pooled[1])
+@dataclasses.dataclass(frozen=True)
+class PsAlign(BoxRecipe):
+    """``ps_roi_align`` on ``(features, coords [K, 4], batch [K], ok [K])``: taps
+    through the channel-group reader (``SCATTER``: autodiff's gradient; an adaptive
+    call whose bins outgrow the window reads dense weights), dense weights
+    (``MATMUL``), or every channel through the window reader, each bin's own group
+    kept (``WINDOW``)."""
 
-    def build(how: Method):
-        def pool(f, batch, ok, gy, gx):
-            if how is Method.WINDOW:
-                return _windowed(f, layout, batch, ok, gy, gx, dtype)
-            reader = group_reader(f, layout, batch, pooled)
+    name = "ps_roi_align"
+    supports = frozenset({Implementation.SCATTER, Implementation.WINDOW, Implementation.MATMUL})
+    fallback = Implementation.SCATTER
+    unsupported_reason = "its bins read separate channel groups"
+    sampling_ratio: int = 0
 
-            def fast():
-                (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
-                return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
+    def out_channels(self, features):
+        return self.channels(features) // (self.pooled[0] * self.pooled[1])
 
-            def dense():
-                wy, wx = _sampling.both_dense(gy, gx)
-                return contract_dense_grouped(f, layout, batch, wy * ok, wx, dtype)
-
-            if sampling_ratio > 0:
-                return fast()
-            live = ok[..., 0] > 0
-            index = jnp.maximum(
-                _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+    def forward(self, impl):
+        def fn(features, coords, batch, ok):
+            # torchvision's ps_roi_align geometry is roi_align's with aligned=True.
+            gy, gx = _sampling.box_grids(
+                coords,
+                ok,
+                self.pooled,
+                self.size,
+                spatial_scale=self.spatial_scale,
+                sampling_ratio=self.sampling_ratio,
+                aligned=True,
+                dtype=self.dtype,
             )
-            return jax.lax.switch(index, [fast, dense])
+            okf = ok.astype(self.dtype)[:, None, None]
+            b = self.batch(features, batch)
+            if impl is Implementation.WINDOW:
+                return [_windowed(features, self.layout, b, okf, gy, gx, self.dtype)]
+            return [self._taps(features, b, okf, gy, gx, impl)]
 
-        if per_image:  # on batch-sharded features each device pools its own images
-            return lambda: _shard.per_image_pool(pool, features, rois.batch, ok, gy, gx)
-        return lambda: pool(features, rois.batch, ok, gy, gx)
+        return fn
 
-    return _READER.run(build)
+    def _taps(self, features, batch, ok, gy, gx, impl):
+        layout, pooled, dtype = self.layout, self.pooled, self.dtype
+        ty = TUNING.half_map_window(gy.length, pooled[0])
+        tx = TUNING.half_map_window(gx.length, pooled[1])
+        reader = group_reader(features, layout, batch, pooled)
 
+        def fast():
+            (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
+            return contract_taps_with(reader, iy, wy * ok, ix, wx, dtype)
 
-# The reader ``ps_roi_align`` takes: ``AUTO`` picks the platform's (tests set others).
-_READER = Method.AUTO
+        def dense():
+            wy, wx = _sampling.both_dense(gy, gx)
+            return contract_dense_grouped(features, layout, batch, wy * ok, wx, dtype)
+
+        if impl is Implementation.MATMUL:
+            return dense()
+        if self.sampling_ratio > 0:
+            return fast()
+        live = ok[..., 0] > 0
+        index = jnp.maximum(
+            _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)
+        )
+        return jax.lax.switch(index, [fast, dense])
 
 
 def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
@@ -244,8 +262,6 @@ def _windowed(features, layout, batch, ok, gy, gx, dtype) -> Array:
     the window reader (roi_align's avg), each bin's own channel group kept as the
     box is written (``ps=True``: nothing ``[K, PH, PW, C]`` is stored; the
     multiply-adds are RoI Align's over all channels)."""
-    from ._roi_align import window_read
-
     live = ok[:, 0, 0] > 0
     gy, gx = _sampling.with_geometry(gy, gx)
     level = jnp.zeros_like(batch)

@@ -24,6 +24,7 @@ adaptive one :func:`window_rotated_adaptive` (the same ranges read in blocks).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
@@ -32,25 +33,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _sampling, _shard
+from . import _dispatch, _sampling, _shard
+from ._dispatch import Implementation
 from ._max import bilinear_2d, block_counts, inside, point_tap_table, point_taps
-from ._validation import (
-    DataFormat,
-    Method,
-    check_bool,
-    prepare,
-    sampling_ratio_int,
-)
+from ._recipe import BoxRecipe
+from ._tuning import TUNING
+from ._validation import DataFormat, check_bool, prepare, sampling_ratio_int
 
 Array = jax.Array
-
-#: Fixed grids with at most this many samples per bin are unrolled; larger ones scanned.
-UNROLL = 4
-#: Shortest scan for adaptive grids, in samples per bin (a 4 x 4 grid); later
-#: tiers are 4x longer, the last one the static bound.
-FIRST_TIER = 16
-#: Samples per bin and axis in one block of the adaptive window path.
-BLOCK = 2
 
 
 class AngleUnit(enum.Enum):
@@ -80,6 +70,7 @@ def roi_align_rotated(
     angle_unit: str = "degrees",
     box_indices: Array | None = None,
     data_format: str = "NHWC",
+    implementation: str | None = None,
 ) -> Array:
     """RoI Align for rotated boxes: bilinear samples on a rotated regular grid, averaged.
 
@@ -150,9 +141,10 @@ def roi_align_rotated(
       >>> out = jr.roi_align_rotated(features, boxes, output_size=2, sampling_ratio=2)
       >>> out.shape
       (2, 2, 2, 1)
-      >>> out[..., 0].tolist()
+      >>> out[..., 0].round(4).tolist()  # float32: cos(90 degrees) is not exactly 0
       [[[13.5, 15.5], [29.5, 31.5]], [[29.5, 13.5], [31.5, 15.5]]]
     """
+    impl = _dispatch.parse_implementation(implementation)
     ratio = sampling_ratio_int(sampling_ratio)
     aligned = check_bool(aligned, "aligned")
     clockwise = check_bool(clockwise, "clockwise")
@@ -167,45 +159,61 @@ def roi_align_rotated(
         width=5,
         what="(cx, cy, w, h, angle)",
     )
+    recipe = RotatedAlign(
+        **RotatedAlign.settings(call),
+        sampling_ratio=ratio,
+        aligned=aligned,
+        clockwise=clockwise,
+        unit=unit,
+    )
 
     def body() -> Array:
-        rois, dtype = call.rois, call.dtype
-        geo = rotated_geometry(
-            rois.coords,
-            rois.ok,
-            call.pooled,
-            call.size,
-            spatial_scale=call.spatial_scale,
-            sampling_ratio=ratio,
-            aligned=aligned,
-            clockwise=clockwise,
-            unit=unit,
-            dtype=dtype,
-        )
-        ok = rois.ok.astype(dtype)[:, None, None]
-        static = ratio > 0
-        parts = (geo.gy, geo.gx, geo.cy, geo.cx, geo.cos, geo.sin)
-
-        def build(how: Method):
-            def pool(f, batch, ok, *parts):
-                geo = RotatedGeometry(*parts)
-                if how is Method.WINDOW:
-                    if static:
-                        return window_rotated(f, call.layout, batch, ok, geo, dtype)
-                    return window_rotated_adaptive(f, call.layout, batch, ok, geo, dtype)
-                return aggregate_rotated(f, call.layout, batch, ok, geo, dtype)
-
-            if len(rois.lead_shape) == 2:  # batch-sharded features: each device its images
-                return lambda: _shard.per_image_pool(pool, call.features, rois.batch, ok, *parts)
-            return lambda: pool(call.features, rois.batch, ok, *parts)
-
-        return _READER.run(build)
+        args = (call.rois.coords, call.rois.batch, call.rois.ok)
+        return _dispatch.call(recipe, impl, call.features, *args, per_image=recipe.per_image)[0]
 
     return call.output(body)
 
 
-# The reader ``roi_align_rotated`` takes: ``AUTO`` picks the platform's (tests set others).
-_READER = Method.AUTO
+@dataclasses.dataclass(frozen=True)
+class RotatedAlign(BoxRecipe):
+    """``roi_align_rotated`` on ``(features, coords [K, 5], batch [K], ok [K])``:
+    rotated samples read by gathers (``SCATTER``: autodiff's gradient) or through
+    the window reader (``WINDOW``)."""
+
+    name = "roi_align_rotated"
+    supports = frozenset({Implementation.SCATTER, Implementation.WINDOW})
+    fallback = Implementation.SCATTER
+    unsupported_reason = "rotated samples are not separable"
+    sampling_ratio: int = 0
+    aligned: bool = True
+    clockwise: bool = False
+    unit: AngleUnit = AngleUnit.DEGREES
+
+    def forward(self, impl):
+        def fn(features, coords, batch, ok):
+            geo = rotated_geometry(
+                coords,
+                ok,
+                self.pooled,
+                self.size,
+                spatial_scale=self.spatial_scale,
+                sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned,
+                clockwise=self.clockwise,
+                unit=self.unit,
+                dtype=self.dtype,
+            )
+            okf = ok.astype(self.dtype)[:, None, None]
+            b = self.batch(features, batch)
+            if impl is Implementation.SCATTER:
+                read = aggregate_rotated
+            elif self.sampling_ratio > 0:
+                read = window_rotated
+            else:
+                read = window_rotated_adaptive
+            return [read(features, self.layout, b, okf, geo, self.dtype)]
+
+        return fn
 
 
 class RotatedGeometry:
@@ -312,7 +320,7 @@ def aggregate_rotated(
         sy, sx = gy.static_count, gx.static_count
         zero_y = jnp.zeros(gy.first.shape, dtype)
         zero_x = jnp.zeros(gx.first.shape, dtype)
-        if sy * sx <= UNROLL:
+        if sy * sx <= TUNING.rotated_unroll:
             acc = zeros
             for i in range(sy):
                 for j in range(sx):
@@ -356,7 +364,7 @@ def aggregate_rotated(
 
     bound = _max_window(h, w)
     lengths = []
-    t = FIRST_TIER
+    t = TUNING.rotated_first_tier
     while t < bound * bound:
         lengths.append(t)
         t *= 4
@@ -434,7 +442,7 @@ def window_rotated_adaptive(
     """:func:`aggregate_rotated` for adaptive grids through the box-local window reader.
 
     The same per-bin index ranges (:func:`_window`) read in blocks of
-    ``BLOCK x BLOCK`` samples of every bin, each block as
+    ``BLOCK x TUNING.rotated_block`` samples of every bin, each block as
     :func:`window_rotated` reads a fixed grid (its samples points of the window
     reader, a bin's summed inside it; those past a bin's range weigh 0), as many
     blocks as the largest live range needs. The loop's trip count is data, so
@@ -456,8 +464,9 @@ def window_rotated_adaptive(
 
 def _block_read(features, params, aux, u, v, layout, lengths, dtype) -> Array:
     """Block ``(u, v)`` of :func:`window_rotated_adaptive`: the sum of each bin's
-    samples ``lo + u * BLOCK + [0, BLOCK)`` (by ``lo + v * BLOCK + ...`` across),
-    ``[K, PH, PW, C]``, those past the bin's range weighing 0."""
+    samples ``lo + u * B + [0, B)`` (by ``lo + v * B + ...`` across; ``B`` is
+    ``TUNING.rotated_block``), ``[K, PH, PW, C]``, those past the bin's range
+    weighing 0."""
     from ._window import read_point_taps
 
     fy, by, fx, bx, cy, cx, cos, sin = params
@@ -468,18 +477,25 @@ def _block_read(features, params, aux, u, v, layout, lengths, dtype) -> Array:
 
     def positions(first, bin_size, count, length, lo, n, o):
         grid = _sampling.AxisGrid(first, bin_size, count, None, length)
-        i = o + jnp.arange(BLOCK, dtype=first.dtype)
+        i = o + jnp.arange(TUNING.rotated_block, dtype=first.dtype)
         return _sampling.sample_positions(grid, lo[..., None] + i), i < n[..., None]
 
-    oy = (u * BLOCK).astype(fy.dtype)
-    ox = (v * BLOCK).astype(fx.dtype)
-    yy, in_y = positions(fy, by, count_y, h, lo_y, n_y, oy)  # [K, PH, BLOCK]
+    oy = (u * TUNING.rotated_block).astype(fy.dtype)
+    ox = (v * TUNING.rotated_block).astype(fx.dtype)
+    yy, in_y = positions(fy, by, count_y, h, lo_y, n_y, oy)  # [K, PH, TUNING.rotated_block]
     xx, in_x = positions(fx, bx, count_x, w, lo_x, n_x, ox)
     in_range = in_y[:, :, None, :, None] & in_x[:, None, :, None, :]
     ty, tx = _rotated_taps(yy, xx, (cos, sin, cy, cx), (h, w), ok, in_range)
     # Its VJP runs inside the blocks' loop: one pass over all images there.
     out = read_point_taps(
-        [features], layout, batch, ty, tx, dtype, group=BLOCK * BLOCK, by_image=False
+        [features],
+        layout,
+        batch,
+        ty,
+        tx,
+        dtype,
+        group=TUNING.rotated_block * TUNING.rotated_block,
+        by_image=False,
     )
     return out.reshape(k, ph, pw, -1)
 
@@ -492,7 +508,7 @@ def _blocked_sum(layout: DataFormat, lengths: tuple[int, int], dtype):
 
     def trips(aux):
         _, ok, _, _, _, n_y, _, n_x = aux
-        return block_counts(n_y, n_x, ok[:, :, 0] > 0, BLOCK, BLOCK)
+        return block_counts(n_y, n_x, ok[:, :, 0] > 0, TUNING.rotated_block, TUNING.rotated_block)
 
     def read(features, params, aux, t, m_x):
         return _block_read(features, params, aux, t // m_x, t % m_x, layout, lengths, dtype)

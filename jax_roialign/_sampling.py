@@ -611,6 +611,16 @@ def both_dense(gy: AxisGrid, gx: AxisGrid) -> tuple[Array, Array]:
     return _both(gy, gx, None)
 
 
+def groups(key: Array, count: int) -> tuple[Array, Array, Array]:
+    """Boxes grouped by ``key [K]`` (values ``0 .. count - 1``): ``(order, starts,
+    ends)``, boxes ``order[starts[i]:ends[i]]`` (in their own order) being those
+    of key ``i`` (a stable sort; int32)."""
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sizes = jnp.sum(key[None, :] == jnp.arange(count, dtype=key.dtype)[:, None], axis=1)
+    ends = jnp.cumsum(sizes).astype(jnp.int32)
+    return order, ends - sizes.astype(jnp.int32), ends
+
+
 def by_level(values, level: Array, dtype) -> Array:
     """``values[level]`` for a short static table (one value per FPN level or map),
     by selects: no gather, and the result is typed (sharded) like ``level``."""
@@ -618,3 +628,29 @@ def by_level(values, level: Array, dtype) -> Array:
     for i, v in enumerate(np.asarray(values).tolist()):
         out = jnp.where(level == i, jnp.asarray(v, dtype), out)
     return out
+
+
+def box_grids(
+    coords: Array,
+    ok: Array,
+    pooled: tuple[int, int],
+    size: tuple[int, int],
+    *,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    dtype: Any,
+) -> tuple[AxisGrid, AxisGrid]:
+    """The y and x sample grids of axis-aligned boxes ``coords [K, 4]`` ``(x1, y1, x2,
+    y2)`` (image coordinates), boxes not ``ok`` made harmless (all zeros)."""
+    coords = jnp.where(ok[:, None], coords.astype(dtype), 0.0)
+    x1, y1, x2, y2 = (coords[:, i] for i in range(4))
+    common: dict[str, Any] = dict(
+        spatial_scale=spatial_scale,
+        offset=0.5 if aligned else 0.0,
+        min_size=None if aligned else 1.0,
+        sampling_ratio=sampling_ratio,
+    )
+    gy = axis_grid(y1, y2, pooled=pooled[0], length=size[0], **common)
+    gx = axis_grid(x1, x2, pooled=pooled[1], length=size[1], **common)
+    return gy, gx

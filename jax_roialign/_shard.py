@@ -17,6 +17,8 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
+from . import _compat
+
 Array = jax.Array
 
 
@@ -44,7 +46,7 @@ def by_image(fn: Callable[..., Any], features: Any, *args: Any) -> Any:
         return fn(features, *args)
 
     def on_batch(x):
-        return jax.reshard(x, P(axes, *([None] * (jax.numpy.ndim(x) - 1))))
+        return _compat.reshard(x, P(axes, *([None] * (jax.numpy.ndim(x) - 1))))
 
     features, args = jax.tree.map(on_batch, (features, args))
     spec = P(axes)
@@ -65,11 +67,14 @@ def per_image_pool(fn: Callable[..., Any], features: Any, batch: Array, *args: A
     return by_image(local, features, batch, *args)
 
 
+def aval_varying(aval: Any) -> frozenset:
+    """The manual mesh axes a value of type ``aval`` varies over."""
+    return _compat.vma(aval)
+
+
 def _vma(x: Any) -> frozenset:
-    """The manual mesh axes ``x`` varies over (``aval.mat.varying``; ``.vma`` before)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+    """The manual mesh axes ``x`` varies over."""
+    return aval_varying(jax.typeof(x))
 
 
 def varying(tree: Any, *refs: Any) -> Any:
@@ -84,6 +89,6 @@ def varying(tree: Any, *refs: Any) -> Any:
 
     def cast(x):
         missing = tuple(sorted(axes - _vma(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
+        return _compat.pcast_varying(x, missing) if missing else x
 
     return jax.tree.map(cast, tree) if axes else tree

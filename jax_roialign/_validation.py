@@ -51,68 +51,6 @@ class Mode(enum.Enum):
         raise ValueError(f"mode must be 'avg' or 'max', got {value!r}")
 
 
-class Method(enum.Enum):
-    """How an op reads the map (all give the same numbers).
-
-    ``GATHER`` reads taps and accumulates its feature gradient box by box in row
-    windows (custom VJP, deterministic); ``SCATTER`` reads the same taps and
-    leaves the gradient to autodiff (a scatter-add of every tap; supports
-    forward-mode autodiff); ``WINDOW`` reads one window of the map per box by
-    ``dynamic_slice`` and contracts it with the box's interpolation weights (no
-    gather, no scatter, work per box proportional to its size: the TPU path);
-    ``PALLAS`` is ``WINDOW`` with its forward and feature gradient as Pallas TPU
-    kernels (each box's window copied into VMEM while the previous box is
-    contracted; :mod:`jax_roialign._pallas`), interpreted (slowly) off TPU, with
-    ``WINDOW``'s box gradient; ``MATMUL`` contracts dense interpolation matrices
-    with the whole map (no gather, no scatter, work proportional to the map for
-    every box; any autodiff); ``AUTO`` picks by the platform the program is
-    lowered for (:meth:`run`).
-    """
-
-    AUTO = "auto"
-    GATHER = "gather"
-    SCATTER = "scatter"
-    WINDOW = "window"
-    MATMUL = "matmul"
-    PALLAS = "pallas"
-
-    @classmethod
-    def parse(cls, value: Any) -> Method:
-        if isinstance(value, Method):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if value.lower() == member.value:
-                    return member
-        raise ValueError(
-            "method must be 'auto', 'gather', 'scatter', 'window', 'pallas' or 'matmul', "
-            f"got {value!r}"
-        )
-
-    @property
-    def windowed(self) -> bool:
-        """Whether this method reads box-local windows (``WINDOW`` or ``PALLAS``)."""
-        return self in (Method.WINDOW, Method.PALLAS)
-
-    def run(self, build: Callable[[Method], Callable[[], Any]]) -> Any:
-        """Runs ``build(method)()`` for a concrete method.
-
-        ``AUTO`` is decided by ``jax.lax.platform_dependent`` when the program is
-        lowered, so a program compiled ahead of time for a TPU, or exported for
-        several platforms, gets each platform's path: ``WINDOW`` on TPU (no gather
-        or scatter, box-local work on the MXU), ``SCATTER`` on GPU (one scatter-add
-        kernel where the row-window gradient would be a loop of small kernels;
-        deterministic with ``--xla_gpu_deterministic_ops``), ``GATHER`` elsewhere
-        (XLA:CPU runs a scatter-add serially, one tap at a time).
-        """
-        if self is not Method.AUTO:
-            return build(self)()
-        scatter = build(Method.SCATTER)
-        return jax.lax.platform_dependent(
-            tpu=build(Method.WINDOW), cuda=scatter, rocm=scatter, default=build(Method.GATHER)
-        )
-
-
 def output_size_pair(output_size: Any, name: str = "output_size") -> tuple[int, int]:
     """An int or a pair of ints, each >= 1."""
     if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool):

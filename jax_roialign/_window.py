@@ -24,9 +24,9 @@ level with tiers (and loops) of its own.
 The feature gradient is the transpose, box by box: ``wy^T . g[k] . wx`` added into
 the box's window of a zero map with ``dynamic_update_slice``. The boxes go in
 order, so it is the same bits on every run. The weights' gradient reads the
-window again. The three functions (forward, transpose, weights' gradient) are
-``custom_vjp`` pairs, so reverse-mode autodiff of any order takes these loops
-and never stores a window per box.
+window again. The forward is a ``custom_vjp`` whose VJP is the other two, so
+reverse mode takes these loops and never stores a window per box (first order;
+higher orders differentiate the plain-JAX implementation, :mod:`._dispatch`).
 
 On batch-sharded features the ops run this reader per device
 (:mod:`jax_roialign._shard`). (``jax.experimental.custom_partitioning`` would
@@ -45,21 +45,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _sampling, _shard
+from ._tuning import TUNING
 from ._validation import DataFormat
 
 Array = jax.Array
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Smallest window side; each further tier doubles it (at most TIERS of them). A
-# box larger than the largest tier reads the rows and columns it spans in tiles
-# of that size.
-BASE_WINDOW = 16
-TIERS = 2
-
 
 def tier_sizes(
-    height: int, width: int, base: int = BASE_WINDOW, tiers: int = TIERS
+    height: int, width: int, base: int = TUNING.base_window, tiers: int = TUNING.tiers
 ) -> tuple[tuple[int, int, int, int], ...]:
     """The windows of one map, smallest first: ``(h, w, tiles_y, tiles_x)``.
 
@@ -210,6 +205,14 @@ def branch_index(plan: Plan, level: Array, need_y: Array, need_x: Array) -> Arra
     return index.astype(jnp.int32)
 
 
+def level_of(plan: Plan, branch: Array) -> Array:
+    """Each box's map, from its branch (:func:`branch_index`), int32."""
+    level = jnp.zeros_like(branch)
+    for lv, offset in enumerate(plan.branch_offset[1:], start=1):
+        level = jnp.where(branch >= offset, lv, level)
+    return level.astype(jnp.int32)
+
+
 def _window(plan: Plan, m: Array, b, y0, x0, h: int, w: int) -> Array:
     """``[h, w, C]`` window of one map at ``(b, y0, x0)``, widened to the compute dtype."""
     z = jnp.zeros((), jnp.int32)
@@ -320,9 +323,7 @@ def _contract_dw(plan: Plan, win: Array, gk: Array, wyw: Array, wxw: Array):
     return d_wy, d_wx
 
 
-def _per_tile(
-    plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, whole=False, taps=(None, None)
-):
+def _per_tile(plan: Plan, lv: int, tier, span_y, span_x, wyk, wxk, fn, init, *, taps=(None, None)):
     """Runs ``fn(carry, y0, x0, wy_window, wx_window, own)`` over the windows of one tier.
 
     ``span_y``, ``span_x``: ``[2]`` int32, the box's first row (column) and how
@@ -332,9 +333,8 @@ def _per_tile(
     ``(i, j)`` owns rows ``lo_y + i * h`` on (columns likewise); one clipped at
     the map's far edge overlaps the one before it, and the overlapped rows
     (columns) get zero weight in it (``own``: the ``[h]``, ``[w]`` masks of the
-    rows and columns a tile owns; ``None`` for a single window). ``whole``: the
-    tiles of the whole map instead (a static trip count, which reverse-mode
-    autodiff can go through). ``taps``: the box's tap rows and columns when
+    rows and columns a tile owns; ``None`` for a single window). ``taps``: the
+    box's tap rows and columns when
     ``wyk``, ``wxk`` are tap weights (:func:`_window_weights`).
     """
     h, w, ny, nx = tier
@@ -355,12 +355,9 @@ def _per_tile(
         x0 = jnp.minimum(lo_x, width - w)
         return window(init, y0, x0, None, None)
 
-    if whole:
-        lo_y = lo_x = jnp.zeros((), jnp.int32)
-        across, down = nx, ny
-    else:  # the tiles the box's span needs (at least one: no taps reads zeros)
-        across = jnp.clip((span_x[1] + w - 1) // w, 1, nx)
-        down = jnp.clip((span_y[1] + h - 1) // h, 1, ny)
+    # The tiles the box's span needs (at least one: no taps reads zeros).
+    across = jnp.clip((span_x[1] + w - 1) // w, 1, nx)
+    down = jnp.clip((span_y[1] + h - 1) // h, 1, ny)
 
     def tile(i, carry):
         from_y = lo_y + (i // across) * h
@@ -397,7 +394,8 @@ def _forward(plan: Plan, maps, wy, wx, batch, branch, span_y, span_x, *taps, emi
         from . import _pallas
 
         if _pallas.supported(plan, wy.shape[1]):
-            out = _pallas.forward(plan, maps, wy, wx, batch, branch, span_y, span_x)
+            level = level_of(plan, branch)
+            out = _pallas.forward(plan, maps, wy, wx, batch, level, span_y, span_x)
             return out.astype(plan.out_dtype)
     refs = (maps, batch, span_y, span_x, taps) + tuple(a for a in (wy, wx) if not callable(a))
     if init is None:
@@ -432,19 +430,9 @@ def _box(a, k) -> Array:
     return a(k) if callable(a) else _row(a, k)
 
 
-def groups(key: Array, count: int) -> tuple[Array, Array, Array]:
-    """Boxes grouped by ``key [K]`` (values ``0 .. count - 1``): ``(order, starts,
-    ends)``, boxes ``order[starts[i]:ends[i]]`` (in their own order) being those
-    of key ``i`` (a stable sort; int32)."""
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    sizes = jnp.sum(key[None, :] == jnp.arange(count, dtype=key.dtype)[:, None], axis=1)
-    ends = jnp.cumsum(sizes).astype(jnp.int32)
-    return order, ends - sizes.astype(jnp.int32), ends
-
-
 def _by_branch(plan: Plan, branch: Array):
     """Boxes grouped by branch (:func:`groups`)."""
-    return groups(branch, sum(len(t) for t in plan.tiers))
+    return _sampling.groups(branch, sum(len(t) for t in plan.tiers))
 
 
 def _each_box(plan: Plan, branch: Array, body, carry):
@@ -474,7 +462,8 @@ def _transpose(
 
         if _pallas.supported(plan, wy.shape[1]):
             g = g.astype(plan.dtype)
-            acc = _pallas.transpose(plan, g, wy, wx, batch, branch, span_y, span_x, images)
+            level = level_of(plan, branch)
+            acc = _pallas.transpose(plan, g, wy, wx, batch, level, span_y, span_x, images)
             return tuple(a.astype(d) for a, d in zip(acc, plan.map_dtypes, strict=True))
     shapes = [s if images is None else (images,) + s[1:] for s in plan.shapes]
     refs = (g, wy, wx, batch, span_y, span_x, taps)
@@ -497,7 +486,7 @@ def _transpose_by_image(plan: Plan, shapes, refs, g, wy, wx, batch, branch, span
     bits, and the wide accumulator is one image instead of all of them."""
     nb = sum(len(t) for t in plan.tiers)
     n = shapes[0][0]
-    order, starts, ends = groups(batch * nb + branch, n * nb)
+    order, starts, ends = _sampling.groups(batch * nb + branch, n * nb)
     local = jnp.zeros_like(batch)  # every box reads image 0 of the one-image accumulator
     body = _transpose_body(plan, g, wy, wx, local, span_y, span_x, taps)
     zeros = [jnp.zeros(s, d) for s, d in zip(shapes, plan.map_dtypes, strict=True)]
@@ -601,55 +590,10 @@ def _weights_grad_fast(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_
 
 
 def _weights_grad(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
-    """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside them).
-
-    Computed by one loop per tier over its boxes, large boxes by the tiles of
-    their own span (:func:`_each_box`, dynamic trip counts); differentiated
-    (second order) through :func:`_weights_grad_static`, the same sum in loops
-    with static trip counts.
-    """
-
-    @jax.custom_vjp
-    def wg(maps, g, wy, wx, ints):
-        return _weights_grad_fast(plan, maps, g, wy, wx, *ints)
-
-    def fwd(maps, g, wy, wx, ints):
-        return wg(maps, g, wy, wx, ints), (maps, g, wy, wx, ints)
-
-    def bwd(res, cot):
-        *diff, ints = res
-        _, vjp = jax.vjp(lambda *a: _weights_grad_static(plan, *a, *ints), *diff)
-        return (*vjp(cot), None)
-
-    wg.defvjp(fwd, bwd)
-    return wg(tuple(maps), g, wy, wx, (batch, branch, span_y, span_x, *taps))
-
-
-def _weights_grad_static(plan: Plan, maps, g, wy, wx, batch, branch, span_y, span_x, *taps):
-    """:func:`_weights_grad` with static loops, for differentiating it again."""
-    g = g.astype(plan.dtype)
-    refs = (maps, g, wy, wx, batch, span_y, span_x, taps)
-
-    def box(_, row):
-        b, br, ly, lx, wyk, wxk, gk, tk = row
-        wyk, wxk = wyk.astype(plan.dtype), wxk.astype(plan.dtype)
-        gk = _own_cot(plan, gk)
-        tk = tk if tk else (None, None)
-
-        def body(lv, tier):
-            grad = _grad_rows(plan, maps, lv, tier, b, wyk, wxk, gk, tk)
-            zeros = _shard.varying((jnp.zeros_like(wyk), jnp.zeros_like(wxk)), *refs)
-            return _per_tile(plan, lv, tier, ly, lx, wyk, wxk, grad, zeros, whole=True, taps=tk)
-
-        branches = _branches(plan, body)
-        return None, branches[0]() if len(branches) == 1 else jax.lax.switch(br, branches)
-
-    # A scan with a switch per box and whole-map tiles: static trip counts, which
-    # reverse mode can go through (second-order gradients). Slower: a large box
-    # reads every tile of the map.
-    rows = (batch, branch, span_y, span_x, wy, wx, g, tuple(taps))
-    _, (d_wy, d_wx) = jax.lax.scan(box, None, rows)
-    return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
+    """``d<g, forward>/d wy`` and ``/d wx`` inside each box's windows (zero outside
+    them): one loop per tier over its boxes, large boxes by the tiles of their own
+    span (:func:`_each_box`, dynamic trip counts; first order)."""
+    return _weights_grad_fast(plan, tuple(maps), g, wy, wx, batch, branch, span_y, span_x, *taps)
 
 
 # ---------------------------------------------------------------------------
@@ -735,7 +679,9 @@ def _fold_vmap(fn, kind: str):
 
 @functools.lru_cache(maxsize=128)
 def _ops(key, per_image: bool):
-    """``(op, transpose)`` custom-VJP pair (each the other's VJP in its first argument)."""
+    """``(op, transpose)``: the read as a ``custom_vjp`` whose VJP is the transpose
+    and the weights' gradient, and that transpose. First order: higher orders
+    differentiate the plain-JAX implementation (:mod:`jax_roialign._dispatch`)."""
     plan = Plan(*key)
     fwd_impl, t_impl, wg_impl = _impls(plan, per_image)
     if per_image:
@@ -743,7 +689,7 @@ def _ops(key, per_image: bool):
         t_impl = _fold_vmap(t_impl, "maps")
         wg_impl = _fold_vmap(wg_impl, "pair")
     # Nested jits: each is traced once per argument shape and reused (autodiff
-    # traces a backward more than once; ``auto`` traces every platform's path).
+    # traces a backward more than once).
     fwd_impl, t_impl, wg_impl = (jax.jit(f) for f in (fwd_impl, t_impl, wg_impl))
 
     def is_zero(x: Any) -> bool:
@@ -753,7 +699,6 @@ def _ops(key, per_image: bool):
     def op(maps, wy, wx, idx):
         return fwd_impl(*maps, wy, wx, *idx)
 
-    @jax.custom_vjp
     def transpose(g, wy, wx, idx):
         return t_impl(g, wy, wx, *idx)
 
@@ -780,26 +725,7 @@ def _ops(key, per_image: bool):
                 d_wy, d_wx = wg_impl(*maps, cot, wy, wx, *idx)
         return d_maps, d_wy, d_wx, jax.tree.map(lambda _: None, idx)
 
-    def t_fwd(g, wy, wx, idx):
-        vals = (g.value, wy.value, wx.value, jax.tree.map(lambda a: a.value, idx))
-        return transpose(*vals), (vals, g.perturbed, wy.perturbed or wx.perturbed)
-
-    def t_bwd(res, cot):
-        (g, wy, wx, idx), want_g, want_w = res
-        d_g = d_wy = d_wx = None
-        if not all(is_zero(c) for c in cot):
-            cot = tuple(
-                jnp.zeros(s, d) if is_zero(c) else jnp.asarray(c, d)
-                for c, s, d in zip(cot, plan.shapes, plan.map_dtypes, strict=True)
-            )
-            if want_g:
-                d_g = op(cot, wy, wx, idx).astype(g.dtype)
-            if want_w:
-                d_wy, d_wx = wg_impl(*cot, g, wy, wx, *idx)
-        return d_g, d_wy, d_wx, jax.tree.map(lambda _: None, idx)
-
     op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
-    transpose.defvjp(t_fwd, t_bwd, symbolic_zeros=True)
     return op, transpose
 
 

@@ -75,7 +75,8 @@ class RoIAlign(nn.Module):
     aligned: bool = True
     mode: str = "avg"
     data_format: str = "NHWC"
-    method: str = "auto"
+    implementation: str | None = None
+    method: str | None = None  # deprecated alias of implementation
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return roi_align(
@@ -88,6 +89,7 @@ class RoIAlign(nn.Module):
             mode=self.mode,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
             method=self.method,
         )
 
@@ -118,7 +120,8 @@ class MultiScaleRoIAlign(nn.Module):
     canonical_level: int = 4
     level_mapper: str = "torchvision"
     data_format: str = "NHWC"
-    method: str = "auto"
+    implementation: str | None = None
+    method: str | None = None  # deprecated alias of implementation
 
     def __call__(
         self, features: Sequence[Array], boxes: Array, box_indices: Array | None = None
@@ -135,6 +138,7 @@ class MultiScaleRoIAlign(nn.Module):
             level_mapper=self.level_mapper,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
             method=self.method,
         )
 
@@ -157,6 +161,7 @@ class RoIPool(nn.Module):
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
     data_format: str = "NHWC"
+    implementation: str | None = None
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return roi_pool(
@@ -166,6 +171,7 @@ class RoIPool(nn.Module):
             spatial_scale=self.spatial_scale,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
 
 
@@ -188,7 +194,8 @@ class PreciseRoIPool(nn.Module):
     output_size: int | tuple[int, int]
     spatial_scale: float = 1.0
     data_format: str = "NHWC"
-    method: str = "auto"
+    implementation: str | None = None
+    method: str | None = None  # deprecated alias of implementation
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return precise_roi_pool(
@@ -198,6 +205,7 @@ class PreciseRoIPool(nn.Module):
             spatial_scale=self.spatial_scale,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
             method=self.method,
         )
 
@@ -214,7 +222,7 @@ class RoIAlignRotated(nn.Module):
       >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
       >>> pool = RoIAlignRotated(output_size=2, sampling_ratio=2)
       >>> boxes = jnp.array([[0, 3.0, 3.0, 4.0, 4.0, 90.0]])  # (b, cx, cy, w, h, degrees)
-      >>> pool.apply({}, features, boxes)[0, :, :, 0].tolist()
+      >>> pool.apply({}, features, boxes)[0, :, :, 0].round(4).tolist()
       [[29.5, 13.5], [31.5, 15.5]]
     """
 
@@ -225,6 +233,7 @@ class RoIAlignRotated(nn.Module):
     clockwise: bool = False
     angle_unit: str = "degrees"
     data_format: str = "NHWC"
+    implementation: str | None = None
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return roi_align_rotated(
@@ -238,6 +247,7 @@ class RoIAlignRotated(nn.Module):
             angle_unit=self.angle_unit,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
 
 
@@ -272,6 +282,7 @@ class DeformableRoIAlign(nn.Module):
     sampling_ratio: int = 0
     gamma: float = 0.1
     data_format: str = "NHWC"
+    implementation: str | None = None
     param_dtype: Any = jnp.float32
 
     @nn.compact
@@ -290,6 +301,7 @@ class DeformableRoIAlign(nn.Module):
             aligned=True,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
         lead = pooled.shape[: 2 if jnp.ndim(boxes) == 3 else 1]
         offsets = nn.Dense(
@@ -309,6 +321,7 @@ class DeformableRoIAlign(nn.Module):
             gamma=self.gamma,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
 
 
@@ -327,6 +340,7 @@ class CropAndResize(nn.Module):
     crop_size: int | tuple[int, int]
     method: str = "bilinear"
     extrapolation_value: float = 0.0
+    implementation: str | None = None
 
     def __call__(self, image: Array, boxes: Array, box_indices: Array) -> Array:
         return crop_and_resize(
@@ -336,6 +350,7 @@ class CropAndResize(nn.Module):
             self.crop_size,
             method=self.method,
             extrapolation_value=self.extrapolation_value,
+            implementation=self.implementation,
         )
 
 
@@ -347,8 +362,13 @@ class MultilevelCropAndResize(nn.Module):
 
     output_size: int = 7
     sample_offset: float = 0.5
+    implementation: str | None = None
 
     def __call__(self, features: Any, boxes: Array) -> Array:
         return multilevel_crop_and_resize(
-            features, boxes, output_size=self.output_size, sample_offset=self.sample_offset
+            features,
+            boxes,
+            output_size=self.output_size,
+            sample_offset=self.sample_offset,
+            implementation=self.implementation,
         )

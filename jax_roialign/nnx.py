@@ -89,7 +89,8 @@ class RoIAlign(nnx.Module):
         aligned: bool = True,
         mode: str = "avg",
         data_format: str = "NHWC",
-        method: str = "auto",
+        implementation: str | None = None,
+        method: str | None = None,
     ):
         self.output_size = _static(output_size)
         self.spatial_scale = spatial_scale
@@ -97,7 +98,8 @@ class RoIAlign(nnx.Module):
         self.aligned = aligned
         self.mode = mode
         self.data_format = data_format
-        self.method = method
+        self.implementation = implementation
+        self.method = method  # deprecated alias
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return roi_align(
@@ -110,6 +112,7 @@ class RoIAlign(nnx.Module):
             mode=self.mode,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
             method=self.method,
         )
 
@@ -145,7 +148,8 @@ class MultiScaleRoIAlign(nnx.Module):
         canonical_level: int = 4,
         level_mapper: str = "torchvision",
         data_format: str = "NHWC",
-        method: str = "auto",
+        implementation: str | None = None,
+        method: str | None = None,
     ):
         self.output_size = _static(output_size)
         self.spatial_scales = _static(spatial_scales)
@@ -155,7 +159,8 @@ class MultiScaleRoIAlign(nnx.Module):
         self.canonical_level = canonical_level
         self.level_mapper = level_mapper
         self.data_format = data_format
-        self.method = method
+        self.implementation = implementation
+        self.method = method  # deprecated alias
 
     def __call__(
         self, features: Sequence[Array], boxes: Array, box_indices: Array | None = None
@@ -172,6 +177,7 @@ class MultiScaleRoIAlign(nnx.Module):
             level_mapper=self.level_mapper,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
             method=self.method,
         )
 
@@ -197,10 +203,12 @@ class RoIPool(nnx.Module):
         output_size: int | tuple[int, int],
         spatial_scale: float = 1.0,
         data_format: str = "NHWC",
+        implementation: str | None = None,
     ):
         self.output_size = _static(output_size)
         self.spatial_scale = spatial_scale
         self.data_format = data_format
+        self.implementation = implementation
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return roi_pool(
@@ -210,6 +218,7 @@ class RoIPool(nnx.Module):
             spatial_scale=self.spatial_scale,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
 
 
@@ -235,12 +244,14 @@ class PreciseRoIPool(nnx.Module):
         output_size: int | tuple[int, int],
         spatial_scale: float = 1.0,
         data_format: str = "NHWC",
-        method: str = "auto",
+        implementation: str | None = None,
+        method: str | None = None,
     ):
         self.output_size = _static(output_size)
         self.spatial_scale = spatial_scale
         self.data_format = data_format
-        self.method = method
+        self.implementation = implementation
+        self.method = method  # deprecated alias
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return precise_roi_pool(
@@ -250,6 +261,7 @@ class PreciseRoIPool(nnx.Module):
             spatial_scale=self.spatial_scale,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
             method=self.method,
         )
 
@@ -266,7 +278,7 @@ class RoIAlignRotated(nnx.Module):
       >>> features = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)  # 8 * h + w
       >>> pool = RoIAlignRotated(output_size=2, sampling_ratio=2)
       >>> boxes = jnp.array([[0, 3.0, 3.0, 4.0, 4.0, 90.0]])  # (b, cx, cy, w, h, degrees)
-      >>> pool(features, boxes)[0, :, :, 0].tolist()
+      >>> pool(features, boxes)[0, :, :, 0].round(4).tolist()
       [[29.5, 13.5], [31.5, 15.5]]
     """
 
@@ -280,6 +292,7 @@ class RoIAlignRotated(nnx.Module):
         clockwise: bool = False,
         angle_unit: str = "degrees",
         data_format: str = "NHWC",
+        implementation: str | None = None,
     ):
         self.output_size = _static(output_size)
         self.spatial_scale = spatial_scale
@@ -288,6 +301,7 @@ class RoIAlignRotated(nnx.Module):
         self.clockwise = clockwise
         self.angle_unit = angle_unit
         self.data_format = data_format
+        self.implementation = implementation
 
     def __call__(self, features: Array, boxes: Array, box_indices: Array | None = None) -> Array:
         return roi_align_rotated(
@@ -301,6 +315,7 @@ class RoIAlignRotated(nnx.Module):
             angle_unit=self.angle_unit,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
 
 
@@ -340,6 +355,7 @@ class DeformableRoIAlign(nnx.Module):
         sampling_ratio: int = 0,
         gamma: float = 0.1,
         data_format: str = "NHWC",
+        implementation: str | None = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -348,6 +364,7 @@ class DeformableRoIAlign(nnx.Module):
         self.sampling_ratio = sampling_ratio
         self.gamma = gamma
         self.data_format = data_format
+        self.implementation = implementation
         ph, pw = _pair(self.output_size)
         self.offset_fc = nnx.Linear(
             ph * pw * channels,
@@ -368,6 +385,7 @@ class DeformableRoIAlign(nnx.Module):
             aligned=True,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
         offsets = _offsets(self.offset_fc, pooled, self.output_size, jnp.ndim(boxes))
         return deform_roi_align(
@@ -380,6 +398,7 @@ class DeformableRoIAlign(nnx.Module):
             gamma=self.gamma,
             box_indices=box_indices,
             data_format=self.data_format,
+            implementation=self.implementation,
         )
 
 
@@ -416,10 +435,12 @@ class CropAndResize(nnx.Module):
         *,
         method: str = "bilinear",
         extrapolation_value: float = 0.0,
+        implementation: str | None = None,
     ):
         self.crop_size = _static(crop_size)
         self.method = method
         self.extrapolation_value = extrapolation_value
+        self.implementation = implementation
 
     def __call__(self, image: Array, boxes: Array, box_indices: Array) -> Array:
         return crop_and_resize(
@@ -429,6 +450,7 @@ class CropAndResize(nnx.Module):
             self.crop_size,
             method=self.method,
             extrapolation_value=self.extrapolation_value,
+            implementation=self.implementation,
         )
 
 
@@ -439,11 +461,22 @@ class MultilevelCropAndResize(nnx.Module):
     level -> ``[B, H_l, W_l, C]``, boxes ``[B, N, 4]`` ``(y1, x1, y2, x2)`` in pixels.
     """
 
-    def __init__(self, output_size: int = 7, *, sample_offset: float = 0.5):
+    def __init__(
+        self,
+        output_size: int = 7,
+        *,
+        sample_offset: float = 0.5,
+        implementation: str | None = None,
+    ):
         self.output_size = output_size
         self.sample_offset = sample_offset
+        self.implementation = implementation
 
     def __call__(self, features: Any, boxes: Array) -> Array:
         return multilevel_crop_and_resize(
-            features, boxes, output_size=self.output_size, sample_offset=self.sample_offset
+            features,
+            boxes,
+            output_size=self.output_size,
+            sample_offset=self.sample_offset,
+            implementation=self.implementation,
         )

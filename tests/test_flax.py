@@ -3,6 +3,9 @@ saves and restores."""
 
 from __future__ import annotations
 
+import re
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,24 @@ from jax_roialign import linen as jlinen
 from jax_roialign import nnx as jnnx
 from jax_roialign._deform import deform_roi_align
 from jax_roialign._rotated import roi_align_rotated
+
+# flax 0.11: nnx.Optimizer.update takes the model (before: the grads alone), and a
+# variable's array is variable[...] (before: .value, now deprecated for setting).
+FLAX_0_11 = tuple(int(p) for p in re.findall(r"\d+", flax.__version__)[:2]) >= (0, 11)
+
+
+def _get(variable):
+    """A variable's array: ``variable[...]`` (flax 0.11; ``.value`` before)."""
+    return variable[...] if FLAX_0_11 else variable.value
+
+
+def _set(variable, value):
+    """``variable[...] = value`` (flax 0.11; ``.value = value`` before)."""
+    if FLAX_0_11:
+        variable[...] = value
+    else:
+        variable.value = value
+
 
 RNG = np.random.default_rng(0)
 FEATURES = jnp.asarray(RNG.standard_normal((2, 10, 12, 3)))
@@ -80,8 +101,8 @@ def test_deformable_starts_as_roi_align_and_uses_its_offsets():
     # With weights set, the module is deform_roi_align with the predicted offsets.
     k = jnp.asarray(RNG.standard_normal((18, 12)) * 0.1, jnp.float32)
     bias = jnp.asarray(RNG.standard_normal(12) * 0.1, jnp.float32)
-    mod.offset_fc.kernel[...] = k
-    mod.offset_fc.bias[...] = bias
+    _set(mod.offset_fc.kernel, k)
+    _set(mod.offset_fc.bias, bias)
     offsets = (plain.reshape(2, 2, -1) @ k + bias).reshape(2, 2, 2, 3, 2)
     want = deform_roi_align(FEATURES, BOXES, offsets, **kw)
     np.testing.assert_allclose(mod(FEATURES, BOXES), want, rtol=0, atol=1e-6)
@@ -145,7 +166,10 @@ def test_nnx_head_trains():
     @nnx.jit
     def step(model, opt, images, boxes, labels):
         loss, grads = nnx.value_and_grad(lambda m: _xent(m(images, boxes), labels))(model)
-        opt.update(model, grads)
+        if FLAX_0_11:
+            opt.update(model, grads)
+        else:  # flax < 0.11
+            opt.update(grads)
         return loss
 
     losses = [float(step(model, opt, images, boxes, labels)) for _ in range(25)]
@@ -182,7 +206,7 @@ def test_deformable_head_gets_offset_gradients():
         return jnp.sum(m(images, boxes) ** 2)
 
     grads = nnx.jit(nnx.grad(loss))(mod)
-    assert float(jnp.abs(grads["offset_fc"]["kernel"][...]).max()) > 0
+    assert float(jnp.abs(_get(grads["offset_fc"]["kernel"])).max()) > 0
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +231,7 @@ def test_nnx_state_round_trip():
     np.testing.assert_array_equal(fwd(other, images, boxes), want)
     # A deformable module's offset predictor round-trips too.
     mod = jnnx.DeformableRoIAlign(1, output_size=3, sampling_ratio=2, rngs=nnx.Rngs(0))
-    mod.offset_fc.kernel[...] = jnp.full_like(mod.offset_fc.kernel[...], 0.01)
+    _set(mod.offset_fc.kernel, jnp.full_like(_get(mod.offset_fc.kernel), 0.01))
     g, s = nnx.split(mod)
     np.testing.assert_array_equal(fwd(nnx.merge(g, s), images, boxes), fwd(mod, images, boxes))
 

@@ -1,4 +1,4 @@
-"""``method="pallas"``: the window reader's forward as a Pallas TPU kernel, on CPU.
+"""``implementation="pallas"``: the window reader's forward as a Pallas TPU kernel, on CPU.
 
 Off TPU the kernel runs in Pallas' interpreter, the same program (its grid, its
 box table in SMEM, its copies of windows with aligned columns, its extra
@@ -16,12 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import window_boxes
 from ort_reference import ort_roi_align
-from test_window import _boxes
 
 import jax_roialign as jr
 from jax_roialign import _pallas, _window
-from jax_roialign._validation import DataFormat, Method
+from jax_roialign._validation import DataFormat
+
+# The Pallas kernels run in the interpreter on the CPU: CI's slow stage.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def data():
     # 37 x 45: odd sides, so copies of windows end at the map's edge from
     # aligned columns (45 - cols a multiple of 8); boxes span one to nine windows.
     x = rng.standard_normal((2, 3, 37, 45))
-    boxes = _boxes(rng, 12, 37 / 0.5, 45 / 0.5)
+    boxes = window_boxes(rng, 12, 37 / 0.5, 45 / 0.5)
     batch = rng.integers(0, 2, 12)
     return x, boxes, batch
 
@@ -67,7 +70,7 @@ def test_matches_onnxruntime_float64(data, aligned, sampling_ratio):
         spatial_scale=0.5,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
-        method="pallas",
+        implementation="pallas",
     )
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=0, atol=1e-9)
 
@@ -81,7 +84,7 @@ def test_gradients_per_image_and_vmap_match_window(data, sampling_ratio=0):
 
     def run(method):
         def loss(f, b):
-            out = jr.roi_align(f, b, **kw, method=method)
+            out = jr.roi_align(f, b, **kw, implementation=method)
             return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape) / out.size), out
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(feats, per_image)
@@ -89,10 +92,10 @@ def test_gradients_per_image_and_vmap_match_window(data, sampling_ratio=0):
     for g, w in zip(jax.tree.leaves(run("pallas")), jax.tree.leaves(run("window")), strict=True):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-10)
     # The user's vmap over batches of images: folded into the images.
-    stacked = jax.vmap(lambda f, b: jr.roi_align(f, b, **kw, method="pallas"))(
+    stacked = jax.vmap(lambda f, b: jr.roi_align(f, b, **kw, implementation="pallas"))(
         jnp.stack([feats, -feats]), jnp.stack([per_image, per_image[::-1]])
     )
-    want = jr.roi_align(-feats, per_image[::-1], **kw, method="window")
+    want = jr.roi_align(-feats, per_image[::-1], **kw, implementation="window")
     np.testing.assert_allclose(stacked[1], want, rtol=0, atol=1e-12)
 
 
@@ -113,7 +116,7 @@ def test_levels_precise_and_max_match_window():
                 output_size=(3, 2),
                 spatial_scales=(1 / 4, 1 / 8, 1 / 16),
                 sampling_ratio=0,
-                method=method,
+                implementation=method,
             )
             return jnp.sum(jnp.sin(out)), out
 
@@ -121,7 +124,7 @@ def test_levels_precise_and_max_match_window():
 
     def precise(method):
         return jr.precise_roi_pool(
-            maps[0], per_image, output_size=(3, 4), spatial_scale=0.25, method=method
+            maps[0], per_image, output_size=(3, 4), spatial_scale=0.25, implementation=method
         )
 
     def max_mode(method):
@@ -134,31 +137,47 @@ def test_levels_precise_and_max_match_window():
                     spatial_scale=0.25,
                     sampling_ratio=2,
                     mode="max",
-                    method=method,
+                    implementation=method,
                 )
             )
         )(maps[0])
 
-    for fn in (ms, precise, max_mode):
+    for fn in (ms, precise):
         got, want = fn("pallas"), fn("window")
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-11)
+    # Max mode has no kernel: asking for one is an error, not the window reader.
+    with pytest.raises(ValueError, match="cannot use implementation='pallas'"):
+        max_mode("pallas")
 
 
 def test_kernel_is_used_and_nchw_falls_back(data):
     x, boxes, batch = data
     kw = dict(box_indices=jnp.asarray(batch), output_size=2, spatial_scale=0.5)
-    nhwc = jax.jit(lambda f: jr.roi_align(f, boxes, **kw, method="pallas"))
-    nchw = jax.jit(lambda f: jr.roi_align(f, boxes, **kw, data_format="NCHW", method="pallas"))
+    nhwc = jax.jit(lambda f: jr.roi_align(f, boxes, **kw, implementation="pallas"))
+    nchw = jax.jit(
+        lambda f: jr.roi_align(f, boxes, **kw, data_format="NCHW", implementation="pallas")
+    )
     feats = x.transpose(0, 2, 3, 1)
-    assert "pallas_call" in str(jax.make_jaxpr(nhwc)(feats))
-    assert "pallas_call" not in str(jax.make_jaxpr(nchw)(x))
+
+    def for_tpu(boxes, layout, x):  # the program lowered for a TPU (float32)
+        fn = lambda f: jr.roi_align(  # noqa: E731
+            f, boxes, **kw, data_format=layout, implementation="pallas"
+        )
+        lowered = jax.jit(fn).trace(x).lower(lowering_platforms=("tpu",))
+        return lowered.as_text()
+
+    b32, f32 = jnp.asarray(boxes, jnp.float32), jnp.float32
+    assert "tpu_custom_call" in for_tpu(b32, "NHWC", feats.astype(f32))
+    assert "tpu_custom_call" not in for_tpu(b32, "NCHW", x.astype(f32))
     np.testing.assert_allclose(
         np.asarray(nchw(x)).transpose(0, 2, 3, 1), nhwc(feats), rtol=0, atol=1e-12
     )
 
 
 def test_parse():
-    assert Method.parse("Pallas") is Method.PALLAS and Method.PALLAS.windowed
+    x, boxes = jnp.ones((1, 8, 8, 2)), jnp.asarray([[0, 1.0, 1.0, 5.0, 5.0]])
+    a = jr.roi_align(x, boxes, output_size=2, implementation="Pallas")
+    np.testing.assert_array_equal(a, jr.roi_align(x, boxes, output_size=2))
     with pytest.raises(ValueError, match="'pallas'"):
-        Method.parse("mosaic")
+        jr.roi_align(x, boxes, output_size=2, implementation="mosaic")

@@ -12,7 +12,7 @@ from reference_pool import precise_quadrature_ref, precise_roi_pool_ref
 
 from jax_roialign import precise_roi_pool
 from jax_roialign._precise import bin_edges, integral_window
-from jax_roialign._roi_align import fast_window
+from jax_roialign._tuning import TUNING
 
 
 def _boxes(rng, k, lo, hi, h, w):
@@ -58,7 +58,7 @@ def test_against_references_fast_and_dense():
                     )[1]
                 )
             )
-            - min(n, fast_window(n, p) + 1)
+            - min(n, TUNING.half_map_window(n, p) + 1)
             for i, p, n in ((1, size[0], h), (0, size[1], w))
         ]
         windows_needed.append(max(need))

@@ -91,7 +91,7 @@ def test_matmul_path_and_nchw_match_onnxruntime(data, aligned, sampling_ratio, v
     ref = ort_roi_align(x.transpose(0, 3, 1, 2), boxes, batch, 3, 5, 0.5, sampling_ratio, aligned)
     kw = dict(output_size=(3, 5), spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=aligned)
     if variant == "matmul":
-        out = _ours(x, boxes, batch, method="matmul", **kw).transpose(0, 3, 1, 2)
+        out = _ours(x, boxes, batch, implementation="matmul", **kw).transpose(0, 3, 1, 2)
     else:
         out = _ours(x.transpose(0, 3, 1, 2), boxes, batch, data_format="NCHW", **kw)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
@@ -349,7 +349,7 @@ def test_gradients_features_and_boxes(sampling_ratio, aligned):
                 output_size=(2, 3),
                 sampling_ratio=sampling_ratio,
                 aligned=aligned,
-                method=method,
+                implementation=method,
             )
         )
 
@@ -360,16 +360,15 @@ def test_gradients_features_and_boxes(sampling_ratio, aligned):
     check_grads(f("matmul"), (x, boxes), order=1, modes=["fwd"], eps=1e-5, atol=1e-5, rtol=1e-5)
 
 
-def test_forward_mode_needs_scatter_or_matmul():
-    x = jnp.ones((1, 8, 9, 2))
+def test_forward_mode_on_every_implementation():
+    # The op is linear in the features: its tangent along the features is the op.
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 8, 9, 2)))
     boxes = jnp.asarray([[1.0, 1.0, 5.0, 6.0]])
-    f = lambda x: jr.roi_align(x, boxes, box_indices=jnp.zeros(1, int), output_size=2)
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(f, (x,), (x,))
-    g = lambda x: jr.roi_align(
-        x, boxes, box_indices=jnp.zeros(1, int), output_size=2, method="scatter"
-    )
-    np.testing.assert_allclose(jax.jvp(g, (x,), (x,))[1], g(x))
+    for impl in (None, "gather", "scatter", "window", "matmul"):
+        g = lambda x, impl=impl: jr.roi_align(
+            x, boxes, box_indices=jnp.zeros(1, int), output_size=2, implementation=impl
+        )
+        np.testing.assert_allclose(jax.jvp(g, (x,), (x,))[1], g(x), rtol=0, atol=1e-12)
 
 
 def test_box_gradient_direction():
@@ -460,7 +459,7 @@ def test_checkify_reports_bad_values(data):
         (dict(spatial_scale="1"), TypeError, "spatial_scale"),
         (dict(data_format="NWHC"), ValueError, "data_format"),
         (dict(mode="mean"), ValueError, "mode"),
-        (dict(method="fast"), ValueError, "method"),
+        (dict(implementation="fast"), ValueError, "implementation"),
         (dict(aligned=1), TypeError, "aligned"),
     ],
 )
@@ -521,7 +520,7 @@ def test_samples_exactly_on_the_boundary(aligned, sampling_ratio):
                 output_size=output_size,
                 sampling_ratio=sampling_ratio,
                 aligned=aligned,
-                method=method,
+                implementation=method,
             )
             np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
 
@@ -537,7 +536,9 @@ def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
         boxes = np.concatenate([np.repeat([0.0, 1.0], 4)[:, None], boxes.reshape(8, 4)], 1)
 
     def f(x, b):
-        out = jr.roi_align(x, b, output_size=3, sampling_ratio=sampling_ratio, method="matmul")
+        out = jr.roi_align(
+            x, b, output_size=3, sampling_ratio=sampling_ratio, implementation="matmul"
+        )
         return jnp.sum(out**2)
 
     for fn in (f, jax.grad(f, (0, 1))):
@@ -549,7 +550,7 @@ def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
     np.testing.assert_allclose(
         jax.jit(
             lambda x, b: jr.roi_align(
-                x, b, output_size=3, sampling_ratio=sampling_ratio, method="matmul"
+                x, b, output_size=3, sampling_ratio=sampling_ratio, implementation="matmul"
             )
         )(x, boxes),
         gather,
@@ -564,11 +565,13 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
     """Adaptive sampling reads the narrowest window that every bin of the call
     fits (a box of FPN size, half the map, any box in the map), else the dense
     weights. Each choice is exact; the boxes below make each one be taken."""
-    from jax_roialign import _roi_align
-    from jax_roialign._validation import Method, parse_boxes
+    from jax_roialign import _sampling, _separable
+    from jax_roialign._dispatch import Implementation
+    from jax_roialign._tuning import TUNING
+    from jax_roialign._validation import parse_boxes
 
     h, w = 96, 128
-    rows, cols = _roi_align.window_tiers(h, w, (7, 7))
+    rows, cols = TUNING.window_tiers(h, w, (7, 7))
     assert len(rows) == len(cols) == 3, (rows, cols)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, h, w, 2))
@@ -589,8 +592,9 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
     for expect, boxes in enumerate(cases):
         batch = rng.integers(0, 2, len(boxes))
         rois = parse_boxes(jnp.asarray(boxes), jnp.asarray(batch), 2)
-        gy, gx = _roi_align.box_grids(
-            rois,
+        gy, gx = _sampling.box_grids(
+            rois.coords,
+            rois.ok,
             (7, 7),
             (h, w),
             spatial_scale=1.0,
@@ -599,7 +603,7 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
             dtype=jnp.float64,
         )
         ok = rois.ok.astype(jnp.float64)[:, None, None]
-        choice = int(_roi_align._Shared(gy, gx, ok, Method.GATHER).choice)
+        choice = int(_separable.Weights(gy, gx, ok, Implementation.GATHER).choice)
         assert choice == expect, (choice, expect)
         ref = _ort_nhwc(x, boxes, batch, (7, 7), 1.0, 0, aligned)
         out = _ours(x, boxes, batch, output_size=7, sampling_ratio=0, aligned=aligned)

@@ -23,7 +23,7 @@ _STATIC = (
     "angle_unit",
     "data_format",
 )
-rotated = jax.jit(_rotated.roi_align_rotated, static_argnames=_STATIC)
+rotated = jax.jit(jr.roi_align_rotated, static_argnames=_STATIC)
 
 
 def random_rotated(rng: np.random.Generator, k: int) -> np.ndarray:
@@ -83,20 +83,18 @@ def test_mmcv_convention(data, sampling_ratio):
 
 @pytest.mark.parametrize("sampling_ratio", [3, 0], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_tpu_reader_same_numbers_and_gradients(data, data_format, sampling_ratio, monkeypatch):
-    # The box-local window reader (``auto`` on TPU) runs here too: every sample
+def test_tpu_reader_same_numbers_and_gradients(data, data_format, sampling_ratio):
+    # The box-local window reader (the default on TPU) runs here too: every sample
     # a point of one window per box (tiles when larger); adaptive grids in blocks
     # of samples (the module's huge boxes: many blocks). Float64, against the
     # reference (the module's boxes: huge, zero-size, far outside) and, per image
     # on a map larger than the windows, against the default path: outputs and
     # gradients in the features and the boxes.
-    from jax_roialign._validation import Method
-
     x, boxes, batch = data
-    monkeypatch.setattr(_rotated, "_READER", Method.WINDOW)
     f = x if data_format == "NHWC" else x.transpose(0, 3, 1, 2)
     kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, data_format=data_format)
-    ours = np.asarray(jr.roi_align_rotated(f, boxes, box_indices=batch, **kw))
+    window = jr.roi_align_rotated(f, boxes, box_indices=batch, **kw, implementation="window")
+    ours = np.asarray(window)
     ref = roi_align_rotated_ref(x, boxes, batch, (3, 4), 1.0, sampling_ratio)
     ours = ours if data_format == "NHWC" else ours.transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-13)
@@ -118,16 +116,15 @@ def test_tpu_reader_same_numbers_and_gradients(data, data_format, sampling_ratio
     per_image[1, 1] = [20.0, 20.0, -5.0, 10.0, 20.0]  # negative width: an empty grid
 
     def run(reader):
-        monkeypatch.setattr(_rotated, "_READER", reader)
-
-        def pool(f, b):  # a new function: traced anew
+        def pool(f, b):
             ratio = min(sampling_ratio, 2)
-            return jr.roi_align_rotated(f, b, spatial_scale=0.9, **dict(kw, sampling_ratio=ratio))
+            kw_r = dict(kw, sampling_ratio=ratio, implementation=reader)
+            return jr.roi_align_rotated(f, b, spatial_scale=0.9, **kw_r)
 
         out, vjp = jax.vjp(jax.jit(pool), f, per_image)
         return out, *vjp(np.cos(np.arange(out.size)).reshape(out.shape))
 
-    got, want = run(Method.WINDOW), run(Method.AUTO)
+    got, want = run("window"), run(None)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-12)
     assert np.abs(np.asarray(got[2])).max() > 0.1  # box gradients flow
@@ -197,9 +194,7 @@ def test_gradients_features_and_boxes(sampling_ratio):
 
     @jax.jit
     def f(feat, b):
-        return _rotated.roi_align_rotated(
-            feat, b, output_size=(2, 2), sampling_ratio=sampling_ratio
-        )
+        return jr.roi_align_rotated(feat, b, output_size=(2, 2), sampling_ratio=sampling_ratio)
 
     check_grads(f, (x, boxes), order=1, modes=["rev", "fwd"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
@@ -212,7 +207,7 @@ def test_angle_gradient_matches_finite_difference():
     @jax.jit
     def f(angle):
         b = jnp.asarray(box).at[0, 4].set(angle)
-        return jnp.sum(_rotated.roi_align_rotated(x, b, output_size=2, sampling_ratio=0) ** 2)
+        return jnp.sum(jr.roi_align_rotated(x, b, output_size=2, sampling_ratio=0) ** 2)
 
     g = jax.grad(f)(20.0)
     fd = (f(20.0 + 1e-6) - f(20.0 - 1e-6)) / 2e-6
@@ -251,7 +246,7 @@ def test_traces_once():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def f(x, b):
-        return _rotated.roi_align_rotated(x, b, output_size=2)
+        return jr.roi_align_rotated(x, b, output_size=2)
 
     f(x, np.array([[2.0, 2.0, 4.0, 4.0, 10.0]]))
     f(x, np.array([[2.0, 2.0, 400.0, 4.0, 80.0]]))
@@ -272,16 +267,14 @@ def test_bad_options(kwargs, exc, match):
     kw = dict(output_size=2)
     kw.update(kwargs)
     with pytest.raises(exc, match=match):
-        _rotated.roi_align_rotated(np.zeros((1, 4, 4, 1)), np.zeros((1, 6)), **kw)
+        jr.roi_align_rotated(np.zeros((1, 4, 4, 1)), np.zeros((1, 6)), **kw)
 
 
 def test_bad_boxes():
     x = np.zeros((2, 4, 4, 1))
     with pytest.raises(ValueError, match="cx, cy, w, h, angle"):
-        _rotated.roi_align_rotated(x, np.zeros((3, 4)), output_size=2)
+        jr.roi_align_rotated(x, np.zeros((3, 4)), output_size=2)
     with pytest.raises(ValueError, match="box_indices"):
-        _rotated.roi_align_rotated(x, np.zeros((3, 5)), output_size=2)
+        jr.roi_align_rotated(x, np.zeros((3, 5)), output_size=2)
     with pytest.raises(ValueError, match="box_indices"):
-        _rotated.roi_align_rotated(
-            x, np.zeros((3, 5)), box_indices=np.array([0, 1, 2]), output_size=2
-        )
+        jr.roi_align_rotated(x, np.zeros((3, 5)), box_indices=np.array([0, 1, 2]), output_size=2)

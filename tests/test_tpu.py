@@ -5,7 +5,7 @@ v5e pod (features and per-image boxes sharded on the batch, explicit sharding,
 plain ``jit``), forward and forward+backward. The ops with a TPU path (RoI Align
 in avg and max mode, FPN pooling, precise pooling,
 position-sensitive RoI Align, the TensorFlow crops, RoI Pool, deformable RoI
-Align, rotated RoI Align: ``method="auto"`` lowers to the window reader for
+Align, rotated RoI Align: ``implementation=None`` lowers to the window reader for
 TPU) have no gather or scatter in the TPU program, no collective on the pod and
 per-chip temporaries bounded by the output (forward) and features + output
 (forward+backward). A program exported for TPU and CPU runs here with the same numbers.
@@ -23,12 +23,12 @@ import pytest
 pytest.importorskip("libtpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from helpers import count_ops, map_copies_in_loops  # noqa: E402
+from helpers import topology as _topology  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_roialign as jr  # noqa: E402
-from benchmarks.tpu import count_ops, map_copies_in_loops  # noqa: E402
-from benchmarks.tpu import topology as _topology  # noqa: E402
 
 pytestmark = pytest.mark.tpu
 
@@ -64,15 +64,20 @@ def _boxes_spec(n, sharding, width=4):
 
 
 # Ops with a TPU path: (name, fn(features, boxes), features shapes per chip).
-def _roi_align(sr, method="auto"):
+def _roi_align(sr, method=None):
     return lambda f, b: jr.roi_align(
-        f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=sr, method=method
+        f[0], b, output_size=7, spatial_scale=0.25, sampling_ratio=sr, implementation=method
     )
 
 
-def _multiscale(f, b, method="auto"):
+def _multiscale(f, b, method=None):
     return jr.multiscale_roi_align(
-        list(f), b, output_size=7, spatial_scales=(1 / 4, 1 / 8), sampling_ratio=2, method=method
+        list(f),
+        b,
+        output_size=7,
+        spatial_scales=(1 / 4, 1 / 8),
+        sampling_ratio=2,
+        implementation=method,
     )
 
 
@@ -213,6 +218,10 @@ def test_tpu_path_has_no_gather_scatter_or_collective(name, backward, target, re
     # maps: one image's float32 map (here the size of the bfloat16 maps).
     grad_bytes = sum(int(np.prod(s)) for s in shapes) * 4 // N
     bound = out_bytes + (max(feat_bytes, grad_bytes) + out_bytes if backward else 0) + window
+    if backward and name == "roi_align_max_adaptive":
+        # Reverse mode runs max mode's search again (the winners are not kept
+        # from the forward): its running maxima and winners, float32 and int32.
+        bound += 2 * N * R * 7 * 7 * C * 4 // 3
     assert compiled.memory_analysis().temp_size_in_bytes <= bound
 
 

@@ -1,8 +1,8 @@
-"""The box-local, gather-free window reader (``method="window"``, the TPU path), on CPU.
+"""The box-local, gather-free window reader (``implementation="window"``, the TPU path), on CPU.
 
 Its numbers against ONNX Runtime (float64, 1e-9) for every kind of box, including
 boxes spanning several tiles of the largest tier, boxes larger than the map and both layouts and box
-forms; its gradients against autodiff's scatter-add (``method="scatter"``), to
+forms; its gradients against autodiff's scatter-add (``implementation="scatter"``), to
 second order; vmap folded into the images; no retracing for new boxes; no
 gather or scatter in its compiled CPU program either; FPN levels and the
 integral pooling through the same reader.
@@ -17,27 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import window_boxes
 from jax.test_util import check_grads
 from ort_reference import ort_roi_align
 
 import jax_roialign as jr
 from jax_roialign import _window
-
-
-def _boxes(rng, k, h, w):
-    """Every kind of box: inside, across the border, tiny, degenerate, huge, far outside."""
-    xy = rng.uniform(-0.3 * w, 1.1 * w, (k, 2))
-    wh = rng.uniform(-2.0, 0.9 * max(h, w), (k, 2))
-    boxes = np.concatenate([xy, xy + wh], 1)
-    boxes[0] = [-5.0 * w, -4.0 * h, 6.0 * w, 5.0 * h]  # a thousand cells, tiled tier
-    boxes[1] = [2.0, 3.0, 2.0, 3.0]  # zero size
-    boxes[2] = [3.3, 1.1, 4.0, 1.9]  # under one cell
-    boxes[3] = [2 * w, 2 * h, 3 * w, 3 * h]  # outside the map
-    # Spans of 65-80 cells (a map of 70 x 90 at scale 0.5): three tiles of 32 per
-    # axis, the last clipped at the map's far edge and overlapping the one before.
-    boxes[4] = [0.22 * w, 0.04 * h, 0.98 * w, 0.97 * h]
-    boxes[5] = [0.01 * w, 0.02 * h, 0.83 * w, 0.4 * h]
-    return boxes
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +31,7 @@ def data():
     # NCHW, as ONNX Runtime wants. 70 x 90: tiers 16 and 32 x 32 tiles (3 x 3 for
     # the whole map), so boxes take both tiers and span one to nine tiles.
     x = rng.standard_normal((2, 3, 70, 90))
-    boxes = _boxes(rng, 24, 70 / 0.5, 90 / 0.5)
+    boxes = window_boxes(rng, 24, 70 / 0.5, 90 / 0.5)
     batch = rng.integers(0, 2, 24)
     return x, boxes, batch
 
@@ -82,7 +67,7 @@ def test_matches_onnxruntime_float64(data, aligned, sampling_ratio, data_format)
             sampling_ratio=sampling_ratio,
             aligned=aligned,
             data_format=data_format,
-            method="window",
+            implementation="window",
         )
     )
     got = np.asarray(f(feats, boxes))
@@ -97,16 +82,16 @@ def test_per_image_boxes_and_vmap_match_flat(data, sampling_ratio):
     feats = jnp.asarray(x.transpose(0, 2, 3, 1))
     per_image = jnp.asarray(boxes.reshape(2, 12, 4))
     kw = dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=sampling_ratio)
-    want = jr.roi_align(feats, per_image, **kw, method="gather")
-    got = jr.roi_align(feats, per_image, **kw, method="window")
+    want = jr.roi_align(feats, per_image, **kw, implementation="gather")
+    got = jr.roi_align(feats, per_image, **kw, implementation="window")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     # The user's own vmap over batches of images (folded into the images).
-    stacked = jax.vmap(lambda f, b: jr.roi_align(f, b, **kw, method="window"))(
+    stacked = jax.vmap(lambda f, b: jr.roi_align(f, b, **kw, implementation="window"))(
         jnp.stack([feats, -feats]), jnp.stack([per_image, per_image[::-1]])
     )
     np.testing.assert_allclose(stacked[0], want, rtol=0, atol=1e-12)
     np.testing.assert_allclose(
-        stacked[1], jr.roi_align(-feats, per_image[::-1], **kw, method="gather"), atol=1e-12
+        stacked[1], jr.roi_align(-feats, per_image[::-1], **kw, implementation="gather"), atol=1e-12
     )
 
 
@@ -125,7 +110,7 @@ def test_gradients_match_autodiff(data, sampling_ratio):
                     output_size=(2, 3),
                     spatial_scale=0.5,
                     sampling_ratio=sampling_ratio,
-                    method=method,
+                    implementation=method,
                 )
             else:
                 out = jr.roi_align(
@@ -135,7 +120,7 @@ def test_gradients_match_autodiff(data, sampling_ratio):
                     output_size=(2, 3),
                     spatial_scale=0.5,
                     sampling_ratio=sampling_ratio,
-                    method=method,
+                    implementation=method,
                 )
             return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape) / out.size)
 
@@ -162,7 +147,7 @@ def test_second_order_numerically():
                 output_size=(2, 5),
                 sampling_ratio=sr,
                 aligned=False,
-                method="window",
+                implementation="window",
             )
         )
         check_grads(f, (x, boxes), order=2, modes=["rev"], eps=1e-5, atol=1e-5, rtol=1e-5)
@@ -175,13 +160,15 @@ def test_no_retrace_and_deterministic(data):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def grad(f, b):
-        out = jr.roi_align(f, b, box_indices=jnp.asarray(batch), output_size=3, method="window")
+        out = jr.roi_align(
+            f, b, box_indices=jnp.asarray(batch), output_size=3, implementation="window"
+        )
         return jax.grad(
             lambda f: (
                 jnp.sum(out * 0)
                 + jnp.sum(
                     jr.roi_align(
-                        f, b, box_indices=jnp.asarray(batch), output_size=3, method="window"
+                        f, b, box_indices=jnp.asarray(batch), output_size=3, implementation="window"
                     )
                     ** 2
                 )
@@ -206,7 +193,7 @@ def test_cpu_program_has_no_gather_or_scatter(data):
             box_indices=jnp.asarray(batch),
             output_size=3,
             sampling_ratio=0,
-            method="window",
+            implementation="window",
         )
         return jnp.sum(out**2)
 
@@ -237,7 +224,7 @@ def test_multiscale_and_precise_match_gather(sampling_ratio):
                 output_size=(3, 2),
                 spatial_scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32),
                 sampling_ratio=sampling_ratio,
-                method=method,
+                implementation=method,
             )
             return jnp.sum(jnp.sin(out)), out
 
@@ -249,7 +236,9 @@ def test_multiscale_and_precise_match_gather(sampling_ratio):
 
     def pr(method):
         def loss(f, b):
-            out = jr.precise_roi_pool(f, b, output_size=(3, 4), spatial_scale=0.25, method=method)
+            out = jr.precise_roi_pool(
+                f, b, output_size=(3, 4), spatial_scale=0.25, implementation=method
+            )
             return jnp.sum(jnp.sin(out)), out
 
         return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(maps[0], per_image)
@@ -269,9 +258,9 @@ def test_bfloat16_maps_round_once(sampling_ratio):
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.standard_normal((3, 40, 70, 8)), jnp.bfloat16)
     small = jnp.asarray(rng.standard_normal((3, 20, 35, 8)), jnp.bfloat16)
-    boxes = np.stack([_boxes(rng, 10, 40, 70) for _ in range(3)]).astype(np.float32)
+    boxes = np.stack([window_boxes(rng, 10, 40, 70) for _ in range(3)]).astype(np.float32)
     flat_batch = np.repeat(np.arange(3), 10)
-    kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, method="window")
+    kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio, implementation="window")
     ops = {
         "flat": lambda f, b: jr.roi_align(f[0], b.reshape(-1, 4), box_indices=flat_batch, **kw),
         "per_image": lambda f, b: jr.roi_align(f[0], b, **kw),
@@ -279,7 +268,7 @@ def test_bfloat16_maps_round_once(sampling_ratio):
             list(f), b, spatial_scales=(1.0, 0.5), canonical_scale=20, **kw
         ),
         "precise": lambda f, b: jr.precise_roi_pool(
-            f[0], b, output_size=(3, 4), spatial_scale=0.9, method="window"
+            f[0], b, output_size=(3, 4), spatial_scale=0.9, implementation="window"
         ),
     }
     for name, op in ops.items():
