@@ -1,11 +1,14 @@
-"""What several test modules share: boxes of every kind, and the checks of a
-program compiled for a TPU (its collectives, gathers and copies)."""
+"""What several test modules share: boxes of every kind, the checks of a
+program compiled for a TPU (its collectives, gathers and copies), and the
+sampling of large parameter grids for the fast stage."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
+import pytest
 
 #: The instructions counted in a compiled program (tuples and async starts too).
 OPS = (
@@ -17,6 +20,23 @@ OPS = (
     "collective-permute",
     "all-to-all",
 )
+
+
+def sampled(*axes, fast: int, seed: int = 0) -> list:
+    """The full product of ``axes`` as pytest parameters, of which a fixed random
+    sample of ``fast`` runs in the fast stage; the rest carry the ``slow`` marker
+    (CI's second stage runs them), as JAX's own tests sample their grids."""
+    combos = list(itertools.product(*axes))
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(len(combos), size=min(fast, len(combos)), replace=False).tolist())
+    return [
+        pytest.param(*c, marks=() if i in keep else pytest.mark.slow) for i, c in enumerate(combos)
+    ]
+
+
+def slow_except(values, fast) -> list:
+    """``values`` as pytest parameters, those not in ``fast`` marked ``slow``."""
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 def window_boxes(rng, k: int, h: float, w: float) -> np.ndarray:

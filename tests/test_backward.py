@@ -62,6 +62,7 @@ def _grads(method, x, boxes, idx, **kw):
 @pytest.mark.parametrize("sampling_ratio", [1, 2, 0])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.slow
 def test_same_gradient_as_autodiff_scatter(sampling_ratio, data_format, aligned):
     rng = np.random.default_rng(sampling_ratio + 3 * aligned)
     n, h, w, c = 2, 23, 71, 3
@@ -86,6 +87,7 @@ def test_same_gradient_as_autodiff_scatter(sampling_ratio, data_format, aligned)
     assert np.abs(got[0]).max() > 0.1
 
 
+@pytest.mark.slow
 def test_wide_boxes_take_several_runs_of_columns():
     # A map 200 columns wide: one box covers every column, so its gradient is
     # added in several runs of 32 columns, the last one clamped to the edge.
@@ -102,6 +104,7 @@ def test_wide_boxes_take_several_runs_of_columns():
             assert np.count_nonzero(np.asarray(got)[0, 0, :, 0]) > 150
 
 
+@pytest.mark.slow
 def test_wide_outputs_take_slices_of_output_columns():
     # More output columns than one slice of the transpose (32): it cuts them into slices,
     # the last one overlapping the one before it (its shared columns weighted 0).
@@ -140,6 +143,7 @@ def test_invalid_boxes_and_indices_give_zero_gradient():
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_per_image_boxes_and_vmap(sampling_ratio):
     rng = np.random.default_rng(7)
     n, h, w, c, r = 3, 17, 40, 2, 6
@@ -170,6 +174,7 @@ def test_per_image_boxes_and_vmap(sampling_ratio):
         )
 
 
+@pytest.mark.slow
 def test_multiscale_gradient():
     rng = np.random.default_rng(3)
     maps = [jnp.asarray(rng.standard_normal((2, 64 // s, 96 // s, 3))) for s in (1, 2, 4, 8)]
@@ -202,6 +207,7 @@ def test_multiscale_gradient():
             np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_second_order_and_box_gradients_numerically():
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 7, 40, 2))
@@ -247,6 +253,7 @@ def _fwd_bwd(method, sampling_ratio, data_format="NHWC", shape=(2, 48, 64, 16), 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.slow
 def test_backward_has_no_scatter_and_little_memory(sampling_ratio, data_format):
     f, args = _fwd_bwd("gather", sampling_ratio, data_format)
     compiled = f.lower(*args).compile()
@@ -290,6 +297,7 @@ def test_low_precision_gradient(dtype):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol * scale)
 
 
+@pytest.mark.slow
 def test_precise_roi_pool_methods_agree():
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((2, 12, 45, 2)))
@@ -347,6 +355,7 @@ def test_default_implementation_by_lowering_platform():
         jr.roi_align(x, boxes, output_size=2, implementation="atomic")
 
 
+@pytest.mark.slow
 def test_tall_bins_add_one_row_per_step():
     # Adaptive bins of ~100 rows: more y-taps per bin than one step of the
     # transpose unrolls (32), so it loops over single rows.

@@ -250,6 +250,7 @@ def test_multilevel_gradients_float64():
     _check_rev(f, (feats, boxes), order=2)
 
 
+@pytest.mark.slow
 def test_tpu_reader_same_numbers_and_gradients():
     # The box-local window reader (the default on TPU) runs here too: the same sums
     # as dense weights over one window per box, against the default path

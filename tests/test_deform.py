@@ -48,7 +48,7 @@ def test_matches_loop_reference(data, sampling_ratio):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_zero_offsets_equal_roi_align(data, sampling_ratio):
     x, boxes, batch, offsets, _ = data
     kw = dict(output_size=(3, 4), sampling_ratio=sampling_ratio)
@@ -57,6 +57,7 @@ def test_zero_offsets_equal_roi_align(data, sampling_ratio):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_constant_offset_equals_shifted_box(data):
     x, boxes, batch, offsets, _ = data
     boxes, batch = boxes[2:], batch[2:]
@@ -77,7 +78,7 @@ def test_mask_multiplies_each_bin(data):
     np.testing.assert_allclose(masked, plain * mask[..., None], rtol=1e-15, atol=0)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_gradients_features_boxes_offsets_mask(sampling_ratio):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, H, W, 2))
@@ -97,6 +98,7 @@ def test_gradients_features_boxes_offsets_mask(sampling_ratio):
 
 
 @pytest.mark.parametrize("sampling_ratio, data_format", [(2, "NHWC"), (0, "NCHW")])
+@pytest.mark.slow
 def test_tpu_reader_same_numbers_and_gradients(sampling_ratio, data_format):
     # The box-local window reader (the default on TPU) runs here too: each bin a
     # point of one window per box. Against the default path, float64: outputs and

@@ -41,6 +41,7 @@ def _batches(seeds):
     return [to_batch(make_scenes(IMAGES, size=TINY.image_size, seed=s)) for s in seeds]
 
 
+@pytest.mark.slow
 def test_train_steps_loss_falls_shapes_hold_no_retrace():
     trainer = create(TINY, steps=50, learning_rate=1e-2)
     traces = []

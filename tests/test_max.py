@@ -131,7 +131,7 @@ def test_feature_gradient_goes_to_the_argmax_neighbours():
     np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_gradients_features_and_boxes(sampling_ratio):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, H, W, 2))
@@ -177,6 +177,7 @@ def test_layouts_forms_dtypes_and_invalid_boxes(data):
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.slow
 def test_tpu_reader_matches_reference_and_default_gradients(aligned, sampling_ratio):
     # implementation="window" (what ``auto`` lowers to on TPU): the samples read through the
     # box-local windows in blocks, each box's block folded into the running maximum
@@ -224,6 +225,7 @@ def test_tpu_reader_matches_reference_and_default_gradients(aligned, sampling_ra
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed", "adaptive"])
+@pytest.mark.slow
 def test_tpu_reader_non_finite_features(sampling_ratio):
     # The window is contracted whole: a NaN or an infinity in the cells a box's
     # window reads makes that box's bins NaN (documented), never a finite wrong

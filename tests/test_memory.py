@@ -58,6 +58,7 @@ def _check(op, x, out_shape, dtype):
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.slow
 def test_roi_align_loss_stores_no_taps(sampling_ratio, data_format):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 48, 64, 32)), jnp.float32)
     if data_format == "NCHW":
@@ -78,6 +79,7 @@ def test_roi_align_loss_stores_no_taps(sampling_ratio, data_format):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16])
+@pytest.mark.slow
 def test_roi_align_loss_stores_no_taps_16bit(dtype):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 48, 64, 32)), dtype)
     rois = jnp.asarray(_boxes(64, 20.0, 48.0))
@@ -88,6 +90,7 @@ def test_roi_align_loss_stores_no_taps_16bit(dtype):
     _check(op, x, jax.eval_shape(op, x).shape, dtype)
 
 
+@pytest.mark.slow
 def test_multiscale_loss_stores_no_taps():
     rng = np.random.default_rng(0)
     feats = [
@@ -103,6 +106,7 @@ def test_multiscale_loss_stores_no_taps():
     _check(op, feats, jax.eval_shape(op, feats).shape, jnp.float32)
 
 
+@pytest.mark.slow
 def test_multilevel_crop_loss_stores_no_corners():
     # Model Garden's pyramid: four corner terms per sample; a loss on the output
     # once stored each of them (4x the output).
@@ -122,6 +126,7 @@ def test_multilevel_crop_loss_stores_no_corners():
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_box_gradient_stores_no_taps(sampling_ratio):
     """value_and_grad in the boxes too: the weights' gradient reads every tap pair
     and sums over the channels; XLA:CPU stores such reads, so they go in chunks of

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_except
 from jax.test_util import check_grads
 from reference import roi_align_ref
 
@@ -53,7 +54,7 @@ def _cfg_kwargs(cfg):
     )
 
 
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("i", slow_except(range(5), {0, 2}))
 def test_torchvision_golden(golden, i):
     z, meta, maps = golden
     cfg = meta["configs"][i]
@@ -89,7 +90,7 @@ def test_torchvision_golden(golden, i):
     assert np.all(np.asarray(got)[~tv_has] == 0)
 
 
-@pytest.mark.parametrize("i", [0, 1])
+@pytest.mark.parametrize("i", slow_except([0, 1], {0}))
 def test_torchvision_golden_grads(golden, i):
     z, meta, maps = golden
     kw = _cfg_kwargs(meta["configs"][i])
@@ -176,7 +177,7 @@ def _boxes(rng, k, image=(64, 80), lo=6.0, hi=260.0):
     return np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_detectron2_reference_per_image(sampling_ratio):
     rng = np.random.default_rng(5)
     maps = _pyramid(rng)
@@ -309,7 +310,7 @@ def test_invalid_boxes_give_zeros():
     assert np.all(np.asarray(out[1:]) == 0) and np.any(np.asarray(out[0]) != 0)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_check_grads_features_and_boxes(sampling_ratio):
     rng = np.random.default_rng(7)
     maps = _pyramid(rng, n=1, c=1, sizes=((8, 10), (4, 5)))
@@ -372,6 +373,7 @@ def test_levels_not_concatenated(grad):
     assert temp < pyramid / 2, (temp, pyramid)
 
 
+@pytest.mark.slow
 def test_vmapped_and_second_order():
     """``vmap`` over a batch of pyramids (the level-sorted CPU read folds the mapped
     axis into the images) and second-order gradients give the numbers of the

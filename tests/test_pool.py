@@ -136,6 +136,7 @@ def test_window_argmax_each_rung(window):
 
 
 @pytest.mark.parametrize("h, w", [(17, 23), (61, 73)])
+@pytest.mark.slow
 def test_tpu_reader_same_numbers_and_gradients(h, w):
     """The TPU path (the window reader, forced here on the CPU) against the loop
     reference and the default path: boxes from one cell to larger than the map
@@ -195,6 +196,7 @@ def test_tpu_reader_same_numbers_and_gradients(h, w):
 
 
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.slow
 def test_tpu_reader_layouts_dtypes_and_per_image(data_format):
     """The TPU path for both layouts, per-image boxes and float32 / bfloat16 maps:
     the default path's numbers and gradients (within the rounding of a sum of
@@ -223,6 +225,7 @@ def test_tpu_reader_layouts_dtypes_and_per_image(data_format):
         np.testing.assert_allclose(np.asarray(got[1], np.float32), want[1], rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_tpu_reader_per_device_under_explicit_batch_sharding():
     """Batch-sharded features and per-image boxes (the pod recipe): the TPU path
     pools each device's own images, with the numbers of one device, and its

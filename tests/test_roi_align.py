@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import sampled
 from jax.experimental import checkify
 from jax.test_util import check_grads
 from ort_reference import ort_roi_align
@@ -62,10 +63,10 @@ def _ours(x, boxes, batch, **kw):
     return np.asarray(_jitted(**kw)(jnp.asarray(x), jnp.asarray(boxes), box_indices=batch))
 
 
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
-@pytest.mark.parametrize("output_size", [(2, 2), (3, 5), (7, 4)])
-@pytest.mark.parametrize("scale", [1.0, 0.125])
+@pytest.mark.parametrize(
+    "aligned, sampling_ratio, output_size, scale",
+    sampled([True, False], [0, 1, 2, 3], [(2, 2), (3, 5), (7, 4)], [1.0, 0.125], fast=12),
+)
 def test_matches_onnxruntime_float64(data, aligned, sampling_ratio, output_size, scale):
     x, boxes, batch = data
     boxes = boxes / scale
@@ -262,6 +263,7 @@ def test_float64_boxes_with_float32_features_return_float32():
 # ---------------------------------------------------------------- transformations
 
 
+@pytest.mark.slow
 class TestTransformations(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True, with_device=True)
     def test_variants(self):
@@ -334,8 +336,7 @@ def _interior_boxes(rng, k):
     return np.concatenate([lo, lo + size], 1)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
-@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("aligned, sampling_ratio", sampled([True, False], [0, 2], fast=1, seed=1))
 def test_gradients_features_and_boxes(sampling_ratio, aligned):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((1, 8, 9, 2))
@@ -360,6 +361,7 @@ def test_gradients_features_and_boxes(sampling_ratio, aligned):
     check_grads(f("matmul"), (x, boxes), order=1, modes=["fwd"], eps=1e-5, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_forward_mode_on_every_implementation():
     # The op is linear in the features: its tangent along the features is the op.
     x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 8, 9, 2)))
@@ -380,6 +382,7 @@ def test_box_gradient_direction():
     np.testing.assert_allclose(g[0, 1], 0.0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gradients_finite_for_degenerate_boxes():
     x = jnp.asarray(np.random.default_rng(11).standard_normal((1, 6, 6, 2)))
     boxes = jnp.array(
@@ -499,8 +502,7 @@ def test_bad_arrays():
         jr.roi_align(jnp.ones((1, 2, 5, 5, 3)), jnp.zeros((1, 5)), output_size=2)
 
 
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("sampling_ratio", [0, 3])
+@pytest.mark.parametrize("aligned, sampling_ratio", sampled([True, False], [0, 3], fast=1))
 def test_samples_exactly_on_the_boundary(aligned, sampling_ratio):
     """Integer and half-integer boxes put samples exactly on -1 and on H (or W), where the
     boundary rule flips: the count must follow the reference's float arithmetic."""
@@ -527,6 +529,7 @@ def test_samples_exactly_on_the_boundary(aligned, sampling_ratio):
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.slow
 def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
     """The TPU path: dense interpolation matrices, no gather or scatter forward or backward."""
     rng = np.random.default_rng(13)
@@ -561,6 +564,7 @@ def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
 
 
 @pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.slow
 def test_adaptive_window_tiers_match_onnxruntime(aligned):
     """Adaptive sampling reads the narrowest window that every bin of the call
     fits (a box of FPN size, half the map, any box in the map), else the dense
@@ -611,6 +615,7 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.slow
 def test_joint_closed_form_equals_per_axis(dtype):
     """The adaptive weights of both axes (window taps and dense rows) come from one
     evaluation of the closed form over the bins of both grids stacked. Each number

@@ -83,6 +83,7 @@ def test_mmcv_convention(data, sampling_ratio):
 
 @pytest.mark.parametrize("sampling_ratio", [3, 0], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.slow
 def test_tpu_reader_same_numbers_and_gradients(data, data_format, sampling_ratio):
     # The box-local window reader (the default on TPU) runs here too: every sample
     # a point of one window per box (tiles when larger); adaptive grids in blocks
@@ -184,7 +185,7 @@ def test_quarter_and_half_turns(data):
     np.testing.assert_allclose(flipped, out, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("sampling_ratio", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_gradients_features_and_boxes(sampling_ratio):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, H, W, 2))
@@ -199,6 +200,7 @@ def test_gradients_features_and_boxes(sampling_ratio):
     check_grads(f, (x, boxes), order=1, modes=["rev", "fwd"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_angle_gradient_matches_finite_difference():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1, H, W, 1))

@@ -74,6 +74,7 @@ def _put(mesh, x, spec):
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_batch_sharded_per_image_boxes(mesh, data, sampling_ratio):
     f, boxes = data
     fn = jax.jit(lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=sampling_ratio))
@@ -93,6 +94,7 @@ def test_batch_sharded_per_image_boxes(mesh, data, sampling_ratio):
 
 
 @pytest.mark.parametrize("method", ["gather", "scatter", "matmul", "window"])
+@pytest.mark.slow
 def test_batch_sharded_gradient(mesh, data, method):
     # A data-parallel training step: map and per-image boxes sharded over the
     # batch; the feature gradient equals the single-device one and stays sharded.
@@ -134,6 +136,7 @@ def test_batch_sharded_gradient(mesh, data, method):
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
 @pytest.mark.parametrize("method", ["gather", "scatter"])
+@pytest.mark.slow
 def test_batch_sharded_multiscale(mesh, data, sampling_ratio, method):
     f, boxes = data
     maps = [f, f[:, ::2, ::2] * 0.5, f[:, ::4, ::4] - 1.0]
@@ -159,6 +162,7 @@ def test_batch_sharded_multiscale(mesh, data, sampling_ratio, method):
         assert _window_choice_only(found), found
 
 
+@pytest.mark.slow
 def test_shard_map_adaptive_has_no_collective(mesh, data):
     f, boxes = data
     pool = lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0)  # noqa: E731
@@ -191,6 +195,7 @@ def test_boxes_sharded_features_replicated(mesh, data):
     assert collectives(fn.lower(fr, rs).compile().as_text()) == []
 
 
+@pytest.mark.slow
 def test_export_round_trip(data):
     f, boxes = data
     f32, b32 = jnp.asarray(f, jnp.float32), jnp.asarray(boxes, jnp.float32)
@@ -208,6 +213,7 @@ def test_export_round_trip(data):
     # adaptive). The scatter path's loop is covered under shard_map above.
     [(None, 0), ("window", 0), ("window", 2)],
 )
+@pytest.mark.slow
 def test_explicit_batch_sharding_runs_per_device(data, method, sampling_ratio):
     # The pod recipe: a mesh with explicit axes, features and per-image boxes put on
     # the batch axis, plain jit. Each device pools its own images (the op's body
@@ -292,6 +298,7 @@ def _every_op(f, b):
     )
 
 
+@pytest.mark.slow
 def test_every_op_under_shard_map(mesh, data):
     # A user's own shard_map (check_vma on): forward and the gradients with respect
     # to features and boxes equal the single-device ones, and nothing is exchanged.

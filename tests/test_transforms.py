@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_except
 
 import jax_roialign as jr
 
@@ -104,7 +105,14 @@ def _dot(xs, ys):
     return sum(jnp.vdot(x, y) for x, y in zip(xs, ys, strict=True))
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize(
+    "name",
+    slow_except(
+        list(OPS),
+        {"roi_align", "roi_align_max", "roi_pool", "ps_roi_align", "deform_roi_align"}
+        | {"crop_and_resize"},
+    ),
+)
 def test_forward_mode_agrees_with_reverse_mode(name):
     fn, args = _args(name)
     loss = _loss(fn, args)
@@ -117,12 +125,10 @@ def test_forward_mode_agrees_with_reverse_mode(name):
 
 # Adaptive grids (and precise pooling's integral weights) make the largest
 # second-order programs: they run in the slow stage.
-_SLOW_SECOND = {"roi_align_adaptive_per_image", "precise_roi_pool"}
+_FAST_SECOND = {"roi_align_max", "roi_pool", "crop_and_resize", "multilevel_crop_and_resize"}
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_SECOND else n for n in OPS]
-)
+@pytest.mark.parametrize("name", slow_except(list(OPS), _FAST_SECOND))
 def test_forward_over_reverse_agrees_with_reverse_over_reverse(name):
     fn, args = _args(name)
     loss = _loss(fn, args)
@@ -135,7 +141,9 @@ def test_forward_over_reverse_agrees_with_reverse_over_reverse(name):
         np.testing.assert_allclose(x, y, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["roi_align", "roi_align_max", "multiscale_roi_align"])
+@pytest.mark.parametrize(
+    "name", slow_except(["roi_align", "roi_align_max", "multiscale_roi_align"], {"roi_align"})
+)
 def test_jacfwd_equals_jacrev(name):
     fn, args = _args(name)
     boxes = args[1]
@@ -145,7 +153,9 @@ def test_jacfwd_equals_jacrev(name):
     )
 
 
-@pytest.mark.parametrize("name", ["roi_align", "precise_roi_pool", "crop_and_resize"])
+@pytest.mark.parametrize(
+    "name", slow_except(["roi_align", "precise_roi_pool", "crop_and_resize"], {"crop_and_resize"})
+)
 def test_hessian_of_a_loss(name):
     fn, args = _args(name)
     loss = _loss(fn, args)
@@ -153,7 +163,9 @@ def test_hessian_of_a_loss(name):
     np.testing.assert_allclose(h, np.swapaxes(np.swapaxes(h, 0, 2), 1, 3), atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["roi_align", "roi_pool", "deform_roi_align"])
+@pytest.mark.parametrize(
+    "name", slow_except(["roi_align", "roi_pool", "deform_roi_align"], {"roi_pool"})
+)
 def test_vmap_over_features_and_its_gradient(name):
     fn, args = _args(name)
     stacked = jnp.stack([args[0], 2.0 * args[0] + 1.0])

@@ -53,6 +53,7 @@ def test_tiers():
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.slow
 def test_matches_onnxruntime_float64(data, aligned, sampling_ratio, data_format):
     x, boxes, batch = data
     want = ort_roi_align(x, boxes, batch, 3, 4, 0.5, sampling_ratio, aligned)
@@ -77,6 +78,7 @@ def test_matches_onnxruntime_float64(data, aligned, sampling_ratio, data_format)
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_per_image_boxes_and_vmap_match_flat(data, sampling_ratio):
     x, boxes, _ = data
     feats = jnp.asarray(x.transpose(0, 2, 3, 1))
@@ -96,6 +98,7 @@ def test_per_image_boxes_and_vmap_match_flat(data, sampling_ratio):
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_gradients_match_autodiff(data, sampling_ratio):
     x, boxes, batch = data
     feats = jnp.asarray(x.transpose(0, 2, 3, 1))
@@ -133,6 +136,7 @@ def test_gradients_match_autodiff(data, sampling_ratio):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_second_order_numerically():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 7, 40, 2))
@@ -207,6 +211,7 @@ def test_cpu_program_has_no_gather_or_scatter(data):
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_multiscale_and_precise_match_gather(sampling_ratio):
     rng = np.random.default_rng(5)
     maps = [jnp.asarray(rng.standard_normal((2, 64 // 2**i, 48 // 2**i, 3))) for i in range(4)]
@@ -248,6 +253,7 @@ def test_multiscale_and_precise_match_gather(sampling_ratio):
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.slow
 def test_bfloat16_maps_round_once(sampling_ratio):
     # bfloat16 maps: each box's float32 sums are rounded to bfloat16 as the
     # reader writes them (its ``out_dtype``), its cotangent widened box by box,
