@@ -328,15 +328,10 @@ def _zeros_tangent(x: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Jvp(Recipe):
-    """The tangent of ``base``: inputs ``(*primals, *tangents of nonzero)``."""
+class _Derived(Recipe):
+    """A recipe made from another by a transform: the same implementations."""
 
     base: Recipe
-    nonzero: tuple[bool, ...]
-
-    @property
-    def name(self):  # type: ignore[override]
-        return f"jvp of {self.base.name}"
 
     @property
     def supports(self):  # type: ignore[override]
@@ -345,6 +340,17 @@ class Jvp(Recipe):
     @property
     def fallback(self):  # type: ignore[override]
         return self.base.fallback
+
+
+@dataclasses.dataclass(frozen=True)
+class Jvp(_Derived):
+    """The tangent of ``base``: inputs ``(*primals, *tangents of nonzero)``."""
+
+    nonzero: tuple[bool, ...]
+
+    @property
+    def name(self):  # type: ignore[override]
+        return f"jvp of {self.base.name}"
 
     def out_avals(self, *avals):
         return self.base.out_avals(*avals[: len(self.nonzero)])
@@ -370,23 +376,14 @@ class Jvp(Recipe):
 
 
 @dataclasses.dataclass(frozen=True)
-class Vjp(Recipe):
+class Vjp(_Derived):
     """The cotangents of ``base``'s ``wanted`` inputs: inputs ``(*primals, *cts)``."""
 
-    base: Recipe
     wanted: tuple[bool, ...]
 
     @property
     def name(self):  # type: ignore[override]
         return f"vjp of {self.base.name}"
-
-    @property
-    def supports(self):  # type: ignore[override]
-        return self.base.supports
-
-    @property
-    def fallback(self):  # type: ignore[override]
-        return self.base.fallback
 
     def out_avals(self, *avals):
         n = len(self.wanted)
@@ -421,24 +418,15 @@ class Vjp(Recipe):
 
 
 @dataclasses.dataclass(frozen=True)
-class Batched(Recipe):
+class Batched(_Derived):
     """``base`` vmapped over the inputs' axes ``dims`` (``None``: not mapped);
     outputs batched on axis 0."""
 
-    base: Recipe
     dims: tuple[int | None, ...]
 
     @property
     def name(self):  # type: ignore[override]
         return self.base.name
-
-    @property
-    def supports(self):  # type: ignore[override]
-        return self.base.supports
-
-    @property
-    def fallback(self):  # type: ignore[override]
-        return self.base.fallback
 
     def out_avals(self, *avals):
         size = next(a.shape[d] for a, d in zip(avals, self.dims, strict=True) if d is not None)
