@@ -320,6 +320,10 @@ def test_every_op_under_shard_map(mesh, data):
 def test_explicitly_sharded_features_need_per_image_boxes(data):
     # Boxes with batch indices cannot follow features sharded by type: a clear
     # error at trace time, naming the per-image form that works.
+    if _compat.JAX_VERSION < _compat.EXPLICIT_SHARDING_JAX:
+        pytest.skip(
+            f"explicit sharding needs jax>={_compat._version(_compat.EXPLICIT_SHARDING_JAX)}"
+        )
     from jax.sharding import AxisType
 
     if len(jax.devices()) < 8:
