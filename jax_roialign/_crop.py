@@ -373,12 +373,10 @@ def ordered_lerp(at, wy: Array, wx: Array) -> Array:
     return top + rounded((bottom - top) * ty)
 
 
-@functools.lru_cache(maxsize=64)
-def _rows_sum_op(dtype: Any, row_vjp: bool, min_row_length: int):
-    """Model Garden's weighted corners summed in its order, each weight
-    ``wy * wx`` and each term rounded (its ``x4`` and average pool's ``/4`` are
-    exact): float32 values are its bits. Arguments ``(flat, wy, wx, batch,
-    offset, row_length, iy, ix)`` as :func:`._contract.contract_rows`."""
+def _weighted_rows(dtype: Any, min_row_length: int, row_vjp: bool):
+    """The corners' weighted sum over the levels' flat rows (the derivatives' form):
+    ``(flat, wy, wx, batch, offset, row_length, iy, ix)`` as
+    :func:`._contract.contract_rows`."""
 
     def weighted(flat, wy, wx, batch, offset, row_length, iy, ix):
         return _contract.contract_rows(
@@ -395,6 +393,18 @@ def _rows_sum_op(dtype: Any, row_vjp: bool, min_row_length: int):
             min_row_length=min_row_length,
             row_vjp=row_vjp,
         )
+
+    return weighted
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_sum_op(dtype: Any, row_vjp: bool, min_row_length: int):
+    """Model Garden's weighted corners summed in its order, each weight
+    ``wy * wx`` and each term rounded (its ``x4`` and average pool's ``/4`` are
+    exact): float32 values are its bits. Arguments ``(flat, wy, wx, batch,
+    offset, row_length, iy, ix)`` as :func:`._contract.contract_rows`."""
+
+    weighted = _weighted_rows(dtype, min_row_length, row_vjp)
 
     def ordered(flat, wy, wx, batch, offset, row_length, iy, ix):
         b = batch[:, None, None]
@@ -708,20 +718,8 @@ class MultilevelCrop(_dispatch.Recipe):
         # flat read runs on, as Model Garden's).
         flat, offset, row_length = _contract.concat_levels(flats, widths, DataFormat.NHWC, level)
         if not exact:  # the weighted sum, for derivatives
-            return _contract.contract_rows(
-                flat,
-                DataFormat.NHWC,
-                batch,
-                offset,
-                row_length,
-                iy,
-                wy,
-                ix,
-                wx,
-                dtype,
-                min_row_length=int(widths.min()),
-                row_vjp=False,
-            )
+            weighted = _weighted_rows(dtype, int(widths.min()), row_vjp=False)
+            return weighted(flat, wy, wx, batch, offset, row_length, iy, ix)
         op = _rows_sum_op(np.dtype(dtype), impl is Implementation.GATHER, int(widths.min()))
         return op(flat, wy, wx, batch, offset, row_length, iy, ix)
 
