@@ -65,6 +65,8 @@ class Workload:
     channels: int = CHANNELS
     images: int = IMAGES
     cells: tuple[float, float] = (14.0, 28.0)
+    clip: bool = True
+    log_uniform: bool = False
 
     @property
     def multiscale(self) -> bool:
@@ -143,7 +145,7 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
             aligned=False,
             channels=c,
         ),
-        Workload(
+        r50 := Workload(
             "r50_c4",
             "detectron2 R50-C4 head on res4, 14x14, ROIAlignV2 (adaptive)",
             ("res4",),
@@ -153,6 +155,19 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
             aligned=True,
             channels=4 * c,
             cells=(2.0, 50.0),
+        ),
+        dataclasses.replace(
+            r50,
+            name="r50_c4_unclipped",
+            title="the R50-C4 head's boxes not clipped to the image (past it on any side)",
+            clip=False,
+        ),
+        dataclasses.replace(
+            r50,
+            name="proposals_c4",
+            title="R50-C4 head on proposals: sides log-uniform from 2 cells to the map, clipped",
+            cells=(2.0, 84.0),
+            log_uniform=True,
         ),
     ]
     return {w.name: w for w in cases}
@@ -181,15 +196,27 @@ def level_boxes(
     stride: int | np.ndarray,
     image_size: tuple[int, int] = IMAGE_SIZE,
     cells: tuple[float, float] = (14.0, 28.0),
+    *,
+    clip: bool = True,
+    log_uniform: bool = False,
 ) -> np.ndarray:
-    """``[count, 4]`` boxes spanning ``cells`` feature cells (sqrt of area) at ``stride``."""
+    """``[count, 4]`` boxes spanning ``cells`` feature cells (sqrt of area) at ``stride``.
+
+    ``clip``: sides clipped to the image and boxes placed inside it; else the same
+    draws unclipped, a box longer than the image covering it with its ends past
+    both sides. ``log_uniform``: sides log-uniform in ``cells`` (proposals) rather
+    than uniform."""
     img_h, img_w = image_size
-    side = rng.uniform(cells[0], cells[1], count) * stride
+    if log_uniform:
+        side = np.exp(rng.uniform(math.log(cells[0]), math.log(cells[1]), count)) * stride
+    else:
+        side = rng.uniform(cells[0], cells[1], count) * stride
     ratio = np.exp(rng.uniform(math.log(0.5), math.log(2.0), count))  # h / w
-    w = np.minimum(side / np.sqrt(ratio), img_w - 1.0)
-    h = np.minimum(side * np.sqrt(ratio), img_h - 1.0)
-    x1 = rng.uniform(0.0, img_w - w)
-    y1 = rng.uniform(0.0, img_h - h)
+    w, h = side / np.sqrt(ratio), side * np.sqrt(ratio)
+    if clip:
+        w, h = np.minimum(w, img_w - 1.0), np.minimum(h, img_h - 1.0)
+    x1 = rng.uniform(np.minimum(0.0, img_w - w), np.maximum(0.0, img_w - w))
+    y1 = rng.uniform(np.minimum(0.0, img_h - h), np.maximum(0.0, img_h - h))
     return np.stack([x1, y1, x1 + w, y1 + h], axis=-1).astype(np.float32)
 
 
@@ -200,7 +227,8 @@ def make_boxes(wl: Workload, seed: int = 0) -> np.ndarray:
     k = wl.num_boxes
     strides = np.array([LEVELS[n][2] for n in wl.levels], np.float64)
     stride = strides[rng.integers(0, len(strides), k)] if wl.multiscale else strides[0]
-    return level_boxes(rng, k, stride, cells=wl.cells).reshape(wl.images, wl.rois_per_image, 4)
+    boxes = level_boxes(rng, k, stride, cells=wl.cells, clip=wl.clip, log_uniform=wl.log_uniform)
+    return boxes.reshape(wl.images, wl.rois_per_image, 4)
 
 
 def rois_from_boxes(boxes: np.ndarray) -> np.ndarray:

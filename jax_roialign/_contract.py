@@ -126,6 +126,29 @@ def contract_dense(
     return contract_dense_of(features, layout, batch, lambda w: w, (wy, wx), dtype, chunk)
 
 
+def dense_chunk(f: Array, layout: DataFormat, b_c: Array, wy_c: Array, wx_c: Array, dtype) -> Array:
+    """One chunk of :func:`contract_dense_of`: the map ``f`` (already in ``dtype``)
+    contracted with a few boxes' dense weights, the image picked by a one-hot."""
+    n = f.shape[0]
+    chw = "nhwc" if layout is DataFormat.NHWC else "nchw"
+    onehot = (b_c[:, None] == jnp.arange(n)).astype(dtype)
+    if wy_c.ndim == 3 and wx_c.ndim == 3:
+        wyn = wy_c[:, :, None, :] * onehot[:, None, :, None]
+        z = jnp.einsum(f"kpnh,{chw}->kpwc", wyn, f, precision=_HIGHEST)
+        return jnp.einsum("kpwc,kqw->kpqc", z, wx_c, precision=_HIGHEST)
+    ph, pw = (wy_c.shape[1], wx_c.shape[-2]) if wx_c.ndim == 3 else wx_c.shape[1:3]
+    wy4 = jnp.broadcast_to(
+        wy_c[:, :, None, :] if wy_c.ndim == 3 else wy_c,
+        (wy_c.shape[0], ph, pw, f.shape[1 if chw == "nhwc" else 2]),
+    )
+    wx4 = jnp.broadcast_to(
+        wx_c[:, None, :, :] if wx_c.ndim == 3 else wx_c, (wx_c.shape[0], ph, pw, wx_c.shape[-1])
+    )
+    wyn = wy4[:, :, :, None, :] * onehot[:, None, None, :, None]
+    z = jnp.einsum(f"kabnh,{chw}->kabwc", wyn, f, precision=_HIGHEST)
+    return jnp.einsum("kabwc,kabw->kabc", z, wx4, precision=_HIGHEST)
+
+
 def contract_dense_of(
     features: Array, layout: DataFormat, batch: Array, weights, params, dtype, chunk: int = 16
 ) -> Array:
@@ -133,29 +156,12 @@ def contract_dense_of(
     made chunk by chunk from ``params`` (a pytree of ``[K, ...]`` arrays; padded
     boxes get zeros), so that no ``[K, P, H]`` array exists, nor in the VJP (each
     chunk is rematerialized)."""
-    n = features.shape[0]
     f = features.astype(dtype)
-    chw = "nhwc" if layout is DataFormat.NHWC else "nchw"
 
     def one(args):
         params_c, b_c = args
         wy_c, wx_c = weights(params_c)
-        onehot = (b_c[:, None] == jnp.arange(n)).astype(dtype)
-        if wy_c.ndim == 3 and wx_c.ndim == 3:
-            wyn = wy_c[:, :, None, :] * onehot[:, None, :, None]
-            z = jnp.einsum(f"kpnh,{chw}->kpwc", wyn, f, precision=_HIGHEST)
-            return jnp.einsum("kpwc,kqw->kpqc", z, wx_c, precision=_HIGHEST)
-        ph, pw = (wy_c.shape[1], wx_c.shape[-2]) if wx_c.ndim == 3 else wx_c.shape[1:3]
-        wy4 = jnp.broadcast_to(
-            wy_c[:, :, None, :] if wy_c.ndim == 3 else wy_c,
-            (wy_c.shape[0], ph, pw, f.shape[1 if chw == "nhwc" else 2]),
-        )
-        wx4 = jnp.broadcast_to(
-            wx_c[:, None, :, :] if wx_c.ndim == 3 else wx_c, (wx_c.shape[0], ph, pw, wx_c.shape[-1])
-        )
-        wyn = wy4[:, :, :, None, :] * onehot[:, None, None, :, None]
-        z = jnp.einsum(f"kabnh,{chw}->kabwc", wyn, f, precision=_HIGHEST)
-        return jnp.einsum("kabwc,kabw->kabc", z, wx4, precision=_HIGHEST)
+        return dense_chunk(f, layout, b_c, wy_c, wx_c, dtype)
 
     # Rematerialised: autodiff would store every chunk's ``Wy . F`` (``[K, PH, W, C]``)
     # for the weights' gradient, also when this path is a branch not taken.

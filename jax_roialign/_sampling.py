@@ -375,6 +375,21 @@ def window_choice(grid: AxisGrid, windows: tuple[int, ...], live: Array) -> Arra
     return index
 
 
+def window_class(grid: AxisGrid, windows: tuple[int, ...], live: Array) -> Array:
+    """Each box's index of the smallest of ``windows`` (ascending) that its live
+    bins fit, ``[K]`` int32: :func:`window_choice` box by box (the call's choice
+    is the largest of them)."""
+    k = grid.first.shape[0]
+    if grid.static_count is not None:
+        return jnp.zeros((k,), jnp.int32)
+    _, rows = row_window(grid)
+    need = jnp.max(jnp.where(live, rows, 0), axis=-1)
+    index = jnp.sum((need[:, None] > jnp.asarray(windows)).astype(jnp.int32), axis=-1)
+    if windows[-1] >= grid.length:
+        index = jnp.minimum(index, len(windows) - 1)
+    return index
+
+
 def every_row(length: int, lead: tuple[int, ...]) -> Array:
     """``0 .. length - 1`` along a new last axis, broadcast to ``lead``, int32.
 

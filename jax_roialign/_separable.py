@@ -5,10 +5,13 @@ and an x-weight summed over the map: multi-level, position-sensitive) is read
 here from two :class:`jax_roialign._sampling.AxisGrid`. Each implementation
 takes the weights in its own form:
 
-* ``GATHER`` / ``SCATTER``: taps, two per sample for a fixed grid; for an
-  adaptive grid the rows of the smallest window every bin of the call fits
-  (a ``lax.switch`` over a few windows), with dense weights past the last.
-  ``GATHER``'s feature gradient is the row-window transpose.
+* ``GATHER``: taps, two per sample for a fixed grid; for an adaptive grid each
+  box reads the rows of the smallest window its own bins fit, or dense weights
+  past the last (:mod:`._classes`). The feature gradient is the row-window
+  transpose.
+* ``SCATTER``: the same taps; for an adaptive grid the rows of the smallest
+  window every bin of the call fits (a ``lax.switch`` over a few windows),
+  dense weights past the last; autodiff's gradient.
 * ``MATMUL``: dense weights over the whole map.
 * ``WINDOW`` / ``PALLAS``: dense weights read through each box's window.
 """
@@ -22,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _contract, _sampling
+from . import _classes, _contract, _sampling
 from ._dispatch import Implementation
 from ._tuning import TUNING
 from ._validation import DataFormat
@@ -38,8 +41,10 @@ class Weights:
 
     ``dense``: ``(wy [K, PH, H] * ok, wx [K, PW, W])``. ``taps``: per axis
     ``(idx, w)``, the widest window's for adaptive grids. ``windows``: the
-    adaptive windows (rows, cols), ``choice`` the one every live bin fits
-    (``len(windows)``: none, the dense weights). ``span``: each box's first row
+    adaptive windows (rows, cols), ``choice`` the one every live bin of the call
+    fits (``len(windows)``: none, the dense weights). ``GATHER``: ``classes``
+    the finer ladder each box is read through, ``cls`` each box's, and
+    ``choice`` over the boxes that fit one. ``span``: each box's first row
     and rows needed per axis, for the window reader.
     """
 
@@ -52,6 +57,8 @@ class Weights:
         self.span: tuple[Any, Any] | None = None
         self.taps: tuple[Any, Any] | None = None
         self.choice: Array | None = None
+        self.cls: Array | None = None
+        self.classes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self.windows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         if impl in _WINDOWED:
             self.span = (_sampling.tap_span(gy, live), _sampling.tap_span(gx, live))
@@ -67,9 +74,18 @@ class Weights:
         # first rows); the dense weights are made by the dense branch itself
         # (:func:`average`), so that neither the taps' reads nor their box
         # gradient carry the whole map's rows.
-        self.windows = TUNING.window_tiers(
-            gy.length, gx.length, (gy.first.shape[1], gx.first.shape[1])
-        )
+        # GATHER reads each box through its own window (:mod:`._classes`), from a
+        # finer ladder; SCATTER through the one every live bin of the call fits.
+        pooled = (gy.first.shape[1], gx.first.shape[1])
+        self.windows = TUNING.window_tiers(gy.length, gx.length, pooled)
+        if impl is Implementation.GATHER:
+            self.classes = TUNING.class_tiers(gy.length, gx.length, pooled)
+            self.cls = jnp.maximum(
+                _sampling.window_class(gy, self.classes[0], live[:, None]),
+                _sampling.window_class(gx, self.classes[1], live[:, None]),
+            )
+            # The gradients' window: every box read through a window fits it.
+            live = live & (self.cls < len(self.classes[0]))
         self.choice = jnp.maximum(
             _sampling.window_choice(gy, self.windows[0], live[:, None]),
             _sampling.window_choice(gx, self.windows[1], live[:, None]),
@@ -201,6 +217,21 @@ def average(
     if w.static:
         return run(gather(0, 0), *w.taps)
     assert w.windows is not None
+    if w.cls is not None:
+        assert w.classes is not None and w.choice is not None
+        grids = (w.gy, w.gx, ok)
+        return _classes.read(
+            features,
+            layout,
+            batch,
+            w.cls,
+            w.taps,
+            w.classes,
+            grids,
+            dtype,
+            choice=w.choice,
+            grad_windows=w.windows,
+        )
 
     def dense_of_grids(f, b, gy, gx, ok):
         # The weights of every row made chunk by chunk of boxes: no [K, P, H]

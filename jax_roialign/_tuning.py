@@ -34,6 +34,7 @@ class Tuning:
         window fits (a box on its level spans 14-28 cells; aspect 4:1 at the top).
       few_channels: up to this many channels, a bilinear crop reads a sample's
         2 x 2 cells with one gather.
+      dense_chunk: boxes one step of a dense read (or of its gradient) contracts.
 
     Window reader (box-local windows, TPU):
       base_window: the smallest window side; each further tier doubles it.
@@ -67,6 +68,7 @@ class Tuning:
     window_saving: float = 0.5
     fpn_span: int = 56
     few_channels: int = 8
+    dense_chunk: int = 4
     base_window: int = 16
     tiers: int = 2
     pallas_window: int = 16
@@ -100,13 +102,24 @@ class Tuning:
         """``(rows, cols)``: :meth:`adaptive_windows` of both axes, ascending, a
         tier kept only where it reads under ``window_saving`` of the next kept
         tier's tap pairs."""
-        tiers = list(
-            zip(
-                self.adaptive_windows(length_y, pooled[0]),
-                self.adaptive_windows(length_x, pooled[1]),
-                strict=True,
-            )
-        )
+        wy = self.adaptive_windows(length_y, pooled[0])
+        wx = self.adaptive_windows(length_x, pooled[1])
+        return self._kept(list(zip(wy, wx, strict=True)))
+
+    def class_tiers(
+        self, length_y: int, length_x: int, pooled: tuple[int, int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(rows, cols)``: the windows boxes are sorted into when each box reads
+        through its own (:mod:`jax_roialign._classes`): squares of 2 rows up to the
+        typical window, then :meth:`adaptive_windows` of both axes; ascending on
+        both axes, a tier kept only where it reads under ``window_saving`` of the
+        next kept tier's tap pairs."""
+        wy = self.adaptive_windows(length_y, pooled[0])
+        wx = self.adaptive_windows(length_x, pooled[1])
+        squares = [(t, t) for t in range(2, min(wy[0], wx[0]))]
+        return self._kept(squares + list(zip(wy, wx, strict=True)))
+
+    def _kept(self, tiers: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         kept = [tiers[-1]]
         for ty, tx in reversed(tiers[:-1]):
             ny, nx = kept[0]

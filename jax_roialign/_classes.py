@@ -1,0 +1,328 @@
+"""Boxes read by window class: each box through the smallest window it fits.
+
+Shapes are static, so a read whose window is decided for the whole call makes
+every box pay for the call's largest bin (and one box larger than the map sent
+every box to the dense weights). Here each box gets its own *class*: the index
+of the smallest window tier (:meth:`jax_roialign._tuning.Tuning.window_tiers`)
+that every bin of it fits, or the dense class past the last tier. The boxes
+are sorted by class (stably) and read in chunks, each chunk through its class's
+static window (one ``lax.switch`` branch per class), and written back at their
+own rows, as the FPN read sorts its boxes by level
+(:func:`jax_roialign._contract.contract_levels`).
+
+A box's numbers depend on its own class only: its taps are the first rows and
+columns of the widest tier's (zero weight past what it needs), summed in the
+order of the old call-level read of that window. The feature gradient is the
+row-window transpose over every box in box order, as before (the zero taps add
+nothing, so it is the same sum whatever the window), plus the dense boxes'
+transpose; the weights' gradient is the widest tier's, zero for dense boxes,
+whose box gradient goes to their grids instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _sampling, _shard
+from ._contract import (
+    _batched_rows_transpose,
+    _is_zero,
+    _levels_chunk,
+    _row_reader,
+    contract_taps_with,
+    dense_chunk,
+    flat_view,
+    weights_grad_rows,
+)
+from ._tuning import TUNING
+from ._validation import DataFormat
+
+Array = jax.Array
+
+
+def read(
+    features: Array,
+    layout: DataFormat,
+    batch: Array,
+    cls: Array,
+    taps: tuple[tuple[Array, Array], tuple[Array, Array]],
+    windows: tuple[tuple[int, ...], tuple[int, ...]],
+    grids: Any,
+    dtype: Any,
+    *,
+    choice: Array,
+    grad_windows: tuple[tuple[int, ...], tuple[int, ...]],
+) -> Array:
+    """``[K, PH, PW, C]``: box ``k`` read through window ``windows[cls[k]]`` of the
+    widest tier's ``taps`` (``((iy, wy), (ix, wx))``, ``[K, P, T]``), or, for
+    ``cls[k] == len(windows[0])``, with dense weights made from ``grids`` (a
+    pytree of ``[K, ...]`` arrays, ``weights(grids)`` of :func:`dense_weights`).
+    Differentiable in ``features``, the tap weights and the float leaves of
+    ``grids`` (reverse mode, first order). The gradients of the boxes read
+    through windows are taken through ``grad_windows[choice]`` (a window every
+    one of them fits), the call-level read's, so they are its numbers."""
+    (iy, wy), (ix, wx) = taps
+    leaves, treedef = jax.tree.flatten(grids)
+    inexact = tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in leaves)
+    floats = tuple(x for x, f in zip(leaves, inexact, strict=True) if f)
+    ints = tuple(x for x, f in zip(leaves, inexact, strict=True) if not f)
+    op = _class_op(
+        layout,
+        np.dtype(dtype),
+        tuple(features.shape),
+        np.dtype(features.dtype),
+        windows,
+        grad_windows,
+        treedef,
+        inexact,
+    )
+    choice = jnp.reshape(choice, (1,)).astype(jnp.int32)
+    return op(features, wy, wx, floats, batch, cls, choice, iy, ix, ints)
+
+
+def dense_weights(grids: Any) -> tuple[Array, Array]:
+    """The dense weights ``(wy * ok, wx)`` of ``grids = (gy, gx, ok)``."""
+    gy, gx, ok = grids
+    wy, wx = _sampling.both_dense(gy, gx)
+    return wy * ok, wx
+
+
+def _channels(features_shape, layout):
+    return features_shape[3 if layout is DataFormat.NHWC else 1]
+
+
+@functools.lru_cache(maxsize=64)
+def _class_op(
+    layout: DataFormat,
+    dtype: Any,
+    shape: tuple,
+    map_dtype: Any,
+    windows: tuple[tuple[int, ...], tuple[int, ...]],
+    grad_windows: tuple[tuple[int, ...], tuple[int, ...]],
+    treedef: Any,
+    inexact: tuple[bool, ...],
+):
+    """The ``custom_vjp`` op of :func:`read`:
+    ``op(features, wy, wx, floats, batch, cls, choice, iy, ix, ints)``."""
+    n_taps = len(windows[0])
+    width = shape[2] if layout is DataFormat.NHWC else shape[3]
+    chunk_cols = min(TUNING.row_chunk, width)
+
+    def grids_of(floats, ints):
+        it_f, it_i = iter(floats), iter(ints)
+        leaves = [next(it_f) if f else next(it_i) for f in inexact]
+        return jax.tree.unflatten(treedef, leaves)
+
+    def chunks(cls, k, chunk):
+        """The class-sorted order, each class's first and end position, and the
+        chunk loop's bounds (as :func:`jax_roialign._contract._levels_forward`)."""
+        order, starts, ends = _sampling.groups(cls, n_taps + 1)
+        counts = (ends - starts + chunk - 1) // chunk
+        first_chunk = jnp.cumsum(counts) - counts
+        return order, starts, ends, counts, first_chunk
+
+    def dense_read(f, batch_c, grids_c):
+        wy_c, wx_c = dense_weights(grids_c)
+        return dense_chunk(f, layout, batch_c, wy_c, wx_c, dtype)
+
+    def forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):
+        grids = grids_of(floats, ints)
+        k, ph = wy.shape[:2]
+        pw = ix.shape[1]
+        channels = _channels(shape, layout)
+        chunk = _levels_chunk(k, ph * pw * channels * np.dtype(dtype).itemsize)
+        order, starts, ends, counts, first_chunk = chunks(cls, k, chunk)
+        flat, _ = flat_view(features, layout)
+        lanes = jnp.arange(chunk, dtype=jnp.int32)
+
+        def taps_branch(ty: int, tx: int):
+            def fn(box, _):
+                b = batch[box]
+                zero = jnp.zeros_like(b)
+                reader = _row_reader(layout, dtype, flat, b, zero, zero + width, True)
+                return contract_taps_with(
+                    reader,
+                    iy[box][..., :ty],
+                    wy[box][..., :ty],
+                    ix[box][..., :tx],
+                    wx[box][..., :tx],
+                    dtype,
+                )
+
+            return fn
+
+        def dense_branch(box, valid):
+            # Only the chunk's own boxes (not its repeats of the last one), a few
+            # at a time: a dense read costs a whole map's contraction per box.
+            piece = TUNING.dense_chunk
+            box = jnp.concatenate([box, jnp.full((-chunk % piece,), box[-1])])
+            f = features.astype(dtype)
+
+            def one(j, out):
+                b = jax.lax.dynamic_slice_in_dim(box, j * piece, piece)
+                part = dense_read(f, batch[b], jax.tree.map(lambda x: x[b], grids))
+                return jax.lax.dynamic_update_slice_in_dim(out, part, j * piece, 0)
+
+            out = jnp.zeros((box.shape[0], ph, pw, channels), dtype)
+            out = _shard.varying(out, features, wy)
+            out = jax.lax.fori_loop(0, (valid + piece - 1) // piece, one, out)
+            # The repeats of the last box take its value.
+            return out[jnp.minimum(jnp.arange(chunk), valid - 1)]
+
+        branches = [taps_branch(ty, tx) for ty, tx in zip(*windows, strict=True)]
+        branches.append(dense_branch)
+
+        def step(j, out):
+            c = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
+            first = starts[c] + (j - first_chunk[c]) * chunk
+            # Past the class's last box, repeat it: the same value is written twice.
+            box = order[jnp.minimum(first + lanes, ends[c] - 1)]
+            part = jax.lax.switch(c, branches, box, jnp.minimum(ends[c] - first, chunk))
+            return out.at[box].set(part.astype(out.dtype), mode="promise_in_bounds")
+
+        init = jnp.zeros((k, ph, pw, channels), dtype)
+        init = _shard.varying(init, features, wy, wx, iy)
+        return jax.lax.fori_loop(0, jnp.sum(counts), step, init)
+
+    def dense_grads(features, floats, ints, batch, cls, g, want_map, want_grids):
+        """The dense boxes' share of the gradients: their chunks' VJPs, in order."""
+        chunk = TUNING.dense_chunk
+        f = features.astype(dtype)
+        order, starts, ends = _sampling.groups(cls, n_taps + 1)
+        first, end = starts[n_taps], ends[n_taps]
+        lanes = jnp.arange(chunk, dtype=jnp.int32)
+
+        def step(j, carry):
+            d_f, d_floats = carry
+            pos = first + j * chunk + lanes
+            box = order[jnp.minimum(pos, end - 1)]
+            # Lanes past the last dense box repeat it with a zero cotangent.
+            g_c = jnp.where((pos < end)[:, None, None, None], g[box], 0).astype(dtype)
+            floats_c = tuple(x[box] for x in floats)
+            ints_c = tuple(x[box] for x in ints)
+
+            def fn(f, floats_c):
+                return dense_read(f, batch[box], grids_of(floats_c, ints_c))
+
+            _, vjp = jax.vjp(fn, f, floats_c)
+            df_c, dfl_c = vjp(g_c)
+            if want_map:
+                d_f = d_f + df_c
+            if want_grids:
+                d_floats = tuple(
+                    acc.at[box].add(d.astype(acc.dtype), mode="promise_in_bounds")
+                    for acc, d in zip(d_floats, dfl_c, strict=True)
+                )
+            return d_f, d_floats
+
+        init = (jnp.zeros(f.shape, dtype), tuple(jnp.zeros_like(x) for x in floats))
+        init = _shard.varying(init, features, g)
+        steps = (end - first + chunk - 1) // chunk
+        return jax.lax.fori_loop(0, steps, step, init)
+
+    @jax.custom_batching.custom_vmap
+    def batched_forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):
+        return forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints)
+
+    @batched_forward.def_vmap
+    def forward_rule(axis_size, in_batched, features, *rest):
+        # B calls on N images each are one call on B * N images.
+        args = (features, *rest)
+        full = jax.tree.map(
+            lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a)),
+            args,
+            tuple(in_batched),
+        )
+        features, wy, wx, floats, batch, cls, choice, iy, ix, ints = full
+        n = shape[0]
+        batch = batch + n * jnp.arange(axis_size, dtype=batch.dtype)[:, None]
+
+        def merge(a):
+            return a.reshape((-1,) + a.shape[2:])
+
+        inner = _class_op(
+            layout,
+            dtype,
+            (axis_size * n,) + shape[1:],
+            map_dtype,
+            windows,
+            grad_windows,
+            treedef,
+            inexact,
+        )
+        merged = jax.tree.map(merge, (features, wy, wx, floats, batch, cls, choice, iy, ix, ints))
+        out = inner(*merged)
+        return out.reshape((axis_size, -1) + out.shape[1:]), True
+
+    @jax.custom_vjp
+    def op(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):
+        return batched_forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints)
+
+    def fwd(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):
+        want_map = features.perturbed
+        want_weights = wy.perturbed or wx.perturbed
+        want_grids = any(f.perturbed for f in floats)
+        values = jax.tree.map(
+            lambda a: a.value,
+            (features, wy, wx, floats, batch, cls, choice, iy, ix, ints),
+            is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal),
+        )
+        out = op(*values)
+        return out, (values, (want_map, want_weights, want_grids))
+
+    def bwd(res, g):
+        (features, wy, wx, floats, batch, cls, choice, iy, ix, ints), wanted = res
+        want_map, want_weights, want_grids = wanted
+        d_map = d_wy = d_wx = None
+        d_floats: Any = tuple(None for _ in floats)
+        ints_none = tuple(None for _ in ints)
+        if _is_zero(g):
+            return (d_map, d_wy, d_wx, d_floats, None, None, None, None, None, ints_none)
+        k = batch.shape[0]
+        tap = (cls < n_taps)[:, None, None]
+        zero = jnp.zeros((k,), jnp.int32)
+        ints5 = (batch, zero, zero + width)
+        n, a, b, c = shape  # NHWC: [N, H*W, C]; NCHW: [N, C, H*W]
+        flat_shape = (n, a * b, c) if layout is DataFormat.NHWC else (n, a, b * c)
+        transpose = _batched_rows_transpose(layout, dtype, chunk_cols, flat_shape)
+        flat, _ = flat_view(features, layout)
+        wy_tap = wy * tap.astype(wy.dtype)
+
+        def through(ty: int, tx: int):
+            """The taps' gradients through the first ``ty`` x ``tx`` of the window."""
+
+            def fn():
+                cut = (iy[..., :ty], ix[..., :tx])
+                d_map = d_wy = d_wx = None
+                if want_map:
+                    d_map = transpose(g, wy_tap[..., :ty], wx[..., :tx], *ints5, *cut)
+                if want_weights:
+                    d_wy, d_wx = weights_grad_rows(
+                        layout, dtype, flat, wy[..., :ty], wx[..., :tx], (*ints5, *cut), g
+                    )
+                    d_wy = jnp.pad(d_wy, [(0, 0), (0, 0), (0, wy.shape[-1] - ty)])
+                    d_wx = jnp.pad(d_wx, [(0, 0), (0, 0), (0, wx.shape[-1] - tx)])
+                return d_map, d_wy, d_wx
+
+            return fn
+
+        branches = [through(ty, tx) for ty, tx in zip(*grad_windows, strict=True)]
+        d_map, d_wy, d_wx = jax.lax.switch(jnp.max(choice), branches)
+        if want_weights:
+            d_wy = jnp.where(tap, d_wy, 0).astype(wy.dtype)
+            d_wx = jnp.where(tap, d_wx, 0).astype(wx.dtype)
+        if want_map or want_grids:
+            d_f, d_fl = dense_grads(features, floats, ints, batch, cls, g, want_map, want_grids)
+            if want_map:
+                d_map = (d_map.reshape(shape) + d_f).astype(map_dtype)
+            if want_grids:
+                d_floats = d_fl
+        return (d_map, d_wy, d_wx, d_floats, None, None, None, None, None, ints_none)
+
+    op.defvjp(fwd, bwd, symbolic_zeros=True)
+    return op
