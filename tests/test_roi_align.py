@@ -566,9 +566,11 @@ def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.slow
 def test_adaptive_window_tiers_match_onnxruntime(aligned):
-    """Adaptive sampling reads the narrowest window that every bin of the call
-    fits (a box of FPN size, half the map, any box in the map), else the dense
-    weights. Each choice is exact; the boxes below make each one be taken."""
+    """``"scatter"`` reads adaptive grids through the narrowest window that every
+    bin of the call fits (a box of FPN size, half the map, any box in the map),
+    else the dense weights; ``"gather"`` (the default here) each box through its
+    own (tests/test_window_classes.py). Each choice is exact; the boxes below
+    make each one be taken."""
     from jax_roialign import _sampling, _separable
     from jax_roialign._dispatch import Implementation
     from jax_roialign._tuning import TUNING
@@ -607,11 +609,20 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
             dtype=jnp.float64,
         )
         ok = rois.ok.astype(jnp.float64)[:, None, None]
-        choice = int(_separable.Weights(gy, gx, ok, Implementation.GATHER).choice)
+        choice = int(_separable.Weights(gy, gx, ok, Implementation.SCATTER).choice)
         assert choice == expect, (choice, expect)
         ref = _ort_nhwc(x, boxes, batch, (7, 7), 1.0, 0, aligned)
-        out = _ours(x, boxes, batch, output_size=7, sampling_ratio=0, aligned=aligned)
-        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
+        for impl in ("scatter", None):
+            out = _ours(
+                x,
+                boxes,
+                batch,
+                output_size=7,
+                sampling_ratio=0,
+                aligned=aligned,
+                implementation=impl,
+            )
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
