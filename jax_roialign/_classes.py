@@ -37,6 +37,7 @@ from ._contract import (
     contract_taps_with,
     dense_chunk,
     flat_view,
+    put_rows,
     weights_grad_rows,
 )
 from ._tuning import TUNING
@@ -183,7 +184,7 @@ def _class_op(
             # Past the class's last box, repeat it: the same value is written twice.
             box = order[jnp.minimum(first + lanes, ends[c] - 1)]
             part = jax.lax.switch(c, branches, box, jnp.minimum(ends[c] - first, chunk))
-            return out.at[box].set(part.astype(out.dtype), mode="promise_in_bounds")
+            return put_rows(out, box, part)
 
         init = jnp.zeros((k, ph, pw, channels), dtype)
         init = _shard.varying(init, features, wy, wx, iy)
@@ -215,8 +216,7 @@ def _class_op(
                 d_f = d_f + df_c
             if want_grids:
                 d_floats = tuple(
-                    acc.at[box].add(d.astype(acc.dtype), mode="promise_in_bounds")
-                    for acc, d in zip(d_floats, dfl_c, strict=True)
+                    put_rows(acc, box, d, add=True) for acc, d in zip(d_floats, dfl_c, strict=True)
                 )
             return d_f, d_floats
 

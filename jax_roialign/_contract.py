@@ -683,6 +683,22 @@ def contract_levels(
     return op(flats, wy, wx, batch, level, iy, ix)
 
 
+def put_rows(out: Array, rows: Array, part: Array, *, add: bool = False) -> Array:
+    """``out`` with ``part[i]`` written at (or, with ``add``, added to) row
+    ``rows[i]``, one dynamic-update-slice per row: an in-place copy, where a
+    scatter would put a scatter in the program (which the TPU and the tests of
+    the gather path keep out). Rows written twice take the last value (added
+    rows add up)."""
+
+    def one(i, out):
+        new = part[i].astype(out.dtype)
+        if add:
+            new = new + jax.lax.dynamic_index_in_dim(out, rows[i], 0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(out, new, rows[i], 0)
+
+    return jax.lax.fori_loop(0, rows.shape[0], one, out)
+
+
 def _levels_chunk(k: int, out_row_bytes: int) -> int:
     return int(
         min(
@@ -743,7 +759,7 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
         pos = jnp.minimum(first + lanes, start[lv] + count[lv] - 1)
         box = order[pos]
         part = jax.lax.switch(lv, branches, flats, wy[box], wx[box], batch[box], iy[box], ix[box])
-        return out.at[box].set(part.astype(out.dtype), mode="promise_in_bounds")
+        return put_rows(out, box, part)
 
     init = jnp.zeros((k, ph, pw, channels), dtype)
     init = _shard.varying(init, *flats, wy, wx, iy)
