@@ -22,15 +22,21 @@ OPS = (
 )
 
 
-def sampled(*axes, fast: int, seed: int = 0) -> list:
+def sampled(*axes, fast: int, seed: int = 0, slow: int | None = None) -> list:
     """The full product of ``axes`` as pytest parameters, of which a fixed random
     sample of ``fast`` runs in the fast stage; the rest carry the ``slow`` marker
-    (CI's second stage runs them), as JAX's own tests sample their grids."""
+    (CI's second stage runs them), as JAX's own tests sample their grids. With
+    ``slow``, only a fixed random sample of that many of the rest is kept."""
     combos = list(itertools.product(*axes))
     rng = np.random.default_rng(seed)
     keep = set(rng.choice(len(combos), size=min(fast, len(combos)), replace=False).tolist())
+    rest = [i for i in range(len(combos)) if i not in keep]
+    if slow is not None and slow < len(rest):
+        rest = rng.choice(rest, size=slow, replace=False).tolist()
     return [
-        pytest.param(*c, marks=() if i in keep else pytest.mark.slow) for i, c in enumerate(combos)
+        pytest.param(*c, marks=() if i in keep else pytest.mark.slow)
+        for i, c in enumerate(combos)
+        if i in keep or i in rest
     ]
 
 

@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 
 import jax_roialign as jr
 from jax_roialign import _compat
+from jax_roialign._multiscale import fpn_levels
 
 SCATTER = re.compile(r"\bscatter\(")
 
@@ -59,9 +60,18 @@ def _grads(method, x, boxes, idx, **kw):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, boxes)
 
 
-@pytest.mark.parametrize("sampling_ratio", [1, 2, 0])
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("aligned", [True, False])
+# Every pair of the three options' values, in 6 of the 12 combinations.
+@pytest.mark.parametrize(
+    "sampling_ratio, data_format, aligned",
+    [
+        (1, "NHWC", True),
+        (1, "NCHW", False),
+        (2, "NHWC", False),
+        (2, "NCHW", True),
+        (0, "NHWC", True),
+        (0, "NCHW", False),
+    ],
+)
 @pytest.mark.slow
 def test_same_gradient_as_autodiff_scatter(sampling_ratio, data_format, aligned):
     rng = np.random.default_rng(sampling_ratio + 3 * aligned)
@@ -142,9 +152,13 @@ def test_invalid_boxes_and_indices_give_zero_gradient():
     assert np.all(np.isfinite(gb))
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, 0])
+# Each form with each sampling: per-image boxes both ways; the user's vmap over
+# flat-box calls (adaptive) and over per-image calls (fixed).
+@pytest.mark.parametrize(
+    "sampling_ratio, forms", [(0, ("per_image", "vmap")), (2, ("per_image", "nested"))]
+)
 @pytest.mark.slow
-def test_per_image_boxes_and_vmap(sampling_ratio):
+def test_per_image_boxes_and_vmap(sampling_ratio, forms):
     rng = np.random.default_rng(7)
     n, h, w, c, r = 3, 17, 40, 2, 6
     x = jnp.asarray(rng.standard_normal((n, h, w, c)))
@@ -168,7 +182,7 @@ def test_per_image_boxes_and_vmap(sampling_ratio):
             )(jnp.stack([x, 2 * x]), jnp.stack([boxes, boxes[::-1]]))
         return jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(f(x)))))(x)
 
-    for form in ("per_image", "vmap", "nested"):
+    for form in forms:
         np.testing.assert_allclose(
             grad("gather", form), grad("scatter", form), rtol=0, atol=1e-12, err_msg=form
         )
@@ -176,12 +190,17 @@ def test_per_image_boxes_and_vmap(sampling_ratio):
 
 @pytest.mark.slow
 def test_multiscale_gradient():
+    # Three levels of an image of 128 x 192: boxes of 4 to 250 pixels, on every
+    # level, some across the image's border.
     rng = np.random.default_rng(3)
-    maps = [jnp.asarray(rng.standard_normal((2, 64 // s, 96 // s, 3))) for s in (1, 2, 4, 8)]
-    scales = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
-    xy = rng.uniform(0, 300, (2, 9, 2))
+    maps = [jnp.asarray(rng.standard_normal((2, 32 // s, 48 // s, 3))) for s in (1, 2, 4)]
+    scales = (1 / 4, 1 / 8, 1 / 16)
+    xy = rng.uniform(0, 150, (2, 9, 2))
     size = np.exp(rng.uniform(np.log(4), np.log(250), (2, 9, 2)))
+    size[:, 0] = [[300.0, 240.0], [260.0, 230.0]]  # the coarsest level's
     boxes = jnp.asarray(np.concatenate([xy, xy + size], -1))
+    levels, _ = fpn_levels(boxes.reshape(-1, 4), k_min=2, k_max=4)
+    assert set(np.asarray(levels).tolist()) == {0, 1, 2}
     for sr in (2, 0):
 
         def grad(method=None, boxes=boxes, sr=sr, **kw):
@@ -196,30 +215,32 @@ def test_multiscale_gradient():
             )
             return jax.jit(jax.grad(lambda m: jnp.sum(jnp.cos(f(m)))))(maps)
 
-        want = grad("scatter")
+        # Against the dense path, and against the same boxes flat with their image
+        # indices (the form test_multiscale's golden gradients check; autodiff's
+        # scatter-add on levels: test_multiscale's test_vmapped_and_second_order).
         gather = grad("gather")
-        for got in (gather, grad("matmul")):
-            for g, s in zip(got, want, strict=True):
-                np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
-        # The same boxes flat with their image indices (default method).
+        dense = grad("matmul")
         g_flat = grad(boxes=boxes.reshape(-1, 4), box_indices=jnp.repeat(jnp.arange(2), 9))
-        for g, s in zip(g_flat, gather, strict=True):
-            np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
+        for got in (dense, g_flat):
+            for g, s in zip(got, gather, strict=True):
+                np.testing.assert_allclose(g, s, rtol=0, atol=1e-12)
+        assert max(float(jnp.abs(g).max()) for g in gather) > 0.1
 
 
 @pytest.mark.slow
 def test_second_order_and_box_gradients_numerically():
+    # A box wider than a run of 32 columns (adaptive grids to second order:
+    # test_roi_align's test_gradients_features_and_boxes).
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 7, 40, 2))
     boxes = np.array([[1.1, 0.7, 37.3, 5.2], [3.3, 1.2, 9.9, 6.1], [0.4, 2.2, 12.8, 4.9]])
     idx = jnp.asarray([0, 1, 1])
-    for sr in (2, 0):
-        f = jax.jit(
-            lambda x, b, sr=sr: jr.roi_align(
-                x, b, box_indices=idx, output_size=(2, 5), sampling_ratio=sr, aligned=False
-            )
+    f = jax.jit(
+        lambda x, b: jr.roi_align(
+            x, b, box_indices=idx, output_size=(2, 5), sampling_ratio=2, aligned=False
         )
-        check_grads(f, (x, boxes), order=2, modes=["rev"], eps=1e-5, atol=1e-5, rtol=1e-5)
+    )
+    check_grads(f, (x, boxes), order=2, modes=["rev"], eps=1e-5, atol=1e-5, rtol=1e-5)
 
 
 def _fwd_bwd(method, sampling_ratio, data_format="NHWC", shape=(2, 48, 64, 16), k=40):

@@ -8,6 +8,8 @@ both sharding styles, and the step compiled for a TPU v5e 4x4 pod (libtpu).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +124,19 @@ def _collectives(compiled):
     return collectives(compiled.as_text())
 
 
+@functools.cache
+def _one_device_step():
+    """The tiny trainer, a batch of 8 images and one train step's outputs on one
+    device (compiled once per test process for both sharding styles)."""
+    trainer = create(TINY)
+    batch = _batches([4])[0]
+    batch = {k: jnp.concatenate([v] * 4) for k, v in batch.items()}  # 8 images
+    key = jax.random.key(0)
+    step = jax.jit(make_train_step(trainer.graphdef, trainer.tx))
+    _, _, want = step(trainer.params, trainer.opt_state, batch, key)
+    return trainer, batch, key, want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["explicit", "automatic"])
 def test_eight_cpu_devices_match_one(style):
@@ -132,14 +147,8 @@ def test_eight_cpu_devices_match_one(style):
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    trainer, batch, key, want = _one_device_step()
     devices = jax.devices()[:8]
-    trainer = create(TINY)
-    batch = _batches([4])[0]
-    batch = {k: jnp.concatenate([v] * 4) for k, v in batch.items()}  # 8 images
-    key = jax.random.key(0)
-    step = jax.jit(make_train_step(trainer.graphdef, trainer.tx))
-    _, _, want = step(trainer.params, trainer.opt_state, batch, key)
-
     compiled = compile_step(trainer, devices, 8, style)
     explicit = style == "explicit"
     axis_types = (AxisType.Explicit,) if explicit else (AxisType.Auto,)

@@ -175,8 +175,10 @@ def test_layouts_forms_dtypes_and_invalid_boxes(data):
     np.testing.assert_array_equal(out[2:], ref[2:])
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed", "adaptive"])
-@pytest.mark.parametrize("aligned", [True, False])
+# Each value of both options.
+@pytest.mark.parametrize(
+    ("aligned", "sampling_ratio"), [(True, 2), (False, 0)], ids=["True-fixed", "False-adaptive"]
+)
 @pytest.mark.slow
 def test_tpu_reader_matches_reference_and_default_gradients(aligned, sampling_ratio):
     # implementation="window" (what ``auto`` lowers to on TPU): the samples read through the

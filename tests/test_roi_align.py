@@ -65,7 +65,7 @@ def _ours(x, boxes, batch, **kw):
 
 @pytest.mark.parametrize(
     "aligned, sampling_ratio, output_size, scale",
-    sampled([True, False], [0, 1, 2, 3], [(2, 2), (3, 5), (7, 4)], [1.0, 0.125], fast=12),
+    sampled([True, False], [0, 1, 2, 3], [(2, 2), (3, 5), (7, 4)], [1.0, 0.125], fast=12, slow=12),
 )
 def test_matches_onnxruntime_float64(data, aligned, sampling_ratio, output_size, scale):
     x, boxes, batch = data
@@ -336,7 +336,10 @@ def _interior_boxes(rng, k):
     return np.concatenate([lo, lo + size], 1)
 
 
-@pytest.mark.parametrize("aligned, sampling_ratio", sampled([True, False], [0, 2], fast=1, seed=1))
+# Each value of both options (second-order programs of adaptive grids are large).
+@pytest.mark.parametrize(
+    "aligned, sampling_ratio", [(True, 2), pytest.param(False, 0, marks=pytest.mark.slow)]
+)
 def test_gradients_features_and_boxes(sampling_ratio, aligned):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((1, 8, 9, 2))
@@ -502,7 +505,10 @@ def test_bad_arrays():
         jr.roi_align(jnp.ones((1, 2, 5, 5, 3)), jnp.zeros((1, 5)), output_size=2)
 
 
-@pytest.mark.parametrize("aligned, sampling_ratio", sampled([True, False], [0, 3], fast=1))
+# Each value of both options.
+@pytest.mark.parametrize(
+    "aligned, sampling_ratio", [(False, 3), pytest.param(True, 0, marks=pytest.mark.slow)]
+)
 def test_samples_exactly_on_the_boundary(aligned, sampling_ratio):
     """Integer and half-integer boxes put samples exactly on -1 and on H (or W), where the
     boundary rule flips: the count must follow the reference's float arithmetic."""
@@ -527,8 +533,8 @@ def test_samples_exactly_on_the_boundary(aligned, sampling_ratio):
             np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, 2])
-@pytest.mark.parametrize("per_image", [False, True])
+# Each value of both options.
+@pytest.mark.parametrize(("sampling_ratio", "per_image"), [(0, False), (2, True)])
 @pytest.mark.slow
 def test_matmul_path_is_gather_and_scatter_free(sampling_ratio, per_image):
     """The TPU path: dense interpolation matrices, no gather or scatter forward or backward."""
@@ -625,9 +631,10 @@ def test_adaptive_window_tiers_match_onnxruntime(aligned):
             np.testing.assert_allclose(out, ref, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+# Per-box map lengths in float64, one map length in float32.
+@pytest.mark.parametrize(("dtype", "per_box"), [(jnp.float64, True), (jnp.float32, False)])
 @pytest.mark.slow
-def test_joint_closed_form_equals_per_axis(dtype):
+def test_joint_closed_form_equals_per_axis(dtype, per_box):
     """The adaptive weights of both axes (window taps and dense rows) come from one
     evaluation of the closed form over the bins of both grids stacked. Each number
     is the per-axis function's, bit for bit, and so are the box gradients (to
@@ -683,12 +690,11 @@ def test_joint_closed_form_equals_per_axis(dtype):
 
     b = jnp.asarray(boxes)
     tol = 1e-12 if dtype == jnp.float64 else 2e-5
-    for per_box in (False, True):
-        want = jax.jit(per_axis, static_argnums=1)(b, per_box)
-        g_want = jax.jit(jax.grad(loss(per_axis, per_box)))(b)
-        for fn in (joint, apart):
-            got = jax.jit(fn, static_argnums=1)(b, per_box)
-            for a, c in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-                np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
-            g_got = jax.jit(jax.grad(loss(fn, per_box)))(b)
-            np.testing.assert_allclose(g_got, g_want, rtol=tol, atol=tol)
+    want = jax.jit(per_axis, static_argnums=1)(b, per_box)
+    g_want = jax.jit(jax.grad(loss(per_axis, per_box)))(b)
+    for fn in (joint, apart):
+        got = jax.jit(fn, static_argnums=1)(b, per_box)
+        for a, c in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+        g_got = jax.jit(jax.grad(loss(fn, per_box)))(b)
+        np.testing.assert_allclose(g_got, g_want, rtol=tol, atol=tol)

@@ -81,8 +81,12 @@ def test_mmcv_convention(data, sampling_ratio):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("sampling_ratio", [3, 0], ids=["fixed", "adaptive"])
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+# Each value of both options.
+@pytest.mark.parametrize(
+    ("data_format", "sampling_ratio"),
+    [("NHWC", 0), ("NCHW", 3)],
+    ids=["NHWC-adaptive", "NCHW-fixed"],
+)
 @pytest.mark.slow
 def test_tpu_reader_same_numbers_and_gradients(data, data_format, sampling_ratio):
     # The box-local window reader (the default on TPU) runs here too: every sample

@@ -3,6 +3,7 @@ cross-device traffic, shard_map, boxes sharded over devices, and jax.export."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -73,16 +74,28 @@ def _put(mesh, x, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize(
+    ("implementation", "sampling_ratio"), [(None, 2), (None, 0), ("scatter", 0)]
+)
 @pytest.mark.slow
-def test_batch_sharded_per_image_boxes(mesh, data, sampling_ratio):
+def test_batch_sharded_per_image_boxes(mesh, data, implementation, sampling_ratio):
     f, boxes = data
-    fn = jax.jit(lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=sampling_ratio))
+    kw = dict(output_size=(3, 2), sampling_ratio=sampling_ratio, implementation=implementation)
+    fn = jax.jit(lambda f, b: jr.roi_align(f, b, **kw))
     want = fn(f, boxes)
     fs, bs = _put(mesh, f, P("b")), _put(mesh, boxes, P("b"))
     got = fn(fs, bs)
-    assert got.sharding.spec == P("b")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    if implementation is None and sampling_ratio == 0:
+        # The CPU default with adaptive sampling reads each box through its own
+        # window in a loop over the boxes, which XLA's SPMD partitioner does not
+        # split: under automatic sharding it runs replicated (the numbers above
+        # are the same). Explicit sharding or shard_map runs it per device with
+        # no collective (test_explicit_batch_sharding_runs_per_device,
+        # test_every_op_under_shard_map).
+        return
+    # The vmapped gathers stay sharded.
+    assert got.sharding.spec == P("b")
     found = collectives(fn.lower(fs, bs).compile().as_text())
     if sampling_ratio > 0:
         assert found == []
@@ -134,8 +147,11 @@ def test_batch_sharded_gradient(mesh, data, method):
     assert _under_shard_map(found) == []
 
 
-@pytest.mark.parametrize("sampling_ratio", [2, 0])
-@pytest.mark.parametrize("method", ["gather", "scatter"])
+# The gather path (numbers only, see below) with adaptive sampling; the scatter
+# path's collectives with both.
+@pytest.mark.parametrize(
+    ("method", "sampling_ratio"), [("gather", 0), ("scatter", 2), ("scatter", 0)]
+)
 @pytest.mark.slow
 def test_batch_sharded_multiscale(mesh, data, sampling_ratio, method):
     f, boxes = data
@@ -164,13 +180,10 @@ def test_batch_sharded_multiscale(mesh, data, sampling_ratio, method):
 
 @pytest.mark.slow
 def test_shard_map_adaptive_has_no_collective(mesh, data):
+    # The multi-scale op with adaptive sampling under a user's shard_map (roi_align's
+    # adaptive sampling there, forward and backward: test_every_op_under_shard_map).
     f, boxes = data
-    pool = lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0)  # noqa: E731
-    fn = jax.jit(shard_map(pool, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b")))
-    fs, bs = _put(mesh, f, P("b")), _put(mesh, boxes, P("b"))
-    np.testing.assert_allclose(fn(fs, bs), jax.jit(pool)(f, boxes), rtol=0, atol=1e-13)
-    assert collectives(fn.lower(fs, bs).compile().as_text()) == []
-    # The same for the multi-scale op.
+    fs = _put(mesh, f, P("b"))
     kw = dict(output_size=3, spatial_scales=(1 / 4, 1 / 8), sampling_ratio=0)
     ms_pool = lambda m0, m1, b: jr.multiscale_roi_align([m0, m1], b, **kw)  # noqa: E731
     ms = jax.jit(shard_map(ms_pool, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
@@ -207,47 +220,47 @@ def test_export_round_trip(data):
     np.testing.assert_array_equal(restored.call(f32, b32), fn(f32, b32))
 
 
-@pytest.mark.parametrize(
-    ("method", "sampling_ratio"),
-    # None: what a CPU program gets; window: what a TPU program gets (fixed and
-    # adaptive). The scatter path's loop is covered under shard_map above.
-    [(None, 0), ("window", 0), ("window", 2)],
-)
-@pytest.mark.slow
-def test_explicit_batch_sharding_runs_per_device(data, method, sampling_ratio):
-    # The pod recipe: a mesh with explicit axes, features and per-image boxes put on
-    # the batch axis, plain jit. Each device pools its own images (the op's body
-    # under shard_map), so the program has no collective even with adaptive
-    # sampling and in the backward, and the numbers are those of one device.
+def _skip_without_explicit_sharding():
     if _compat.JAX_VERSION < _compat.EXPLICIT_SHARDING_JAX:
         pytest.skip(
             f"explicit sharding needs jax>={_compat._version(_compat.EXPLICIT_SHARDING_JAX)}"
         )
-    from jax.sharding import AxisType
-
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
-    f, boxes = data
+
+
+def _explicitly_sharded(fn, f, boxes):
+    """``fn`` (jitted) on features and per-image boxes put on the batch axis of an
+    explicit mesh (the pod recipe), and its compiled program's text."""
+    from jax.sharding import AxisType
+
     mesh = jax.make_mesh((8,), ("b",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        fs = jax.device_put(f, P("b"))
+        bs = jax.device_put(boxes, P("b"))
+        compiled = fn.lower(fs, bs).compile()
+        return compiled(fs, bs), compiled.as_text()
+
+
+@pytest.mark.slow
+def test_explicit_batch_sharding_window_reader(data):
+    # What a TPU program gets (the window reader), adaptive sampling: per device,
+    # no collective, the numbers of one device.
+    _skip_without_explicit_sharding()
+    f, boxes = data
 
     def ops(f, b):
-        out = jr.roi_align(
-            f, b, output_size=(3, 2), sampling_ratio=sampling_ratio, implementation=method
-        )
+        out = jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0, implementation="window")
         ms = jr.multiscale_roi_align(
             [f, f[:, ::2, ::2]],
             b * 2,
             output_size=2,
             spatial_scales=(1 / 2, 1 / 4),
-            sampling_ratio=sampling_ratio,
-            implementation=method,
+            sampling_ratio=0,
+            implementation="window",
         )
-        pr = jr.precise_roi_pool(f, b, output_size=2, implementation=method)
-        if method is not None:
-            return out, ms, pr
-        # Model Garden's pyramid (the default: the CPU's flat read here, per device).
-        mg = jr.multilevel_crop_and_resize({2: f, 3: f[:, ::2, ::2]}, b * 4, output_size=2)
-        return out, ms, pr, mg
+        pr = jr.precise_roi_pool(f, b, output_size=2, implementation="window")
+        return out, ms, pr
 
     def fwd_bwd(f, b):  # outputs and their VJP (a loss would reduce across devices)
         outs, vjp = jax.vjp(ops, f, b)
@@ -255,11 +268,7 @@ def test_explicit_batch_sharding_runs_per_device(data, method, sampling_ratio):
 
     fn = jax.jit(fwd_bwd)
     want = fn(f, boxes)
-    with jax.set_mesh(mesh):
-        fs = jax.device_put(f, P("b"))
-        bs = jax.device_put(boxes, P("b"))
-        got = fn(fs, bs)
-        text = fn.lower(fs, bs).compile().as_text()
+    got, text = _explicitly_sharded(fn, f, boxes)
     assert collectives(text) == []
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-11)
@@ -273,48 +282,91 @@ def test_explicit_sharding_gate_names_the_version(monkeypatch):
         _compat.reshard(jnp.zeros(2), P("b"))
 
 
-def _every_op(f, b):
-    """Every public op on per-image boxes (default options: ``auto`` traces every
-    platform's reader), reduced to one array per op."""
-    n, r = b.shape[:2]
-    angle = 40.0 * jnp.sin(b[..., :1])  # (per box, so that it shards with the boxes)
-    centre, size = (b[..., :2] + b[..., 2:]) / 2, jnp.abs(b[..., 2:] - b[..., :2])
-    rotated = jnp.concatenate([centre, size, angle], axis=-1)
-    offsets = 0.1 * jnp.cos(b[..., :1, None, None] + jnp.zeros((1, 2, 2, 2)))
-    pyramid = [f, f[:, ::2, ::2]]
-    return (
-        jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0),
-        jr.roi_align(f, b, output_size=2, sampling_ratio=2, mode="max"),
-        jr.roi_align_rotated(f, rotated, output_size=2, sampling_ratio=2),
-        jr.deform_roi_align(f, b, offsets, output_size=2, sampling_ratio=2),
-        jr.roi_pool(f, b, output_size=2),
-        jr.ps_roi_align(jnp.tile(f[..., :1], (1, 1, 1, 4)), b, output_size=2, sampling_ratio=2),
-        jr.precise_roi_pool(f, b, output_size=2),
-        jr.multiscale_roi_align(
-            pyramid, b * 4, output_size=2, spatial_scales=(1 / 4, 1 / 8), sampling_ratio=2
+def _every_op():
+    def rotated(f, b):
+        angle = 40.0 * jnp.sin(b[..., :1])  # (per box, so that it shards with the boxes)
+        centre, size = (b[..., :2] + b[..., 2:]) / 2, jnp.abs(b[..., 2:] - b[..., :2])
+        boxes = jnp.concatenate([centre, size, angle], axis=-1)
+        return jr.roi_align_rotated(f, boxes, output_size=2, sampling_ratio=2)
+
+    def deform(f, b):
+        offsets = 0.1 * jnp.cos(b[..., :1, None, None] + jnp.zeros((1, 2, 2, 2)))
+        return jr.deform_roi_align(f, b, offsets, output_size=2, sampling_ratio=2)
+
+    return {
+        "roi_align": lambda f, b: jr.roi_align(f, b, output_size=(3, 2), sampling_ratio=0),
+        "roi_align_max": lambda f, b: jr.roi_align(
+            f, b, output_size=2, sampling_ratio=2, mode="max"
         ),
-        jr.crop_and_resize(f, b[:, 0] / 40.0, jnp.arange(n), (3, 3)),
-        jr.multilevel_crop_and_resize({2: f, 3: f[:, ::2, ::2]}, b * 4, output_size=2),
-    )
+        "roi_align_rotated": rotated,
+        "deform_roi_align": deform,
+        "roi_pool": lambda f, b: jr.roi_pool(f, b, output_size=2),
+        "ps_roi_align": lambda f, b: jr.ps_roi_align(
+            jnp.tile(f[..., :1], (1, 1, 1, 4)), b, output_size=2, sampling_ratio=2
+        ),
+        "precise_roi_pool": lambda f, b: jr.precise_roi_pool(f, b, output_size=2),
+        "multiscale_roi_align": lambda f, b: jr.multiscale_roi_align(
+            [f, f[:, ::2, ::2]],
+            b * 4,
+            output_size=2,
+            spatial_scales=(1 / 4, 1 / 8),
+            sampling_ratio=2,
+        ),
+        "crop_and_resize": lambda f, b: jr.crop_and_resize(
+            f, b[:, 0] / 40.0, jnp.arange(b.shape[0]), (3, 3)
+        ),
+        "multilevel_crop_and_resize": lambda f, b: jr.multilevel_crop_and_resize(
+            {2: f, 3: f[:, ::2, ::2]}, b * 4, output_size=2
+        ),
+    }
+
+
+#: Every public op on per-image boxes (default options: ``auto`` traces every
+#: platform's reader), as a function of the features and the boxes.
+EVERY_OP = _every_op()
+
+
+def _step(f, b, names=tuple(EVERY_OP)):
+    """Each op's output and its VJP in the features and the boxes (cotangent: the
+    cosine of the output)."""
+    result = {}
+    for name in names:
+        out, vjp = jax.vjp(EVERY_OP[name], f, b)
+        result[name] = (out, vjp(jnp.cos(out)))
+    return result
 
 
 @pytest.mark.slow
-def test_every_op_under_shard_map(mesh, data):
-    # A user's own shard_map (check_vma on): forward and the gradients with respect
-    # to features and boxes equal the single-device ones, and nothing is exchanged.
+def test_every_op_under_shard_map_and_explicit_sharding(mesh, data):
+    # Every op, default implementation, forward and the gradients with respect to
+    # features and boxes, compiled three ways: on one device (the reference), under
+    # a user's own shard_map (check_vma on), and (the pod recipe) under plain jit
+    # with features and per-image boxes put on the batch axis of a mesh with
+    # explicit axes, where each device pools its own images (the op's body under
+    # shard_map). Sharded, the numbers are those of one device and nothing is
+    # exchanged, adaptive sampling and backward included. (One test: the
+    # reference is compiled once.)
     f, boxes = data
+    want = jax.jit(_step)(f, boxes)
 
-    def step(f, b):
-        outs, vjp = jax.vjp(_every_op, f, b)
-        return outs, vjp(jax.tree.map(jnp.cos, outs))
-
-    want = jax.jit(step)(f, boxes)
-    fn = jax.jit(shard_map(step, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
+    fn = jax.jit(shard_map(_step, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
     fs, bs = _put(mesh, f, P("b")), _put(mesh, boxes, P("b"))
-    got = fn(fs, bs)
+    compiled = fn.lower(fs, bs).compile()
+    got = compiled(fs, bs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
-    assert _under_shard_map(collectives(fn.lower(fs, bs).compile().as_text())) == []
+    assert _under_shard_map(collectives(compiled.as_text())) == []
+
+    # Explicit sharding: every op that takes per-image boxes (on a CPU the FPN
+    # ops' flat reads run per device). crop_and_resize's box indices may name any
+    # image: test_explicitly_sharded_features_need_per_image_boxes.
+    _skip_without_explicit_sharding()
+    names = [name for name in EVERY_OP if name != "crop_and_resize"]
+    got, text = _explicitly_sharded(jax.jit(functools.partial(_step, names=names)), f, boxes)
+    assert collectives(text) == []
+    want = {name: want[name] for name in names}
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-11)
 
 
 def test_explicitly_sharded_features_need_per_image_boxes(data):
