@@ -15,8 +15,10 @@ columns of the widest tier's (zero weight past what it needs), summed in the
 order of the old call-level read of that window. The feature gradient is the
 row-window transpose over every box in box order, as before (the zero taps add
 nothing, so it is the same sum whatever the window), plus the dense boxes'
-transpose; the weights' gradient is the widest tier's, zero for dense boxes,
-whose box gradient goes to their grids instead.
+transpose. The weights' gradient is read class by class as the forward is,
+each box through its own window (past it, a tap's weight is zero with zero
+derivative, so the box gradient is the one through any larger window); zero
+for dense boxes, whose box gradient goes to their grids instead.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ def read(
     ``cls[k] == len(windows[0])``, with dense weights made from ``grids`` (a
     pytree of ``[K, ...]`` arrays, ``weights(grids)`` of :func:`dense_weights`).
     Differentiable in ``features``, the tap weights and the float leaves of
-    ``grids`` (reverse mode, first order). The gradients of the boxes read
-    through windows are taken through ``grad_windows[choice]`` (a window every
-    one of them fits), the call-level read's, so they are its numbers."""
+    ``grids`` (reverse mode, first order). The feature gradient of the boxes
+    read through windows is taken through ``grad_windows[choice]`` (a window
+    every one of them fits), the call-level read's, so it is its numbers; their
+    tap weights' gradient through each box's own window."""
     (iy, wy), (ix, wx) = taps
     leaves, treedef = jax.tree.flatten(grids)
     inexact = tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in leaves)
@@ -225,6 +228,45 @@ def _class_op(
         steps = (end - first + chunk - 1) // chunk
         return jax.lax.fori_loop(0, steps, step, init)
 
+    def weights_grads(features, wy, wx, batch, cls, iy, ix, g):
+        """``(d_wy, d_wx)``: each windowed box's through its own class's window (a
+        tap past it has zero weight and, outside every sample's reach, zero
+        derivative, so the box gradient is the same); zero for dense boxes."""
+        k, ph = wy.shape[:2]
+        pw = wx.shape[1]
+        channels = _channels(shape, layout)
+        chunk = _levels_chunk(k, ph * pw * channels * np.dtype(dtype).itemsize)
+        order, starts, ends, counts, first_chunk = chunks(cls, k, chunk)
+        flat, _ = flat_view(features, layout)
+        lanes = jnp.arange(chunk, dtype=jnp.int32)
+        zero = jnp.zeros((chunk,), jnp.int32)
+
+        def branch(ty: int, tx: int):
+            def fn(box):
+                ints = (batch[box], zero, zero + width, iy[box][..., :ty], ix[box][..., :tx])
+                d_wy, d_wx = weights_grad_rows(
+                    layout, dtype, flat, wy[box][..., :ty], wx[box][..., :tx], ints, g[box], True
+                )
+                d_wy = jnp.pad(d_wy, [(0, 0), (0, 0), (0, wy.shape[-1] - ty)])
+                return d_wy, jnp.pad(d_wx, [(0, 0), (0, 0), (0, wx.shape[-1] - tx)])
+
+            return fn
+
+        branches = [branch(ty, tx) for ty, tx in zip(*windows, strict=True)]
+
+        def step(j, carry):
+            c = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
+            first = starts[c] + (j - first_chunk[c]) * chunk
+            # Past the class's last box, repeat it: the same rows written twice.
+            box = order[jnp.minimum(first + lanes, ends[c] - 1)]
+            parts = jax.lax.switch(c, branches, box)
+            return tuple(put_rows(acc, box, p) for acc, p in zip(carry, parts, strict=True))
+
+        init = (jnp.zeros_like(wy), jnp.zeros_like(wx))
+        init = _shard.varying(init, features, wy, wx, g)
+        # The dense class sorts last: its chunks are not visited.
+        return jax.lax.fori_loop(0, first_chunk[n_taps], step, init)
+
     @jax.custom_batching.custom_vmap
     def batched_forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):
         return forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints)
@@ -290,32 +332,22 @@ def _class_op(
         n, a, b, c = shape  # NHWC: [N, H*W, C]; NCHW: [N, C, H*W]
         flat_shape = (n, a * b, c) if layout is DataFormat.NHWC else (n, a, b * c)
         transpose = _batched_rows_transpose(layout, dtype, chunk_cols, flat_shape)
-        flat, _ = flat_view(features, layout)
         wy_tap = wy * tap.astype(wy.dtype)
 
         def through(ty: int, tx: int):
-            """The taps' gradients through the first ``ty`` x ``tx`` of the window."""
+            """The map's gradient through the first ``ty`` x ``tx`` of the window."""
 
             def fn():
                 cut = (iy[..., :ty], ix[..., :tx])
-                d_map = d_wy = d_wx = None
-                if want_map:
-                    d_map = transpose(g, wy_tap[..., :ty], wx[..., :tx], *ints5, *cut)
-                if want_weights:
-                    d_wy, d_wx = weights_grad_rows(
-                        layout, dtype, flat, wy[..., :ty], wx[..., :tx], (*ints5, *cut), g
-                    )
-                    d_wy = jnp.pad(d_wy, [(0, 0), (0, 0), (0, wy.shape[-1] - ty)])
-                    d_wx = jnp.pad(d_wx, [(0, 0), (0, 0), (0, wx.shape[-1] - tx)])
-                return d_map, d_wy, d_wx
+                return transpose(g, wy_tap[..., :ty], wx[..., :tx], *ints5, *cut)
 
             return fn
 
-        branches = [through(ty, tx) for ty, tx in zip(*grad_windows, strict=True)]
-        d_map, d_wy, d_wx = jax.lax.switch(jnp.max(choice), branches)
+        if want_map:
+            branches = [through(ty, tx) for ty, tx in zip(*grad_windows, strict=True)]
+            d_map = jax.lax.switch(jnp.max(choice), branches)
         if want_weights:
-            d_wy = jnp.where(tap, d_wy, 0).astype(wy.dtype)
-            d_wx = jnp.where(tap, d_wx, 0).astype(wx.dtype)
+            d_wy, d_wx = weights_grads(features, wy, wx, batch, cls, iy, ix, g)
         if want_map or want_grids:
             d_f, d_fl = dense_grads(features, floats, ints, batch, cls, g, want_map, want_grids)
             if want_map:

@@ -287,7 +287,7 @@ def _row_reader(layout, dtype, flat, batch, offset, row_length, narrow):
     return reader
 
 
-def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
+def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g, rolled=False):
     """``(d_wy, d_wx)`` of ``<g, forward(flat, wy, wx)>`` tap pair by tap pair: each
     pair's reads times ``g`` summed over the channels first (the contiguous axis),
     then weighted by the other axis' weights. Autodiff of the same sum stores
@@ -308,7 +308,7 @@ def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
             d_wx.append(jnp.sum(pair * a_wy[:, :, None], axis=1))
         return d_wy, jnp.stack(d_wx, axis=-1)
 
-    if iy.shape[-1] * ix.shape[-1] <= TUNING.unroll_limit:
+    if not rolled and iy.shape[-1] * ix.shape[-1] <= TUNING.unroll_limit:
         rows = [row(iy[..., a], wy[..., a]) for a in range(iy.shape[-1])]
         d_wy = jnp.stack([r[0] for r in rows], axis=-1)
         d_wx = sum((r[1] for r in rows[1:]), rows[0][1])
@@ -325,7 +325,7 @@ def _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g):
     return d_wy.astype(wy.dtype), d_wx.astype(wx.dtype)
 
 
-def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g):
+def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g, rolled=False):
     """:func:`_weights_grad_taps` over chunks of boxes, in order.
 
     XLA:CPU does not fuse a gather into the reduction that consumes it, so every
@@ -337,13 +337,13 @@ def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g):
     k, ph, a_n = wy.shape
     pw, t_n = wx.shape[1:]
     channels = g.shape[-1]
-    live = a_n * t_n if a_n * t_n <= TUNING.unroll_limit else t_n
+    live = a_n * t_n if not rolled and a_n * t_n <= TUNING.unroll_limit else t_n
     per_box = live * ph * pw * channels * np.dtype(dtype).itemsize
     # At least two boxes a step: with one, XLA:CPU's gathers lose the box axis
     # and run several times slower (mask_p3: 300 ms against 90 ms for two).
     chunk = min(k, max(2, TUNING.weights_grad_bytes // max(per_box, 1)))
     if chunk >= k:
-        return _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g)
+        return _weights_grad_taps(layout, dtype, flat, wy, wx, ints, g, rolled)
     g = jnp.asarray(g)
 
     def step(i, carry):
@@ -355,7 +355,7 @@ def weights_grad_rows(layout, dtype, flat, wy, wx, ints, g):
             return jax.lax.dynamic_slice_in_dim(x, start, chunk)
 
         parts = _weights_grad_taps(
-            layout, dtype, flat, cut(wy), cut(wx), tuple(map(cut, ints)), cut(g)
+            layout, dtype, flat, cut(wy), cut(wx), tuple(map(cut, ints)), cut(g), rolled
         )
         return tuple(
             jax.lax.dynamic_update_slice_in_dim(acc, part, start, 0)
