@@ -122,13 +122,26 @@ def _class_op(
         leaves = [next(it_f) if f else next(it_i) for f in inexact]
         return jax.tree.unflatten(treedef, leaves)
 
-    def chunks(cls, k, chunk):
-        """The class-sorted order, each class's first and end position, and the
-        chunk loop's bounds (as :func:`jax_roialign._contract._levels_forward`)."""
+    def class_chunks(cls, k, ph, pw):
+        """The boxes sorted by class (stably) in chunks, as
+        :func:`jax_roialign._contract._levels_forward` reads levels: ``(chunk,
+        first_chunk, total, at)``, ``first_chunk[c]`` being class ``c``'s first
+        chunk, and ``at(j)`` chunk ``j``'s class, its boxes ``[chunk]`` (past
+        the class's last box, repeats of it) and how many are its own."""
+        row_bytes = ph * pw * _channels(shape, layout) * np.dtype(dtype).itemsize
+        chunk = _levels_chunk(k, row_bytes)
         order, starts, ends = _sampling.groups(cls, n_taps + 1)
         counts = (ends - starts + chunk - 1) // chunk
         first_chunk = jnp.cumsum(counts) - counts
-        return order, starts, ends, counts, first_chunk
+        lanes = jnp.arange(chunk, dtype=jnp.int32)
+
+        def at(j):
+            c = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
+            first = starts[c] + (j - first_chunk[c]) * chunk
+            box = order[jnp.minimum(first + lanes, ends[c] - 1)]
+            return c, box, jnp.minimum(ends[c] - first, chunk)
+
+        return chunk, first_chunk, jnp.sum(counts), at
 
     def dense_read(f, batch_c, grids_c):
         wy_c, wx_c = dense_weights(grids_c)
@@ -139,10 +152,8 @@ def _class_op(
         k, ph = wy.shape[:2]
         pw = ix.shape[1]
         channels = _channels(shape, layout)
-        chunk = _levels_chunk(k, ph * pw * channels * np.dtype(dtype).itemsize)
-        order, starts, ends, counts, first_chunk = chunks(cls, k, chunk)
+        chunk, _, total, at = class_chunks(cls, k, ph, pw)
         flat, _ = flat_view(features, layout)
-        lanes = jnp.arange(chunk, dtype=jnp.int32)
 
         def taps_branch(ty: int, tx: int):
             def fn(box, _):
@@ -182,16 +193,12 @@ def _class_op(
         branches.append(dense_branch)
 
         def step(j, out):
-            c = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
-            first = starts[c] + (j - first_chunk[c]) * chunk
-            # Past the class's last box, repeat it: the same value is written twice.
-            box = order[jnp.minimum(first + lanes, ends[c] - 1)]
-            part = jax.lax.switch(c, branches, box, jnp.minimum(ends[c] - first, chunk))
-            return put_rows(out, box, part)
+            c, box, valid = at(j)  # a repeated box is written twice, the same value
+            return put_rows(out, box, jax.lax.switch(c, branches, box, valid))
 
         init = jnp.zeros((k, ph, pw, channels), dtype)
         init = _shard.varying(init, features, wy, wx, iy)
-        return jax.lax.fori_loop(0, jnp.sum(counts), step, init)
+        return jax.lax.fori_loop(0, total, step, init)
 
     def dense_grads(features, floats, ints, batch, cls, g, want_map, want_grids):
         """The dense boxes' share of the gradients: their chunks' VJPs, in order."""
@@ -233,12 +240,8 @@ def _class_op(
         tap past it has zero weight and, outside every sample's reach, zero
         derivative, so the box gradient is the same); zero for dense boxes."""
         k, ph = wy.shape[:2]
-        pw = wx.shape[1]
-        channels = _channels(shape, layout)
-        chunk = _levels_chunk(k, ph * pw * channels * np.dtype(dtype).itemsize)
-        order, starts, ends, counts, first_chunk = chunks(cls, k, chunk)
+        chunk, first_chunk, _, at = class_chunks(cls, k, ph, wx.shape[1])
         flat, _ = flat_view(features, layout)
-        lanes = jnp.arange(chunk, dtype=jnp.int32)
         zero = jnp.zeros((chunk,), jnp.int32)
 
         def branch(ty: int, tx: int):
@@ -255,10 +258,7 @@ def _class_op(
         branches = [branch(ty, tx) for ty, tx in zip(*windows, strict=True)]
 
         def step(j, carry):
-            c = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
-            first = starts[c] + (j - first_chunk[c]) * chunk
-            # Past the class's last box, repeat it: the same rows written twice.
-            box = order[jnp.minimum(first + lanes, ends[c] - 1)]
+            c, box, _ = at(j)  # a repeated box's rows are written twice, the same
             parts = jax.lax.switch(c, branches, box)
             return tuple(put_rows(acc, box, p) for acc, p in zip(carry, parts, strict=True))
 
