@@ -40,6 +40,7 @@ from ._contract import (
     dense_chunk,
     flat_view,
     put_rows,
+    sorted_chunks,
     weights_grad_rows,
 )
 from ._tuning import TUNING
@@ -123,25 +124,11 @@ def _class_op(
         return jax.tree.unflatten(treedef, leaves)
 
     def class_chunks(cls, k, ph, pw):
-        """The boxes sorted by class (stably) in chunks, as
-        :func:`jax_roialign._contract._levels_forward` reads levels: ``(chunk,
-        first_chunk, total, at)``, ``first_chunk[c]`` being class ``c``'s first
-        chunk, and ``at(j)`` chunk ``j``'s class, its boxes ``[chunk]`` (past
-        the class's last box, repeats of it) and how many are its own."""
+        """``(chunk, *sorted_chunks(cls, ...))``: the boxes sorted by class in
+        chunks, as :func:`jax_roialign._contract._levels_forward` reads levels."""
         row_bytes = ph * pw * _channels(shape, layout) * np.dtype(dtype).itemsize
         chunk = _levels_chunk(k, row_bytes)
-        order, starts, ends = _sampling.groups(cls, n_taps + 1)
-        counts = (ends - starts + chunk - 1) // chunk
-        first_chunk = jnp.cumsum(counts) - counts
-        lanes = jnp.arange(chunk, dtype=jnp.int32)
-
-        def at(j):
-            c = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
-            first = starts[c] + (j - first_chunk[c]) * chunk
-            box = order[jnp.minimum(first + lanes, ends[c] - 1)]
-            return c, box, jnp.minimum(ends[c] - first, chunk)
-
-        return chunk, first_chunk, jnp.sum(counts), at
+        return (chunk, *sorted_chunks(cls, n_taps + 1, chunk))
 
     def dense_read(f, batch_c, grids_c):
         wy_c, wx_c = dense_weights(grids_c)
@@ -235,6 +222,28 @@ def _class_op(
         steps = (end - first + chunk - 1) // chunk
         return jax.lax.fori_loop(0, steps, step, init)
 
+    def map_grad(wy, wx, batch, cls, choice, iy, ix, g):
+        """The windowed boxes' feature gradient: the row-window transpose through
+        ``grad_windows[choice]`` (every windowed box fits it), dense boxes'
+        weights zeroed."""
+        k = batch.shape[0]
+        zero = jnp.zeros((k,), jnp.int32)
+        ints5 = (batch, zero, zero + width)
+        n, a, b, c = shape  # NHWC: [N, H*W, C]; NCHW: [N, C, H*W]
+        flat_shape = (n, a * b, c) if layout is DataFormat.NHWC else (n, a, b * c)
+        transpose = _batched_rows_transpose(layout, dtype, chunk_cols, flat_shape)
+        wy_tap = wy * (cls < n_taps)[:, None, None].astype(wy.dtype)
+
+        def through(ty: int, tx: int):
+            def fn():
+                cut = (iy[..., :ty], ix[..., :tx])
+                return transpose(g, wy_tap[..., :ty], wx[..., :tx], *ints5, *cut)
+
+            return fn
+
+        branches = [through(ty, tx) for ty, tx in zip(*grad_windows, strict=True)]
+        return jax.lax.switch(jnp.max(choice), branches)
+
     def weights_grads(features, wy, wx, batch, cls, iy, ix, g):
         """``(d_wy, d_wx)``: each windowed box's through its own class's window (a
         tap past it has zero weight and, outside every sample's reach, zero
@@ -325,27 +334,8 @@ def _class_op(
         ints_none = tuple(None for _ in ints)
         if _is_zero(g):
             return (d_map, d_wy, d_wx, d_floats, None, None, None, None, None, ints_none)
-        k = batch.shape[0]
-        tap = (cls < n_taps)[:, None, None]
-        zero = jnp.zeros((k,), jnp.int32)
-        ints5 = (batch, zero, zero + width)
-        n, a, b, c = shape  # NHWC: [N, H*W, C]; NCHW: [N, C, H*W]
-        flat_shape = (n, a * b, c) if layout is DataFormat.NHWC else (n, a, b * c)
-        transpose = _batched_rows_transpose(layout, dtype, chunk_cols, flat_shape)
-        wy_tap = wy * tap.astype(wy.dtype)
-
-        def through(ty: int, tx: int):
-            """The map's gradient through the first ``ty`` x ``tx`` of the window."""
-
-            def fn():
-                cut = (iy[..., :ty], ix[..., :tx])
-                return transpose(g, wy_tap[..., :ty], wx[..., :tx], *ints5, *cut)
-
-            return fn
-
         if want_map:
-            branches = [through(ty, tx) for ty, tx in zip(*grad_windows, strict=True)]
-            d_map = jax.lax.switch(jnp.max(choice), branches)
+            d_map = map_grad(wy, wx, batch, cls, choice, iy, ix, g)
         if want_weights:
             d_wy, d_wx = weights_grads(features, wy, wx, batch, cls, iy, ix, g)
         if want_map or want_grids:

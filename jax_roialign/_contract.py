@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _shard
-from ._sampling import by_level
+from ._sampling import by_level, groups
 from ._tuning import TUNING
 from ._validation import DataFormat, fence
 
@@ -699,6 +699,28 @@ def put_rows(out: Array, rows: Array, part: Array, *, add: bool = False) -> Arra
     return jax.lax.fori_loop(0, rows.shape[0], one, out)
 
 
+def sorted_chunks(key: Array, count: int, chunk: int):
+    """Boxes grouped by ``key [K]`` (values ``0 .. count - 1``, a stable sort:
+    :func:`jax_roialign._sampling.groups`), each group in chunks of ``chunk``,
+    the chunks of all groups one loop: ``(first_chunk, total, at)``,
+    ``first_chunk[g]`` being group ``g``'s first chunk, ``total`` the number of
+    chunks, and ``at(j)`` chunk ``j``'s group, its boxes ``[chunk]`` (past the
+    group's last box, repeats of it: written twice, the same value) and how
+    many are its own."""
+    order, starts, ends = groups(key, count)
+    counts = (ends - starts + chunk - 1) // chunk
+    first_chunk = jnp.cumsum(counts) - counts
+    lanes = jnp.arange(chunk, dtype=jnp.int32)
+
+    def at(j):
+        g = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
+        first = starts[g] + (j - first_chunk[g]) * chunk
+        box = order[jnp.minimum(first + lanes, ends[g] - 1)]
+        return g, box, jnp.minimum(ends[g] - first, chunk)
+
+    return first_chunk, jnp.sum(counts), at
+
+
 def _levels_chunk(k: int, out_row_bytes: int) -> int:
     return int(
         min(
@@ -728,15 +750,8 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
         # Behind a fence, as every vectorized read: a loss on the output would
         # otherwise store every tap pair's term.
         return fence(combine(reader, iy, wy, ix, wx, dtype))
-    # Each level's boxes, in order, are a run of the stable sort; level ``l``
-    # takes ceil(count / chunk) chunks, the chunks of all levels one loop.
-    order = jnp.argsort(level, stable=True).astype(jnp.int32)
-    ids = jnp.arange(n_levels, dtype=level.dtype)
-    count = jnp.sum(level[None, :] == ids[:, None], axis=1).astype(jnp.int32)
-    start = jnp.cumsum(count) - count
-    chunks = (count + chunk - 1) // chunk
-    first_chunk = jnp.cumsum(chunks) - chunks
-    lanes = jnp.arange(chunk, dtype=jnp.int32)
+    # Each level's boxes, in order, in chunks; the chunks of all levels one loop.
+    _, total, at = sorted_chunks(level, n_levels, chunk)
 
     def branch(lv: int):
         def read(maps, wy_c, wx_c, b_c, iy_c, ix_c):
@@ -753,17 +768,13 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
     branches = [branch(lv) for lv in range(n_levels)]
 
     def step(j, out):
-        lv = jnp.sum(first_chunk[1:] <= j).astype(jnp.int32)
-        first = start[lv] + (j - first_chunk[lv]) * chunk
-        # Past the level's last box, repeat it: the same value is written twice.
-        pos = jnp.minimum(first + lanes, start[lv] + count[lv] - 1)
-        box = order[pos]
+        lv, box, _ = at(j)
         part = jax.lax.switch(lv, branches, flats, wy[box], wx[box], batch[box], iy[box], ix[box])
         return put_rows(out, box, part)
 
     init = jnp.zeros((k, ph, pw, channels), dtype)
     init = _shard.varying(init, *flats, wy, wx, iy)
-    return jax.lax.fori_loop(0, jnp.sum(chunks), step, init)
+    return jax.lax.fori_loop(0, total, step, init)
 
 
 @functools.lru_cache(maxsize=64)
