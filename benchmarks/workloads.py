@@ -135,7 +135,7 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
             aligned=False,
             channels=c,
         ),
-        Workload(
+        fpn := Workload(
             "fpn_step",
             "whole FPN box-head step P2-P5 (MultiScaleRoIAlign)",
             ("P2", "P3", "P4", "P5"),
@@ -144,6 +144,12 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
             sampling_ratio=2,
             aligned=False,
             channels=c,
+        ),
+        dataclasses.replace(
+            fpn,
+            name="fpn_step_adaptive",
+            title="whole FPN box-head step P2-P5, adaptive (MultiScaleRoIAlign(sampling_ratio=0))",
+            sampling_ratio=0,
         ),
         r50 := Workload(
             "r50_c4",

@@ -41,7 +41,7 @@ from ._contract import (
     flat_view,
     put_rows,
     sorted_chunks,
-    weights_grad_rows,
+    weights_grads_by_class,
 )
 from ._tuning import TUNING
 from ._validation import DataFormat
@@ -251,30 +251,11 @@ def _class_op(
         k, ph = wy.shape[:2]
         chunk, first_chunk, _, at = class_chunks(cls, k, ph, wx.shape[1])
         flat, _ = flat_view(features, layout)
-        zero = jnp.zeros((chunk,), jnp.int32)
-
-        def branch(ty: int, tx: int):
-            def fn(box):
-                ints = (batch[box], zero, zero + width, iy[box][..., :ty], ix[box][..., :tx])
-                d_wy, d_wx = weights_grad_rows(
-                    layout, dtype, flat, wy[box][..., :ty], wx[box][..., :tx], ints, g[box], True
-                )
-                d_wy = jnp.pad(d_wy, [(0, 0), (0, 0), (0, wy.shape[-1] - ty)])
-                return d_wy, jnp.pad(d_wx, [(0, 0), (0, 0), (0, wx.shape[-1] - tx)])
-
-            return fn
-
-        branches = [branch(ty, tx) for ty, tx in zip(*windows, strict=True)]
-
-        def step(j, carry):
-            c, box, _ = at(j)  # a repeated box's rows are written twice, the same
-            parts = jax.lax.switch(c, branches, box)
-            return tuple(put_rows(acc, box, p) for acc, p in zip(carry, parts, strict=True))
-
-        init = (jnp.zeros_like(wy), jnp.zeros_like(wx))
-        init = _shard.varying(init, features, wy, wx, g)
+        zero = jnp.zeros((k,), jnp.int32)
+        ints = (batch, zero, zero + width, iy, ix)
         # The dense class sorts last: its chunks are not visited.
-        return jax.lax.fori_loop(0, first_chunk[n_taps], step, init)
+        plan = (chunk, first_chunk[n_taps], at)
+        return weights_grads_by_class(layout, dtype, flat, wy, wx, ints, g, plan, windows)
 
     @jax.custom_batching.custom_vmap
     def batched_forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):

@@ -68,7 +68,9 @@ def contract_taps(
     )
 
 
-def contract_taps_with(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype) -> Array:
+def contract_taps_with(
+    reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype, *, rolled: bool | None = None
+) -> Array:
     """:func:`contract_taps` for any ``reader(rows [K,PH,PW], cols [K,PH,PW]) -> [K,PH,PW,C]``.
 
     Lets ops that address the map differently (a flat concatenation of FPN
@@ -76,6 +78,8 @@ def contract_taps_with(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype
     ``TUNING.unroll_limit`` tap pairs are unrolled (one fused loop, nothing larger than
     the output); a wider window goes through a ``lax.scan`` over its rows, each
     step ``B`` reads, which keeps compile time and the backward's memory flat.
+    ``rolled``: that choice made by the caller (a narrower window read as a wider
+    one would be, row by row, sums the same taps in the same order: the same bits).
     """
     if iy.ndim == 3:
         iy, wy = iy[:, :, None, :], wy[:, :, None, :]
@@ -94,7 +98,9 @@ def contract_taps_with(reader, iy: Array, wy: Array, ix: Array, wx: Array, dtype
         assert acc is not None
         return acc
 
-    if iy.shape[-1] * ix.shape[-1] <= TUNING.unroll_limit:
+    if rolled is None:
+        rolled = iy.shape[-1] * ix.shape[-1] > TUNING.unroll_limit
+    if not rolled or iy.shape[-1] == 1:
         return rows_sum(iy, wy)
 
     def step(acc, taps):
@@ -549,6 +555,18 @@ def rows_transpose(
         group, block, blocks = 1, row_unroll, -(-a_n // row_unroll)
     per_run = (ph_n // group) * blocks
     steps = runs * per_run
+    # One bin a step with more taps than a short block: each box adds only the
+    # blocks of taps its bins use (past them every weight is zero: the same adds
+    # in the same order, the zeros left out). The cotangent's product is made at
+    # a bin's first block and carried to its others.
+    dynamic = blocks == 1 and group == 1 and a_n > TUNING.tap_block
+    if dynamic:
+        block = TUNING.tap_block
+        used = jnp.max(jnp.where(wy != 0, jnp.arange(1, a_n + 1, dtype=jnp.int32), 0), axis=(1, 2))
+        blocks_k = jnp.maximum((used + block - 1) // block, 1)
+        if n_slices > 1:
+            blocks_k = jnp.repeat(blocks_k, n_slices)
+        steps = runs * ph_n * blocks_k
     # One loop over every (box, run, step), boxes in order: a loop nested in a
     # loop costs XLA:CPU more than the work of a typical box. The carry holds
     # the box and its step; ``after[k]`` is the first box after ``k`` with steps.
@@ -573,17 +591,9 @@ def rows_transpose(
         cur = jax.lax.dynamic_slice(acc, start, size, allow_negative_indices=False)
         return jax.lax.dynamic_update_slice(acc, cur + update, start, allow_negative_indices=False)
 
-    def step(_, carry):
-        acc, k, s = carry
-        kc = jnp.minimum(k, k_total - 1)  # the segment
-        kb = kc // n_slices if n_slices > 1 else kc  # its box
-        run, rest = s // per_run, s % per_run
-        first_bin = (rest // blocks) * group
-        first_tap = (rest % blocks) * block
+    def product(kc, kb, first_bin, start, lo):
+        """``u = g[bins] . Wx_run``, ``[group, chunk, C]``."""
         ixk, wxk = ix_seg[kc], wx_seg[kc]
-        b, base, rl = batch[kb], offset[kb], row_length[kb]
-        lo = x_lo[kc] + run * chunk
-        start = jnp.clip(lo, 0, rl - chunk)
         inside = (ixk >= lo) & (ixk < lo + chunk)
         if n_slices > 1:
             gk = jax.lax.dynamic_slice(  # [group, qs, C]
@@ -593,24 +603,49 @@ def rows_transpose(
             gk = jax.lax.dynamic_slice_in_dim(g[kb], first_bin, group)
         onehot = (ixk[..., None] - start == cols) & inside[..., None]
         wxd = jnp.sum(jnp.where(onehot, wxk[..., None], 0.0), axis=1)  # [qs, chunk]
-        u = jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
+        return jnp.einsum("pqc,qj->pjc", gk, wxd.astype(dtype), precision=_HIGHEST)
+
+    def step(_, carry):
+        acc, k, s, u_kept = carry
+        kc = jnp.minimum(k, k_total - 1)  # the segment
+        kb = kc // n_slices if n_slices > 1 else kc  # its box
+        blocks_c = blocks_k[kc] if dynamic else blocks
+        per_run_c = ph_n * blocks_c if dynamic else per_run
+        run, rest = s // per_run_c, s % per_run_c
+        first_bin = (rest // blocks_c) * group
+        first_tap = (rest % blocks_c) * block
+        b, base, rl = batch[kb], offset[kb], row_length[kb]
+        lo = x_lo[kc] + run * chunk
+        start = jnp.clip(lo, 0, rl - chunk)
+        if dynamic:
+            u = jax.lax.cond(
+                first_tap == 0,
+                lambda: product(kc, kb, first_bin, start, lo),
+                lambda: u_kept,
+            )
+        else:
+            u = product(kc, kb, first_bin, start, lo)
         iyk = jax.lax.dynamic_slice_in_dim(iy[kb], first_bin, group)  # [group, A]
         wyk = jax.lax.dynamic_slice_in_dim(wy[kb], first_bin, group)
+        short = (-(-a_n // block) if dynamic else blocks) * block > a_n
         for p in range(group):
             for i in range(block):
                 a = first_tap + i
                 weight = wyk[p, jnp.minimum(a, a_n - 1)]
-                if blocks * block > a_n:  # the last block is short
+                if short:  # the last block is short
                     weight = jnp.where(a < a_n, weight, 0.0)
                 pos = base + iyk[p, jnp.minimum(a, a_n - 1)] * rl + start
                 acc = add_row(acc, b, pos, weight * u[p])
         done = s + 1 == steps[kc]
-        return acc, jnp.where(done, after[kc], k), jnp.where(done, 0, s + 1)
+        next_k = jnp.where(done, after[kc], k)
+        return acc, next_k, jnp.where(done, 0, s + 1), u if dynamic else u_kept
 
     # Zeros typed like the cotangent (inside shard_map: varying over the same mesh
     # axes), so that the loop's carry keeps one type.
-    init = (jax.lax.full_like(g, 0, dtype, flat_shape), first, jnp.int32(0))
-    acc, _, _ = jax.lax.fori_loop(0, jnp.sum(steps), step, _shard.varying(init, g, wy, wx, ix))
+    u0 = jnp.zeros((group, chunk, g.shape[-1]), dtype) if dynamic else jnp.zeros((), dtype)
+    init = (jax.lax.full_like(g, 0, dtype, flat_shape), first, jnp.int32(0), u0)
+    init = _shard.varying(init, g, wy, wx, ix)
+    acc, _, _, _ = jax.lax.fori_loop(0, jnp.sum(steps), step, init)
     return acc
 
 
@@ -632,6 +667,8 @@ def contract_levels(
     dtype,
     *,
     combine: Any = None,
+    classes: tuple[Array, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    dense: tuple[Array, Any, Any] | None = None,
 ) -> Array:
     """:func:`contract_rows` of box ``k`` on its own map ``flats[level[k]]``
     (``[N, H_l * W_l, C]`` / ``[N, C, H_l * W_l]`` views, ``widths`` the ``W_l``),
@@ -653,9 +690,27 @@ def contract_levels(
     ``combine(reader, iy, wy, ix, wx, dtype)`` computes the value from the reads
     (default :func:`contract_taps_with`); a reference's own order of the same
     sum goes here (Model Garden's crops), the gradient staying that of the sum.
+
+    ``classes = (cls, (rows, cols))``: box ``k``'s forward reads only the first
+    ``rows[cls[k]]`` y-taps and ``cols[cls[k]]`` x-taps of its ``iy``/``ix``
+    (the others must have zero weight: the same sum, the same bits), the boxes
+    sorted by level and class. The gradients read every tap, as without it.
+
+    ``dense = (mask, grids, weights)``: boxes ``mask [K]`` read instead with
+    dense weights over their own level, ``weights(grids of a few boxes) -> (wy,
+    wx)`` (``[c, PH, L]``, ``[c, PW, L]`` over the largest level; ``grids`` a
+    pytree of ``[K, ...]`` arrays, differentiable in its float leaves), a few
+    boxes at a time: exact for any box. Their ``wy`` must be zero.
     """
     flats = tuple(flats)
-    if len(flats) == 1 and combine is None:
+    ladder: tuple[tuple[int, ...], tuple[int, ...]]
+    if classes is None:
+        cls = jnp.zeros(batch.shape, jnp.int32)
+        ladder = ((iy.shape[-1],), (ix.shape[-1],))
+    else:
+        cls, (rows, cols) = classes
+        ladder = (tuple(int(t) for t in rows), tuple(int(t) for t in cols))
+    if len(flats) == 1 and combine is None and classes is None and dense is None:
         k = batch.shape[0]
         return fence(
             contract_rows(
@@ -679,8 +734,55 @@ def contract_levels(
         tuple(int(w) for w in widths),
         np.dtype(flats[0].dtype),
         combine or contract_taps_with,
+        ladder,
+        None if dense is None else _dense_spec(dense),
     )
-    return op(flats, wy, wx, batch, level, iy, ix)
+    key = level * len(ladder[0]) + cls
+    floats: tuple = ()
+    ints: tuple = ()
+    if dense is not None:
+        mask, grids, _ = dense
+        key = jnp.where(mask, len(flats) * len(ladder[0]) + level, key)
+        leaves = jax.tree.leaves(grids)
+        floats = tuple(x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact))
+        ints = tuple(x for x in leaves if not jnp.issubdtype(x.dtype, jnp.inexact))
+    return op(flats, wy, wx, batch, key, iy, ix, floats, ints)
+
+
+def _dense_spec(dense: tuple[Array, Any, Any]) -> tuple[Any, Any, tuple[bool, ...]]:
+    """``(weights, treedef, inexact)``: what rebuilds a dense read's grids."""
+    _, grids, weights = dense
+    leaves, treedef = jax.tree.flatten(grids)
+    return weights, treedef, tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in leaves)
+
+
+def _dense_plan(key: Array, n_levels: int, n_cls: int, chunk: int):
+    """:func:`sorted_chunks` of the dense boxes (``key >= n_levels * n_cls``) by
+    level: ``(chunks, at)``."""
+    base = n_levels * n_cls
+    level = jnp.where(key >= base, key - base, n_levels)
+    first_chunk, _, at = sorted_chunks(level, n_levels + 1, chunk)
+    return first_chunk[n_levels], at
+
+
+def _dense_level_read(layout, dtype, shape, width, spec, lv_flat, floats, ints, batch, valid):
+    """``[c, PH, PW, C]``: ``c`` boxes (their grids' leaves ``floats``, ``ints``,
+    images ``batch``; the first ``valid`` their own, the others weight 0) read
+    with dense weights from one level's flat map."""
+    weights, treedef, inexact = spec
+    it_f, it_i = iter(floats), iter(ints)
+    wy, wx = weights(
+        jax.tree.unflatten(treedef, [next(it_f) if f else next(it_i) for f in inexact])
+    )
+    if layout is DataFormat.NHWC:
+        n, hw, c = shape
+        f = lv_flat.reshape(n, hw // width, width, c)
+    else:
+        n, c, hw = shape
+        f = lv_flat.reshape(n, c, hw // width, width)
+    own = (jnp.arange(batch.shape[0]) < valid).astype(wy.dtype)[:, None, None]
+    wy = wy[..., : hw // width] * own
+    return dense_chunk(f.astype(dtype), layout, batch, wy, wx[..., :width], dtype)
 
 
 def put_rows(out: Array, rows: Array, part: Array, *, add: bool = False) -> Array:
@@ -721,6 +823,49 @@ def sorted_chunks(key: Array, count: int, chunk: int):
     return first_chunk, jnp.sum(counts), at
 
 
+def weights_grads_by_class(
+    layout: DataFormat,
+    dtype: Any,
+    flat: Array,
+    wy: Array,
+    wx: Array,
+    ints: tuple[Array, ...],
+    g: Array,
+    plan: tuple[int, Any, Any],
+    windows: tuple[tuple[int, ...], tuple[int, ...]],
+) -> tuple[Array, Array]:
+    """``(d_wy, d_wx)`` of :func:`weights_grad_rows` with box ``k`` read through
+    window ``windows[cls[k]]`` only: ``plan = (chunk, chunks, at)``, the first
+    ``chunks`` chunks of :func:`sorted_chunks` on the classes (a class past the
+    windows is not visited: its rows stay zero). ``ints = (batch, offset,
+    row_length, iy, ix)``. Past a box's window a tap has zero weight and, out of
+    every sample's reach, zero derivative: the same gradient, bit for bit."""
+    chunk, chunks, at = plan
+
+    def branch(ty: int, tx: int):
+        def fn(box):
+            b, offset, row_length, iy, ix = (x[box] for x in ints)
+            cut = (b, offset, row_length, iy[..., :ty], ix[..., :tx])
+            d_wy, d_wx = weights_grad_rows(
+                layout, dtype, flat, wy[box][..., :ty], wx[box][..., :tx], cut, g[box], True
+            )
+            d_wy = jnp.pad(d_wy, [(0, 0), (0, 0), (0, wy.shape[-1] - ty)])
+            return d_wy, jnp.pad(d_wx, [(0, 0), (0, 0), (0, wx.shape[-1] - tx)])
+
+        return fn
+
+    branches = [branch(ty, tx) for ty, tx in zip(*windows, strict=True)]
+
+    def step(j, carry):
+        c, box, _ = at(j)  # a repeated box's rows are written twice, the same
+        parts = jax.lax.switch(c, branches, box)
+        return tuple(put_rows(acc, box, p) for acc, p in zip(carry, parts, strict=True))
+
+    init = (jnp.zeros_like(wy), jnp.zeros_like(wx))
+    init = _shard.varying(init, flat, wy, wx, g)
+    return jax.lax.fori_loop(0, chunks, step, init)
+
+
 def _levels_chunk(k: int, out_row_bytes: int) -> int:
     return int(
         min(
@@ -731,14 +876,48 @@ def _levels_chunk(k: int, out_row_bytes: int) -> int:
     )
 
 
-def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level, iy, ix):
-    """The level-sorted chunked read (the value of :func:`contract_levels`)."""
+def _levels_forward(
+    layout, dtype, widths, combine, ladder, dense, flats, wy, wx, batch, key, iy, ix, floats, ints
+):
+    """The value of :func:`contract_levels`: the windowed boxes' read, then the
+    dense boxes' (``dense``: :func:`_dense_spec`, or ``None``)."""
+    out = _levels_windowed(
+        layout, dtype, widths, combine, ladder, flats, wy, wx, batch, key, iy, ix
+    )
+    if dense is None:
+        return out
+    n_levels, piece = len(flats), TUNING.dense_chunk
+    chunks, at = _dense_plan(key, n_levels, len(ladder[0]), piece)
+
+    def branch(lv: int):
+        def read(box, valid):
+            rows = (tuple(x[box] for x in floats), tuple(x[box] for x in ints), batch[box])
+            args = (dense, flats[lv], *rows, valid)
+            return _dense_level_read(layout, dtype, flats[lv].shape, widths[lv], *args)
+
+        return read
+
+    branches = [branch(lv) for lv in range(n_levels)]
+
+    def step(j, out):
+        lv, box, valid = at(j)
+        return put_rows(out, box, jax.lax.switch(lv, branches, box, valid), add=True)
+
+    return jax.lax.fori_loop(0, chunks, step, out)
+
+
+def _levels_windowed(layout, dtype, widths, combine, ladder, flats, wy, wx, batch, key, iy, ix):
+    """The level- and class-sorted chunked read of the windowed boxes:
+    ``key = level * len(ladder[0]) + class`` (a dense box's key, past these, is
+    not read: its weights are zero)."""
     k, ph = iy.shape[:2]
     pw = ix.shape[1]
     n_levels = len(flats)
     channels = flats[0].shape[-1 if layout is DataFormat.NHWC else 1]
     chunk = _levels_chunk(k, ph * pw * channels * np.dtype(dtype).itemsize)
     narrow = flats[0].dtype == jnp.bfloat16 and np.dtype(dtype).itemsize >= 4
+    n_cls = len(ladder[0])
+    level = jnp.minimum(key // n_cls if n_cls > 1 else key, n_levels - 1)
     if narrow and combine is contract_taps_with:
         # bfloat16 maps: the 16-bit words of all levels concatenated, one read of
         # every box, widened after the gather (as contract_rows). XLA:CPU makes
@@ -750,10 +929,12 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
         # Behind a fence, as every vectorized read: a loss on the output would
         # otherwise store every tap pair's term.
         return fence(combine(reader, iy, wy, ix, wx, dtype))
-    # Each level's boxes, in order, in chunks; the chunks of all levels one loop.
-    _, total, at = sorted_chunks(level, n_levels, chunk)
+    # Each level's boxes, in order, class by class, in chunks; the chunks of all
+    # levels and classes one loop.
+    first_chunk, _, at = sorted_chunks(key, n_levels * n_cls + 1, chunk)
+    total = first_chunk[n_levels * n_cls]  # dense boxes (past) are not read here
 
-    def branch(lv: int):
+    def branch(lv: int, ty: int, tx: int):
         def read(maps, wy_c, wx_c, b_c, iy_c, ix_c):
             b = b_c[:, None, None]
             rl = widths[lv]
@@ -761,11 +942,17 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
             def reader(rows, cols):
                 return read_flat(maps[lv], layout, b, rows * rl + cols)
 
-            return combine(reader, iy_c, wy_c, ix_c, wx_c, dtype)
+            if (ty, tx) == (iy_c.shape[-1], ix_c.shape[-1]):
+                return combine(reader, iy_c, wy_c, ix_c, wx_c, dtype)
+            # The widest window's first taps, summed in its order.
+            rolled = iy_c.shape[-1] * ix_c.shape[-1] > TUNING.unroll_limit
+            taps = (iy_c[..., :ty], wy_c[..., :ty], ix_c[..., :tx], wx_c[..., :tx])
+            return combine(reader, *taps, dtype, rolled=rolled)
 
         return read
 
-    branches = [branch(lv) for lv in range(n_levels)]
+    windows = list(zip(*ladder, strict=True))
+    branches = [branch(lv, ty, tx) for lv in range(n_levels) for ty, tx in windows]
 
     def step(j, out):
         lv, box, _ = at(j)
@@ -779,11 +966,21 @@ def _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level,
 
 @functools.lru_cache(maxsize=64)
 def _levels_op(
-    layout: DataFormat, dtype: Any, shapes: tuple, widths: tuple, flat_dtype: Any, combine: Any
+    layout: DataFormat,
+    dtype: Any,
+    shapes: tuple,
+    widths: tuple,
+    flat_dtype: Any,
+    combine: Any,
+    ladder: tuple[tuple[int, ...], tuple[int, ...]],
+    dense: Any = None,
 ):
     """The ``custom_vjp`` op of :func:`contract_levels`:
-    ``op(flats, wy, wx, batch, level, iy, ix)``."""
+    ``op(flats, wy, wx, batch, key, iy, ix, floats, ints)``, ``key = level *
+    len(ladder[0]) + class`` (``n_levels * len(ladder[0]) + level`` for a dense
+    box), ``floats`` and ``ints`` the dense reads' grids (:func:`_dense_spec`)."""
     n_levels = len(shapes)
+    n_cls = len(ladder[0])
     pairs = [
         _rows_ops(
             layout,
@@ -798,25 +995,24 @@ def _levels_op(
     weights_grad = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
 
     @jax.custom_batching.custom_vmap
-    def forward(flats, wy, wx, batch, level, iy, ix):
-        return _levels_forward(layout, dtype, widths, combine, flats, wy, wx, batch, level, iy, ix)
+    def forward(flats, wy, wx, batch, key, iy, ix, floats, ints):
+        args = (flats, wy, wx, batch, key, iy, ix, floats, ints)
+        return _levels_forward(layout, dtype, widths, combine, ladder, dense, *args)
 
     @forward.def_vmap
-    def forward_rule(axis_size, in_batched, flats, wy, wx, batch, level, iy, ix):
+    def forward_rule(axis_size, in_batched, *args):
         # B calls on N images each are one call on B * N images.
         def full(a, b):
             return a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
 
-        flats = tuple(full(f, b) for f, b in zip(flats, in_batched[0], strict=True))
-        wy, wx, batch, level, iy, ix = (
-            full(a, b) for a, b in zip((wy, wx, batch, level, iy, ix), in_batched[1:], strict=True)
-        )
+        args = jax.tree.map(full, args, tuple(in_batched))
+        flats, wy, wx, batch, key, iy, ix, floats, ints = args
         n = shapes[0][0]
         batch = batch + n * jnp.arange(axis_size, dtype=batch.dtype)[:, None]
-        merged = [
-            tuple(f.reshape((-1,) + f.shape[2:]) for f in flats),
-            *(a.reshape((-1,) + a.shape[2:]) for a in (wy, wx, batch, level, iy, ix)),
-        ]
+        merged = jax.tree.map(
+            lambda a: a.reshape((-1,) + a.shape[2:]),
+            (flats, wy, wx, batch, key, iy, ix, floats, ints),
+        )
         inner = _levels_op(
             layout,
             dtype,
@@ -824,26 +1020,74 @@ def _levels_op(
             widths,
             flat_dtype,
             combine,
+            ladder,
+            dense,
         )
         out = inner(*merged)
         return out.reshape((axis_size, -1) + out.shape[1:]), True
 
     @jax.custom_vjp
-    def op(flats, wy, wx, batch, level, iy, ix):
-        return forward(flats, wy, wx, batch, level, iy, ix)
+    def op(flats, wy, wx, batch, key, iy, ix, floats, ints):
+        return forward(flats, wy, wx, batch, key, iy, ix, floats, ints)
 
-    def fwd(flats, wy, wx, batch, level, iy, ix):
+    def fwd(flats, wy, wx, batch, key, iy, ix, floats, ints):
         # symbolic_zeros: each argument says whether it is differentiated.
-        wanted = (any(f.perturbed for f in flats), wy.perturbed or wx.perturbed)
+        wanted = (
+            any(f.perturbed for f in flats),
+            wy.perturbed or wx.perturbed,
+            any(f.perturbed for f in floats),
+        )
         flats = tuple(f.value for f in flats)
         wy, wx = wy.value, wx.value
-        ints = (batch.value, level.value, iy.value, ix.value)
+        floats = tuple(f.value for f in floats)
+        grid_ints = tuple(i.value for i in ints)
+        ints = (batch.value, key.value, iy.value, ix.value)
         # ``op``, not ``forward``: when this rule is itself differentiated (second
         # order) the value goes through op's rule again (a custom_vmap has no JVP).
-        return op(flats, wy, wx, *ints), (flats, wy, wx, ints, wanted)
+        out = op(flats, wy, wx, *ints, floats, grid_ints)
+        return out, (flats, wy, wx, ints, floats, grid_ints, wanted)
+
+    def dense_grads(flats, floats, grid_ints, batch, key, g, d_flats, want_maps, want_grids):
+        """The dense boxes' gradients added to ``d_flats`` (the maps') and to
+        zeros (their grids' float leaves): each chunk's VJP, in order."""
+        chunks, at = _dense_plan(key, n_levels, n_cls, TUNING.dense_chunk)
+
+        def branch(lv: int):
+            def fn(box, valid, d_flats, d_floats):
+                ints_c = tuple(x[box] for x in grid_ints)
+
+                def part(flat, fl):
+                    args = (dense, flat, fl, ints_c, batch[box], valid)
+                    return _dense_level_read(layout, dtype, shapes[lv], widths[lv], *args)
+
+                _, vjp = jax.vjp(part, flats[lv], tuple(x[box] for x in floats))
+                d_flat, d_fl = vjp(g[box].astype(dtype))
+                if want_maps:
+                    d_flats = tuple(
+                        d + d_flat.astype(d.dtype) if i == lv else d for i, d in enumerate(d_flats)
+                    )
+                if want_grids:
+                    d_floats = tuple(
+                        put_rows(acc, box, x, add=True)
+                        for acc, x in zip(d_floats, d_fl, strict=True)
+                    )
+                return d_flats, d_floats
+
+            return fn
+
+        def step(j, carry):
+            lv, box, valid = at(j)
+            return jax.lax.switch(lv, [branch(i) for i in range(n_levels)], box, valid, *carry)
+
+        init = (d_flats, tuple(jnp.zeros_like(x) for x in floats))
+        init = _shard.varying(init, g, *flats)
+        return jax.lax.fori_loop(0, chunks, step, init)
 
     def bwd(res, g):
-        flats, wy, wx, (batch, level, iy, ix), (want_maps, want_weights) = res
+        flats, wy, wx, (batch, key, iy, ix), floats, grid_ints, wanted = res
+        want_maps, want_weights, want_grids = wanted
+        d_floats: Any = tuple(None for _ in floats)
+        level = jnp.minimum(key // n_cls if n_cls > 1 else key, n_levels - 1)
         d_flats: Any = (None,) * n_levels
         d_wy = d_wx = None
         k = batch.shape[0]
@@ -866,8 +1110,32 @@ def _levels_op(
             if want_weights:
                 flat, offset, row_length = concat_levels(flats, widths, layout, level)
                 ints = (batch, offset, row_length, iy, ix)
-                d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
-        return (d_flats, d_wy, d_wx, None, None, None, None)
+                if n_cls == 1:
+                    d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
+                else:  # each box through its own class's window, level aside
+                    ph, pw = wy.shape[1], wx.shape[1]
+                    row_bytes = ph * pw * g.shape[-1] * np.dtype(dtype).itemsize
+                    chunk = _levels_chunk(k, row_bytes)
+                    # Dense boxes (keys past the windowed ones) are not visited.
+                    windowed = jnp.where(key < n_levels * n_cls, key % n_cls, n_cls)
+                    first_chunk, _, at = sorted_chunks(windowed, n_cls + 1, chunk)
+                    plan = (chunk, first_chunk[n_cls], at)
+                    d_wy, d_wx = weights_grads_by_class(
+                        layout, dtype, flat, wy, wx, ints, g, plan, ladder
+                    )
+            if dense is not None and (want_maps or want_grids):
+                d_maps = tuple(
+                    jnp.zeros(s, dtype) if d is None else d
+                    for s, d in zip(shapes, d_flats, strict=True)
+                )
+                args = (flats, floats, grid_ints, batch, key, g, d_maps, want_maps, want_grids)
+                d_maps, d_fl = dense_grads(*args)
+                if want_maps:
+                    d_flats = d_maps
+                if want_grids:
+                    d_floats = d_fl
+        ints_none = tuple(None for _ in grid_ints)
+        return (d_flats, d_wy, d_wx, None, None, None, None, d_floats, ints_none)
 
     op.defvjp(fwd, bwd, symbolic_zeros=True)
     return op

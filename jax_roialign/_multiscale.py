@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _contract, _dispatch, _sampling
+from . import _classes, _contract, _dispatch, _sampling
 from ._dispatch import Implementation
 from ._separable import window_read
 from ._tuning import TUNING
@@ -91,9 +91,11 @@ def multiscale_roi_align(
     Each box is read from its own level only (on CPU the boxes are sorted by level
     and read in chunks, with no copy of the pyramid), so the cost is about that
     of one RoI Align over all the boxes, not one per level. Shapes
-    are static; under adaptive sampling a fast windowed read serves boxes up to
-    about 56 cells a side on their level, and a batch holding a larger box (e.g.
-    a huge box clamped to the coarsest level) takes the exact dense path.
+    are static; under adaptive sampling each box is read through the smallest of a
+    few windows that its bins fit (up to about 56 cells a side on its level), and a
+    box needing more (a long thin box, a huge box clamped to the coarsest level)
+    with dense weights over its level: a call costs what its boxes cost. (With
+    ``implementation="scatter"`` a call holding such a box reads every box densely.)
 
     For example, with an 800 x 1344 image and the maps P2-P5 (strides 4 to 32),
     ``spatial_scales=(1/4, 1/8, 1/16, 1/32)``; the box ``(100, 40, 212, 96)``
@@ -366,8 +368,10 @@ def _pool(
     """``[K, PH, PW, C]`` for boxes already assigned to levels.
 
     ``path``: ``"fast"`` (windowed taps only; exact for boxes that fit),
-    ``"exact"`` (dense per-level weights), ``"auto"`` (the first when every box
-    fits, else the second), ``"window"`` (box-local windows of each box's level)
+    ``"exact"`` (dense per-level weights), ``"auto"`` (with ``row_vjp`` and
+    adaptive sampling each box through its own window class, the boxes past the
+    last densely; otherwise the first when every box fits, else the second),
+    ``"window"`` (box-local windows of each box's level)
     or ``"pallas"`` (those windows read by the Pallas kernels). ``row_vjp``: the
     taps' feature gradient by :func:`_contract.contract_rows` rather than
     autodiff's scatter-add.
@@ -408,13 +412,41 @@ def _pool(
     ty = TUNING.level_window(gy.length, pooled[0])
     tx = TUNING.level_window(gx.length, pooled[1])
     widths = [int(w) for w in ws]
+    adaptive = gy.static_count is None or gx.static_count is None
 
     def fast(m, b, gy, gx, ok, lv):
         (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
         flats = [_contract.flat_view(x, layout)[0] for x in m]
         if row_vjp:  # each box read from its own level: no concatenation
+            classes = None
+            if adaptive:  # each box through the smallest window it fits
+                ladder = TUNING.level_classes(gy.length, gx.length, pooled)
+                live = ok[:, :, 0] > 0
+                cls = jnp.maximum(
+                    _sampling.window_class(gy, ladder[0], live),
+                    _sampling.window_class(gx, ladder[1], live),
+                )
+                n_cls = len(ladder[0])
+                classes = (jnp.minimum(cls, n_cls - 1), ladder)
+                if path == "auto":  # past the last window: dense weights, box by box
+                    dense = cls >= n_cls
+                    wy = wy * (~dense).astype(dtype)[:, None, None]
+                    return _contract.contract_levels(
+                        flats,
+                        widths,
+                        layout,
+                        b,
+                        lv,
+                        iy,
+                        wy * ok,
+                        ix,
+                        wx,
+                        dtype,
+                        classes=classes,
+                        dense=(dense, (gy, gx, ok), _classes.dense_weights),
+                    )
             return _contract.contract_levels(
-                flats, widths, layout, b, lv, iy, wy * ok, ix, wx, dtype
+                flats, widths, layout, b, lv, iy, wy * ok, ix, wx, dtype, classes=classes
             )
         flat, off, row_len = _contract.concat_levels(flats, widths, layout, lv)
         return _contract.contract_rows(
@@ -471,8 +503,8 @@ def _pool(
     if path == "exact":
         return run(exact)
 
-    if all(g.static_count is not None or t >= g.length for g, t in ((gy, ty), (gx, tx))):
-        return run_fast()
+    if row_vjp or all(g.static_count is not None or t >= g.length for g, t in ((gy, ty), (gx, tx))):
+        return run_fast()  # adaptive: boxes past the windows read densely in it
     live = ok[:, None]
     index = jnp.maximum(
         _sampling.window_choice(gy, (ty,), live), _sampling.window_choice(gx, (tx,), live)

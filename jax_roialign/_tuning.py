@@ -20,6 +20,8 @@ class Tuning:
       unroll_limit: tap pairs summed in one fused loop; wider windows loop over rows.
       row_chunk: widest run of columns one step of the row-window transpose adds.
       row_unroll: rows of a box one step of that transpose unrolls.
+      tap_block: where a step adds one bin's taps and they are more than this,
+        it adds them this many at a time, each box only the blocks its bins use.
       out_slice: output columns one segment of that transpose contracts.
       weights_grad_bytes: bytes of reads one step of the weights' gradient holds.
       level_chunk_bytes: bytes of output one step of the level-sorted read
@@ -58,6 +60,7 @@ class Tuning:
     unroll_limit: int = 36
     row_chunk: int = 32
     row_unroll: int = 32
+    tap_block: int = 4
     out_slice: int = 32
     weights_grad_bytes: int = 4 << 20
     level_chunk_bytes: int = 2 << 20
@@ -131,6 +134,19 @@ class Tuning:
         """Rows per bin of the multi-level read's fast adaptive window (a side of
         ``fpn_span`` cells)."""
         return min(length, math.ceil(self.fpn_span / pooled) + 3)
+
+    def level_classes(
+        self, length_y: int, length_x: int, pooled: tuple[int, int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(rows, cols)``: the windows the multi-level read sorts its boxes into
+        (each box through the smallest it fits): squares of 2 rows up to the fast
+        window (:meth:`level_window` of both axes), then that window; a tier kept
+        only where it reads under ``window_saving`` of the next kept tier's tap
+        pairs."""
+        ty = self.level_window(length_y, pooled[0])
+        tx = self.level_window(length_x, pooled[1])
+        squares = [(t, t) for t in range(2, min(ty, tx))]
+        return self._kept(squares + [(ty, tx)])
 
 
 #: The constants in use.

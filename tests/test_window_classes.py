@@ -20,6 +20,7 @@ from ort_reference import ort_roi_align
 
 import jax_roialign as jr
 from jax_roialign import _sampling
+from jax_roialign._multiscale import fpn_levels
 from jax_roialign._tuning import TUNING
 
 # (H, W, output): one map with two window tiers, one with three.
@@ -180,3 +181,109 @@ def test_vmap_of_a_mixed_call_is_each_call():
     got = jax.jit(jax.vmap(fn, in_axes=(0, None)))(xs, rois)
     for j in range(2):  # the dense boxes' contraction may be blocked otherwise
         np.testing.assert_allclose(got[j], jax.jit(fn)(xs[j], rois), rtol=1e-13, atol=1e-13)
+
+
+# multiscale_roi_align: each box through the smallest window of its level's
+# ladder that it fits (TUNING.level_classes), the boxes sorted by level and class.
+LEVELS = [(64, 96), (32, 48), (16, 24), (8, 12)]
+STRIDES = (4, 8, 16, 32)
+
+
+@functools.cache
+def _multiscale_case(p):
+    """Two images' pyramid and boxes of every level and window class (aspect
+    ratios 1:8 to 8:1, sides of 2 to 1200 pixels on a 256 x 384 image), float64."""
+    rng = np.random.default_rng(7)
+    maps = [rng.standard_normal((2, h, w, 3)) for h, w in LEVELS]
+    k = 96
+    side = np.exp(rng.uniform(np.log(2.0), np.log(1200.0), k))
+    ratio = np.exp(rng.uniform(np.log(1 / 8), np.log(8.0), k))
+    bw, bh = side / np.sqrt(ratio), side * np.sqrt(ratio)
+    x1, y1 = rng.uniform(0, 384, k) - bw / 2, rng.uniform(0, 256, k) - bh / 2  # centres inside
+    boxes = np.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    # Long thin boxes whose bins span more rows than the ladder's last window
+    # on P2 and P4 (dense), and the whole image.
+    extra = [[-100, 50, 500, 62], [10, -300, 22, 700], [-200, 100, 1400, 140], [0, 0, 384, 256]]
+    boxes = np.concatenate([boxes, np.array(extra, float)])
+    k = len(boxes)
+    # Each box's level (torchvision's mapper) and window class on it (the last
+    # class, past the ladder, read with dense weights).
+    level, _ = fpn_levels(jnp.asarray(boxes), k_min=2, k_max=5)
+    level = np.asarray(level)
+    cls = np.zeros(k, int)
+    for lv, (h, w) in enumerate(LEVELS):
+        on = level == lv
+        gy, gx = _sampling.box_grids(
+            jnp.asarray(boxes[on]),
+            jnp.ones((int(on.sum()),), bool),
+            (p, p),
+            (h, w),
+            spatial_scale=1 / STRIDES[lv],
+            sampling_ratio=0,
+            aligned=False,
+            dtype=jnp.float64,
+        )
+        rows, cols = TUNING.level_classes(LEVELS[0][0], LEVELS[0][1], (p, p))
+        live = jnp.ones((int(on.sum()), 1), bool)
+        cy = _sampling.window_class(gy, rows, live)
+        cls[on] = np.asarray(jnp.maximum(cy, _sampling.window_class(gx, cols, live)))
+    batch = rng.integers(0, 2, k)
+    return maps, boxes, batch, level, cls, len(rows)
+
+
+@pytest.mark.parametrize("p", [7, 14])
+def test_multiscale_every_level_and_class_gives_onnxruntimes_numbers(p):
+    maps, boxes, batch, level, cls, n_cls = _multiscale_case(p)
+    assert {(lv, c) for lv, c in zip(level, cls, strict=True)} >= {(0, c) for c in range(n_cls)}
+    assert set(level.tolist()) == {0, 1, 2, 3} and set(cls.tolist()) == set(range(n_cls + 1))
+    kw = dict(
+        output_size=p, spatial_scales=tuple(1 / s for s in STRIDES), sampling_ratio=0, aligned=False
+    )
+    got = jax.jit(functools.partial(jr.multiscale_roi_align, **kw))(maps, _rois(boxes, batch))
+    for lv, (m, stride) in enumerate(zip(maps, STRIDES, strict=True)):
+        on = level == lv
+        want = ort_roi_align(
+            m.transpose(0, 3, 1, 2), boxes[on], batch[on], p, p, 1 / stride, 0, False
+        ).transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(got[on], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_multiscale_gradients_equal_the_dense_implementations(per_image):
+    maps, boxes, batch, _, _, _ = _multiscale_case(7)
+    if per_image:  # an even split: the first half on image 0
+        boxes, batch = boxes[: len(boxes) // 2 * 2], np.repeat([0, 1], len(boxes) // 2)
+    kw = dict(output_size=7, spatial_scales=tuple(1 / s for s in STRIDES), sampling_ratio=0)
+    cot = np.cos(np.arange(len(boxes) * 49 * 3)).reshape(len(boxes), 7, 7, 3)
+
+    def grads(implementation):
+        def fn(f, b):
+            if per_image:
+                b = b.reshape(2, -1, 4)
+            else:
+                b = jnp.concatenate([jnp.asarray(batch, b.dtype)[:, None], b], 1)
+            out = jr.multiscale_roi_align(f, b, implementation=implementation, **kw)
+            return out.reshape(cot.shape)
+
+        out, vjp = jax.vjp(fn, maps, boxes)
+        return out, *vjp(cot)
+
+    got = jax.jit(functools.partial(grads, None))()
+    want = jax.jit(functools.partial(grads, "matmul"))()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_multiscale_a_boxs_output_does_not_depend_on_the_other_boxes():
+    """Bit for bit through a window; a dense box within a few ulps (XLA's
+    contraction may be blocked otherwise for other shapes)."""
+    maps, boxes, batch, _, cls, n_cls = _multiscale_case(7)
+    maps = [jnp.asarray(m, jnp.float32) for m in maps]
+    rois = jnp.asarray(_rois(boxes, batch), jnp.float32)
+    kw = dict(output_size=7, spatial_scales=tuple(1 / s for s in STRIDES), sampling_ratio=0)
+    fn = jax.jit(functools.partial(jr.multiscale_roi_align, **kw))
+    together = np.asarray(fn(maps, rois))
+    alone = np.stack([np.asarray(fn(maps, rois[i : i + 1])[0]) for i in range(len(rois))])
+    taps = cls < n_cls
+    np.testing.assert_array_equal(together[taps].view(np.uint32), alone[taps].view(np.uint32))
+    np.testing.assert_allclose(together[~taps], alone[~taps], rtol=1e-5, atol=1e-6)
