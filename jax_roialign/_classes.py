@@ -39,8 +39,10 @@ from ._contract import (
     contract_taps_with,
     dense_chunk,
     flat_view,
+    join_leaves,
     put_rows,
     sorted_chunks,
+    split_leaves,
     weights_grads_by_class,
 )
 from ._tuning import TUNING
@@ -72,10 +74,7 @@ def read(
     every one of them fits), the call-level read's, so it is its numbers; their
     tap weights' gradient through each box's own window."""
     (iy, wy), (ix, wx) = taps
-    leaves, treedef = jax.tree.flatten(grids)
-    inexact = tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in leaves)
-    floats = tuple(x for x, f in zip(leaves, inexact, strict=True) if f)
-    ints = tuple(x for x, f in zip(leaves, inexact, strict=True) if not f)
+    floats, ints, treedef, inexact = split_leaves(grids)
     op = _class_op(
         layout,
         np.dtype(dtype),
@@ -119,9 +118,7 @@ def _class_op(
     chunk_cols = min(TUNING.row_chunk, width)
 
     def grids_of(floats, ints):
-        it_f, it_i = iter(floats), iter(ints)
-        leaves = [next(it_f) if f else next(it_i) for f in inexact]
-        return jax.tree.unflatten(treedef, leaves)
+        return join_leaves(treedef, inexact, floats, ints)
 
     def class_chunks(cls, k, ph, pw):
         """``(chunk, *sorted_chunks(cls, ...))``: the boxes sorted by class in

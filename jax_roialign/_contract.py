@@ -700,7 +700,7 @@ def contract_levels(
     dense weights over their own level, ``weights(grids of a few boxes) -> (wy,
     wx)`` (``[c, PH, L]``, ``[c, PW, L]`` over the largest level; ``grids`` a
     pytree of ``[K, ...]`` arrays, differentiable in its float leaves), a few
-    boxes at a time: exact for any box. Their ``wy`` must be zero.
+    boxes at a time: exact for any box.
     """
     flats = tuple(flats)
     ladder: tuple[tuple[int, ...], tuple[int, ...]]
@@ -743,17 +743,33 @@ def contract_levels(
     if dense is not None:
         mask, grids, _ = dense
         key = jnp.where(mask, len(flats) * len(ladder[0]) + level, key)
-        leaves = jax.tree.leaves(grids)
-        floats = tuple(x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact))
-        ints = tuple(x for x in leaves if not jnp.issubdtype(x.dtype, jnp.inexact))
+        wy = jnp.where(mask[:, None, None], 0, wy)  # not read through a window
+        floats, ints, _, _ = split_leaves(grids)
     return op(flats, wy, wx, batch, key, iy, ix, floats, ints)
 
 
 def _dense_spec(dense: tuple[Array, Any, Any]) -> tuple[Any, Any, tuple[bool, ...]]:
     """``(weights, treedef, inexact)``: what rebuilds a dense read's grids."""
     _, grids, weights = dense
-    leaves, treedef = jax.tree.flatten(grids)
-    return weights, treedef, tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in leaves)
+    _, _, treedef, inexact = split_leaves(grids)
+    return weights, treedef, inexact
+
+
+def split_leaves(tree: Any) -> tuple[tuple, tuple, Any, tuple[bool, ...]]:
+    """``(floats, ints, treedef, inexact)``: ``tree``'s inexact leaves (what a
+    custom VJP differentiates), its other leaves, and what :func:`join_leaves`
+    needs to rebuild it."""
+    leaves, treedef = jax.tree.flatten(tree)
+    inexact = tuple(bool(jnp.issubdtype(x.dtype, jnp.inexact)) for x in leaves)
+    floats = tuple(x for x, f in zip(leaves, inexact, strict=True) if f)
+    ints = tuple(x for x, f in zip(leaves, inexact, strict=True) if not f)
+    return floats, ints, treedef, inexact
+
+
+def join_leaves(treedef: Any, inexact: tuple[bool, ...], floats: tuple, ints: tuple) -> Any:
+    """The tree :func:`split_leaves` took apart (``floats``, ``ints`` possibly new)."""
+    it_f, it_i = iter(floats), iter(ints)
+    return jax.tree.unflatten(treedef, [next(it_f) if f else next(it_i) for f in inexact])
 
 
 def _dense_plan(key: Array, n_levels: int, n_cls: int, chunk: int):
@@ -770,10 +786,7 @@ def _dense_level_read(layout, dtype, shape, width, spec, lv_flat, floats, ints, 
     images ``batch``; the first ``valid`` their own, the others weight 0) read
     with dense weights from one level's flat map."""
     weights, treedef, inexact = spec
-    it_f, it_i = iter(floats), iter(ints)
-    wy, wx = weights(
-        jax.tree.unflatten(treedef, [next(it_f) if f else next(it_i) for f in inexact])
-    )
+    wy, wx = weights(join_leaves(treedef, inexact, floats, ints))
     if layout is DataFormat.NHWC:
         n, hw, c = shape
         f = lv_flat.reshape(n, hw // width, width, c)
@@ -1048,8 +1061,9 @@ def _levels_op(
         return out, (flats, wy, wx, ints, floats, grid_ints, wanted)
 
     def dense_grads(flats, floats, grid_ints, batch, key, g, d_flats, want_maps, want_grids):
-        """The dense boxes' gradients added to ``d_flats`` (the maps') and to
-        zeros (their grids' float leaves): each chunk's VJP, in order."""
+        """The dense boxes' gradients added to ``d_flats`` (the maps', ``()`` when
+        not wanted) and to zeros (their grids' float leaves): each chunk's VJP, in
+        order."""
         chunks, at = _dense_plan(key, n_levels, n_cls, TUNING.dense_chunk)
 
         def branch(lv: int):
@@ -1124,10 +1138,7 @@ def _levels_op(
                         layout, dtype, flat, wy, wx, ints, g, plan, ladder
                     )
             if dense is not None and (want_maps or want_grids):
-                d_maps = tuple(
-                    jnp.zeros(s, dtype) if d is None else d
-                    for s, d in zip(shapes, d_flats, strict=True)
-                )
+                d_maps = d_flats if want_maps else ()
                 args = (flats, floats, grid_ints, batch, key, g, d_maps, want_maps, want_grids)
                 d_maps, d_fl = dense_grads(*args)
                 if want_maps:

@@ -418,7 +418,7 @@ def _pool(
         (iy, wy), (ix, wx) = _sampling.both_taps(gy, gx, (ty, tx))
         flats = [_contract.flat_view(x, layout)[0] for x in m]
         if row_vjp:  # each box read from its own level: no concatenation
-            classes = None
+            classes = dense = None
             if adaptive:  # each box through the smallest window it fits
                 ladder = TUNING.level_classes(gy.length, gx.length, pooled)
                 live = ok[:, :, 0] > 0
@@ -429,24 +429,20 @@ def _pool(
                 n_cls = len(ladder[0])
                 classes = (jnp.minimum(cls, n_cls - 1), ladder)
                 if path == "auto":  # past the last window: dense weights, box by box
-                    dense = cls >= n_cls
-                    wy = wy * (~dense).astype(dtype)[:, None, None]
-                    return _contract.contract_levels(
-                        flats,
-                        widths,
-                        layout,
-                        b,
-                        lv,
-                        iy,
-                        wy * ok,
-                        ix,
-                        wx,
-                        dtype,
-                        classes=classes,
-                        dense=(dense, (gy, gx, ok), _classes.dense_weights),
-                    )
+                    dense = (cls >= n_cls, (gy, gx, ok), _classes.dense_weights)
             return _contract.contract_levels(
-                flats, widths, layout, b, lv, iy, wy * ok, ix, wx, dtype, classes=classes
+                flats,
+                widths,
+                layout,
+                b,
+                lv,
+                iy,
+                wy * ok,
+                ix,
+                wx,
+                dtype,
+                classes=classes,
+                dense=dense,
             )
         flat, off, row_len = _contract.concat_levels(flats, widths, layout, lv)
         return _contract.contract_rows(
