@@ -252,7 +252,8 @@ def _class_op(
         ints = (batch, zero, zero + width, iy, ix)
         # The dense class sorts last: its chunks are not visited.
         plan = (chunk, first_chunk[n_taps], at)
-        return weights_grads_by_class(layout, dtype, flat, wy, wx, ints, g, plan, windows)
+        branches = [(0, ty, tx) for ty, tx in zip(*windows, strict=True)]
+        return weights_grads_by_class(layout, dtype, (flat,), wy, wx, ints, g, plan, branches)
 
     @jax.custom_batching.custom_vmap
     def batched_forward(features, wy, wx, floats, batch, cls, choice, iy, ix, ints):

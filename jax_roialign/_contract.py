@@ -682,7 +682,8 @@ def contract_levels(
     (``lax.switch``), and written back in place at their own rows. The feature
     gradient is :func:`rows_transpose` on each level, its boxes in order (the
     same adds as on the concatenation, so the same bits); the weights' gradient
-    reads the concatenation, built only when the boxes are differentiated.
+    is read level by level and class by class as the forward is
+    (:func:`weights_grads_by_class`), also without a concatenation.
     Under ``vmap`` the mapped axis is folded into the images (one loop, not one
     per mapped element). Differentiable in the maps and the weights (reverse
     mode).
@@ -839,43 +840,44 @@ def sorted_chunks(key: Array, count: int, chunk: int):
 def weights_grads_by_class(
     layout: DataFormat,
     dtype: Any,
-    flat: Array,
+    maps: Sequence[Array],
     wy: Array,
     wx: Array,
     ints: tuple[Array, ...],
     g: Array,
     plan: tuple[int, Any, Any],
-    windows: tuple[tuple[int, ...], tuple[int, ...]],
+    branches: Sequence[tuple[int, int, int]],
 ) -> tuple[Array, Array]:
-    """``(d_wy, d_wx)`` of :func:`weights_grad_rows` with box ``k`` read through
-    window ``windows[cls[k]]`` only: ``plan = (chunk, chunks, at)``, the first
-    ``chunks`` chunks of :func:`sorted_chunks` on the classes (a class past the
-    windows is not visited: its rows stay zero). ``ints = (batch, offset,
-    row_length, iy, ix)``. Past a box's window a tap has zero weight and, out of
-    every sample's reach, zero derivative: the same gradient, bit for bit."""
+    """``(d_wy, d_wx)`` of :func:`weights_grad_rows` with box ``k`` read from
+    ``maps[m]`` (flat views) through a window of ``ty x tx`` taps only, ``(m, ty,
+    tx) = branches[key[k]]``: ``plan = (chunk, chunks, at)``, the first ``chunks``
+    chunks of :func:`sorted_chunks` on the keys (keys past the branches are not
+    visited: their rows stay zero). ``ints = (batch, offset, row_length, iy,
+    ix)``. Past a box's window a tap has zero weight and, out of every sample's
+    reach, zero derivative: the same gradient, bit for bit."""
     chunk, chunks, at = plan
 
-    def branch(ty: int, tx: int):
+    def branch(m: int, ty: int, tx: int):
         def fn(box):
             b, offset, row_length, iy, ix = (x[box] for x in ints)
             cut = (b, offset, row_length, iy[..., :ty], ix[..., :tx])
             d_wy, d_wx = weights_grad_rows(
-                layout, dtype, flat, wy[box][..., :ty], wx[box][..., :tx], cut, g[box], True
+                layout, dtype, maps[m], wy[box][..., :ty], wx[box][..., :tx], cut, g[box], True
             )
             d_wy = jnp.pad(d_wy, [(0, 0), (0, 0), (0, wy.shape[-1] - ty)])
             return d_wy, jnp.pad(d_wx, [(0, 0), (0, 0), (0, wx.shape[-1] - tx)])
 
         return fn
 
-    branches = [branch(ty, tx) for ty, tx in zip(*windows, strict=True)]
+    fns = [branch(*spec) for spec in branches]
 
     def step(j, carry):
         c, box, _ = at(j)  # a repeated box's rows are written twice, the same
-        parts = jax.lax.switch(c, branches, box)
+        parts = jax.lax.switch(c, fns, box)
         return tuple(put_rows(acc, box, p) for acc, p in zip(carry, parts, strict=True))
 
     init = (jnp.zeros_like(wy), jnp.zeros_like(wx))
-    init = _shard.varying(init, flat, wy, wx, g)
+    init = _shard.varying(init, *maps, wy, wx, g)
     return jax.lax.fori_loop(0, chunks, step, init)
 
 
@@ -1005,7 +1007,6 @@ def _levels_op(
         )
         for lv in range(n_levels)
     ]
-    weights_grad = jax.jit(functools.partial(weights_grad_rows, layout, dtype))
 
     @jax.custom_batching.custom_vmap
     def forward(flats, wy, wx, batch, key, iy, ix, floats, ints):
@@ -1122,21 +1123,23 @@ def _levels_op(
                     for lv in range(n_levels)
                 )
             if want_weights:
-                flat, offset, row_length = concat_levels(flats, widths, layout, level)
-                ints = (batch, offset, row_length, iy, ix)
-                if n_cls == 1:
-                    d_wy, d_wx = weights_grad(flat, wy, wx, ints, g)
-                else:  # each box through its own class's window, level aside
-                    ph, pw = wy.shape[1], wx.shape[1]
-                    row_bytes = ph * pw * g.shape[-1] * np.dtype(dtype).itemsize
-                    chunk = _levels_chunk(k, row_bytes)
-                    # Dense boxes (keys past the windowed ones) are not visited.
-                    windowed = jnp.where(key < n_levels * n_cls, key % n_cls, n_cls)
-                    first_chunk, _, at = sorted_chunks(windowed, n_cls + 1, chunk)
-                    plan = (chunk, first_chunk[n_cls], at)
-                    d_wy, d_wx = weights_grads_by_class(
-                        layout, dtype, flat, wy, wx, ints, g, plan, ladder
-                    )
+                # Each box from its own level's map (no concatenation of the
+                # levels), through its own class's window.
+                ints = (
+                    batch,
+                    jnp.zeros((k,), jnp.int32),
+                    by_level(np.asarray(widths), level, jnp.int32),
+                )
+                ph, pw = wy.shape[1], wx.shape[1]
+                chunk = _levels_chunk(k, ph * pw * g.shape[-1] * np.dtype(dtype).itemsize)
+                # Dense boxes (keys past the windowed ones) are not visited.
+                first_chunk, _, at = sorted_chunks(key, n_levels * n_cls + 1, chunk)
+                plan = (chunk, first_chunk[n_levels * n_cls], at)
+                windows = list(zip(*ladder, strict=True))
+                branches = [(lv, ty, tx) for lv in range(n_levels) for ty, tx in windows]
+                d_wy, d_wx = weights_grads_by_class(
+                    layout, dtype, flats, wy, wx, (*ints, iy, ix), g, plan, branches
+                )
             if dense is not None and (want_maps or want_grids):
                 d_maps = d_flats if want_maps else ()
                 args = (flats, floats, grid_ints, batch, key, g, d_maps, want_maps, want_grids)
