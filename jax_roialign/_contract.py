@@ -911,6 +911,22 @@ def _levels_chunk(k: int, out_row_bytes: int) -> int:
     )
 
 
+def _key_level(key: Array, n_cls: int, n_levels: int) -> Array:
+    """Each box's level from its key (``level * n_cls + class``); a dense box's
+    key (``n_levels * n_cls + level``) gives the last level (its window weights
+    are zero, and the reads that use it skip it)."""
+    return jnp.minimum(key // n_cls if n_cls > 1 else key, n_levels - 1)
+
+
+def _windowed_plan(key: Array, n_windowed: int, out_row_bytes: int):
+    """``(chunk, chunks, at)``: the boxes whose key is below ``n_windowed``
+    sorted by key in chunks of :func:`_levels_chunk` boxes (:func:`sorted_chunks`;
+    the keys past them, the dense boxes, sort last and are not visited)."""
+    chunk = _levels_chunk(key.shape[0], out_row_bytes)
+    first_chunk, _, at = sorted_chunks(key, n_windowed + 1, chunk)
+    return chunk, first_chunk[n_windowed], at
+
+
 def _levels_forward(
     layout, dtype, widths, combine, ladder, dense, flats, wy, wx, batch, key, iy, ix, floats, ints
 ):
@@ -949,10 +965,9 @@ def _levels_windowed(layout, dtype, widths, combine, ladder, flats, wy, wx, batc
     pw = ix.shape[1]
     n_levels = len(flats)
     channels = flats[0].shape[-1 if layout is DataFormat.NHWC else 1]
-    chunk = _levels_chunk(k, ph * pw * channels * np.dtype(dtype).itemsize)
     narrow = flats[0].dtype == jnp.bfloat16 and np.dtype(dtype).itemsize >= 4
     n_cls = len(ladder[0])
-    level = jnp.minimum(key // n_cls if n_cls > 1 else key, n_levels - 1)
+    level = _key_level(key, n_cls, n_levels)
     if narrow and combine is contract_taps_with:
         # bfloat16 maps: the 16-bit words of all levels concatenated, one read of
         # every box, widened after the gather (as contract_rows). XLA:CPU makes
@@ -965,9 +980,9 @@ def _levels_windowed(layout, dtype, widths, combine, ladder, flats, wy, wx, batc
         # otherwise store every tap pair's term.
         return fence(combine(reader, iy, wy, ix, wx, dtype))
     # Each level's boxes, in order, class by class, in chunks; the chunks of all
-    # levels and classes one loop.
-    first_chunk, _, at = sorted_chunks(key, n_levels * n_cls + 1, chunk)
-    total = first_chunk[n_levels * n_cls]  # dense boxes (past) are not read here
+    # levels and classes one loop (dense boxes, past them, are not read here).
+    row_bytes = ph * pw * channels * np.dtype(dtype).itemsize
+    _, total, at = _windowed_plan(key, n_levels * n_cls, row_bytes)
 
     def branch(lv: int, ty: int, tx: int):
         def read(maps, wy_c, wx_c, b_c, iy_c, ix_c):
@@ -1110,9 +1125,11 @@ def _levels_op(
 
             return fn
 
+        branches = [branch(lv) for lv in range(n_levels)]
+
         def step(j, carry):
             lv, box, valid = at(j)
-            return jax.lax.switch(lv, [branch(i) for i in range(n_levels)], box, valid, *carry)
+            return jax.lax.switch(lv, branches, box, valid, *carry)
 
         init = (d_flats, tuple(jnp.zeros_like(x) for x in floats))
         init = _shard.varying(init, g, *flats)
@@ -1122,7 +1139,7 @@ def _levels_op(
         flats, wy, wx, (batch, key, iy, ix), floats, grid_ints, wanted = res
         want_maps, want_weights, want_grids = wanted
         d_floats: Any = tuple(None for _ in floats)
-        level = jnp.minimum(key // n_cls if n_cls > 1 else key, n_levels - 1)
+        level = _key_level(key, n_cls, n_levels)
         d_flats: Any = (None,) * n_levels
         d_wy = d_wx = None
         k = batch.shape[0]
@@ -1150,11 +1167,8 @@ def _levels_op(
                     jnp.zeros((k,), jnp.int32),
                     by_level(np.asarray(widths), level, jnp.int32),
                 )
-                ph, pw = wy.shape[1], wx.shape[1]
-                chunk = _levels_chunk(k, ph * pw * g.shape[-1] * np.dtype(dtype).itemsize)
-                # Dense boxes (keys past the windowed ones) are not visited.
-                first_chunk, _, at = sorted_chunks(key, n_levels * n_cls + 1, chunk)
-                plan = (chunk, first_chunk[n_levels * n_cls], at)
+                row_bytes = wy.shape[1] * wx.shape[1] * g.shape[-1] * np.dtype(dtype).itemsize
+                plan = _windowed_plan(key, n_levels * n_cls, row_bytes)  # as the forward's
                 windows = list(zip(*ladder, strict=True))
                 branches = [(lv, ty, tx) for lv in range(n_levels) for ty, tx in windows]
                 d_wy, d_wx = weights_grads_by_class(
