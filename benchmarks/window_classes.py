@@ -10,7 +10,8 @@ square root of area, aspect 0.5-2, 14 x 14, ``sampling_ratio=0``,
 * ``one huge``: the clipped boxes with one box twice the map's size among them.
 
 For each, the forward and forward+backward (the features' gradient; with
-``--boxes`` also the boxes') of the default implementation, jitted: the minimum
+``--box-gradient`` also the boxes') of the default implementation, jitted
+(``--op``: average, max mode, or rotated boxes of the same sizes): the minimum
 of ``--repeats`` runs, and the first compile. Only the public API is used, so
 ``PYTHONPATH=/path/to/old/checkout python -m benchmarks.window_classes`` measures
 an older checkout for a before/after table.
@@ -42,13 +43,18 @@ def box_sets(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.reshape(2, count // 2, 4) for k, v in sets.items()}
 
 
-def programs(with_boxes: bool) -> dict[str, Any]:
+def programs(with_boxes: bool, op: str = "avg", output_size: int = 14) -> dict[str, Any]:
+    """The op (``avg``: ``roi_align``; ``max``: ``roi_align(mode="max")``;
+    ``rotated``: ``roi_align_rotated`` of the boxes turned by an angle drawn per
+    box) alone and forward+backward."""
     import jax_roialign as jr
 
+    kw = dict(output_size=output_size, spatial_scale=1 / 16, sampling_ratio=0, aligned=True)
+
     def fwd(feats, boxes):
-        return jr.roi_align(
-            feats, boxes, output_size=14, spatial_scale=1 / 16, sampling_ratio=0, aligned=True
-        )
+        if op == "rotated":
+            return jr.roi_align_rotated(feats, _rotated(boxes), **kw)
+        return jr.roi_align(feats, boxes, mode=op, **kw)
 
     def fb(feats, boxes, cot):
         if with_boxes:
@@ -58,6 +64,14 @@ def programs(with_boxes: bool) -> dict[str, Any]:
         return out, vjp(cot.reshape(out.shape))
 
     return {"fwd": lambda f, b, c: fwd(f, b), "f+b": fb}
+
+
+def _rotated(boxes):
+    """``[N, R, 4]`` corner boxes -> ``[N, R, 5]`` (centre, size, an angle in
+    [-90, 90) degrees fixed per box)."""
+    angle = jnp.asarray(np.random.default_rng(3).uniform(-90, 90, boxes.shape[:-1]), boxes.dtype)
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    return jnp.concatenate([centre, boxes[..., 2:] - boxes[..., :2], angle[..., None]], -1)
 
 
 def compile_program(fn, args) -> tuple[Any, float]:
@@ -120,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sets", default="clipped,unclipped,one huge")
     parser.add_argument("--box-gradient", action="store_true", help="f+b also w.r.t. boxes")
     parser.add_argument("--torchvision", action="store_true", help="time torchvision too")
+    parser.add_argument("--op", default="avg", choices=["avg", "max", "rotated"])
+    parser.add_argument("--output-size", type=int, default=14)
     args = parser.parse_args(argv)
     info = machine_info()
     print(f"# {info.get('cpu', '')} {info.get('date', '')} jax {jax.__version__}")
@@ -131,18 +147,19 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for dtype in args.dtypes.split(","):
         feats = jnp.asarray(rng.standard_normal((2, 50, 84, args.channels)), dtype)
-        cot = jnp.asarray(rng.standard_normal((args.boxes, 14, 14, args.channels)), dtype)
+        p = args.output_size
+        cot = jnp.asarray(rng.standard_normal((args.boxes, p, p, args.channels)), dtype)
         names = args.sets.split(",")
         calls, first = {}, {}
         for name in names:
             boxes = jnp.asarray(sets[name])
-            for prog, fn in programs(args.box_gradient).items():
+            for prog, fn in programs(args.box_gradient, args.op, p).items():
                 compiled, first[name, prog] = compile_program(fn, (feats, boxes, cot))
                 calls[name, prog] = functools.partial(compiled, feats, boxes, cot)
         best = interleaved(calls, args.repeats)
         for name in names:
             tv = None
-            if args.torchvision and dtype == "float32":
+            if args.torchvision and dtype == "float32" and args.op == "avg" and p == 14:
                 tv = torchvision_times(feats, sets[name], args.repeats)
             tv_text = "" if tv is None else f"{tv[0]:.0f} / {tv[1]:.0f}"
             print(

@@ -10,10 +10,12 @@ computed in two steps:
    form an index range per bin (:func:`_sampling.valid_range`, widened by one
    sample at each end and tested sample by sample), at most
    about ``2 L + 3`` long because adaptive samples are more than half a cell
-   apart. That range is scanned in tiles of ``TILE x TUNING.max_tile`` samples by a
-   ``while_loop`` whose trip count is what the largest bin needs (one tile for
-   ordinary boxes). The samples outside the range read 0; when a bin has any,
-   a 0 takes part in the max (as do invalid samples inside the range).
+   apart. That range is scanned in tiles of ``TUNING.max_tile`` samples per
+   axis, each box as many tiles as its own largest bin needs: the boxes sorted
+   by that count and scanned in chunks, each by a ``while_loop`` (one tile for
+   small boxes; a large box costs its own chunk, not every box). The samples
+   outside the range read 0; when a bin has any, a 0 takes part in the max (as
+   do invalid samples inside the range).
 2. *Read*: the winning sample is read again, differentiably, from the features
    and the box geometry. The forward value is the same number; the gradient
    goes to the four neighbours of the arg-max sample (as mmcv's backward) and,
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _sampling, _shard
+from ._contract import put_rows
 from ._tuning import TUNING
 from ._validation import DataFormat
 from ._window import _row, _set_row
@@ -178,20 +181,22 @@ def aggregate_max(
     ty = gy.static_count if gy.static_count is not None else TUNING.max_tile
     tx = gx.static_count if gx.static_count is not None else TUNING.max_tile
 
-    def scan_tile(carry, oy, ox):
-        """Folds the samples ``start + o + [0, t)`` of both axes into the running max."""
+    def scan_tile(carry, oy, ox, box):
+        """Folds the samples ``start + o + [0, t)`` of both axes of boxes ``box``
+        (an index array, or every box) into their running max ``carry``."""
         best, bi, bj = carry
+        sy, sx = (jax.tree.map(lambda a: a[box], g) for g in (sgy, sgx))
         for a in range(ty):
             iy = oy + a
-            y_taps = _tile_taps(sgy, start_y + iy)
+            y_taps = _tile_taps(sy, start_y[box] + iy)
             y_taps = tuple(t[:, :, None] for t in y_taps)
-            in_y = (iy < n_y)[:, :, None]
+            in_y = (iy < n_y[box])[:, :, None]
             for t in range(tx):
                 jx = ox + t
-                x_taps = _tile_taps(sgx, start_x + jx)
+                x_taps = _tile_taps(sx, start_x[box] + jx)
                 x_taps = tuple(v[:, None, :] for v in x_taps)
-                inside = (in_y & (jx < n_x)[:, None, :])[..., None]
-                val = bilinear_2d(sfeat, layout, b, y_taps, x_taps, dtype)
+                inside = (in_y & (jx < n_x[box])[:, None, :])[..., None]
+                val = bilinear_2d(sfeat, layout, b[box], y_taps, x_taps, dtype)
                 better = inside & (val > best)
                 best = jnp.where(better, val, best)
                 bi = jnp.where(better, iy, bi)
@@ -207,22 +212,9 @@ def aggregate_max(
     init = _shard.varying(init, features, batch, ok, gy, gx)
     zero = jnp.zeros((), dtype)
     if static:
-        best, bi, bj = scan_tile(init, zero, zero)
+        best, bi, bj = scan_tile(init, zero, zero, slice(None))
     else:
-        live = ok[:, :, 0] > 0
-        m_y = jnp.ceil(jnp.max(jnp.where(live, n_y, 0.0), initial=0.0) / ty)
-        m_x = jnp.maximum(jnp.ceil(jnp.max(jnp.where(live, n_x, 0.0), initial=0.0) / tx), 1.0)
-
-        def cond(state):
-            return state[0] < m_y * m_x
-
-        def body(state):
-            t, carry = state
-            a = jnp.floor(t / m_x)
-            bb = t - a * m_x
-            return t + 1.0, scan_tile(carry, a * ty, bb * tx)
-
-        _, (best, bi, bj) = jax.lax.while_loop(cond, body, (zero, init))
+        best, bi, bj = _search_by_cost(scan_tile, init, n_y, n_x, ty, tx, dtype)
 
     # -- 2. read the winner again, differentiably ----------------------------
     def positions(grid, start, idx, axis):
@@ -255,6 +247,45 @@ def aggregate_max(
     value = best + (value - jax.lax.stop_gradient(value))
     out = jnp.where((total > 0) & ~zero_wins, value, 0.0)
     return out * ok[..., None]
+
+
+def _search_by_cost(scan_tile, init, n_y, n_x, ty: int, tx: int, dtype):
+    """The adaptive search, each box scanning as many tiles as its own bins need.
+
+    The boxes are sorted by their tile count and scanned in chunks, each chunk
+    by a ``while_loop`` of its largest box's count (one box larger than the map
+    no longer makes every box scan its range). A box's tiles are visited in the
+    same order whatever the loop's count (row by row, left to right: tile
+    ``(a, b)`` before ``(a', b')`` iff ``(a, b) < (a', b')``), so each box finds
+    the same winner."""
+    k = n_y.shape[0]
+    if k == 0:
+        return init
+    # Boxes not ``ok`` have all-zero coordinates (a count of 1 at most).
+    m_y = jnp.ceil(jnp.max(n_y, axis=1) / ty)  # [K]
+    m_x = jnp.maximum(jnp.ceil(jnp.max(n_x, axis=1) / tx), 1.0)
+    order = jnp.argsort(m_y * m_x, stable=True)
+    row_bytes = 3 * init[0][0].size * init[0].dtype.itemsize
+    by_bytes = TUNING.level_chunk_bytes // max(row_bytes, 1)
+    chunk = min(k, TUNING.max_chunk, max(TUNING.level_min_boxes, by_bytes))
+    zero = jnp.zeros((), dtype)
+
+    def step(j, carry):
+        # The last chunk ends at box K (overlapping the one before: the same
+        # boxes give the same values), so nothing is padded.
+        box = jax.lax.dynamic_slice_in_dim(order, jnp.minimum(j * chunk, k - chunk), chunk)
+        rows_y, rows_x = jnp.max(m_y[box]).astype(dtype), jnp.max(m_x[box]).astype(dtype)
+
+        def body(state):
+            t, part = state
+            a = jnp.floor(t / rows_x)
+            return t + 1.0, scan_tile(part, a * ty, (t - a * rows_x) * tx, box)
+
+        part = tuple(x[box] for x in init)
+        _, part = jax.lax.while_loop(lambda s: s[0] < rows_y * rows_x, body, (zero, part))
+        return tuple(put_rows(x, box, p) for x, p in zip(carry, part, strict=True))
+
+    return jax.lax.fori_loop(0, -(-k // chunk), step, init)
 
 
 def window_max(

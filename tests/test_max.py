@@ -117,6 +117,36 @@ def _argmax_gradient(x, boxes, batch, pooled, sampling_ratio):
     return grad
 
 
+def test_a_boxs_numbers_do_not_depend_on_the_other_boxes():
+    """The adaptive search scans each box's own tiles (the boxes sorted by how
+    many they need, in chunks): a box among boxes of every size, huge and far
+    outside the map among them, has the output it has alone, bit for bit, and
+    its box gradient (summed over the bins as XLA blocks a call of that many
+    boxes: within a few ulps)."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((N, H, W, C)), jnp.float32)
+    boxes = random_boxes(rng, 40)
+    boxes[7] = [-3 * W, -2 * H, 4 * W, 3 * H]
+    rows = jnp.asarray(np.concatenate([rng.integers(0, N, (40, 1)), boxes], axis=1), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((40, 3, 4, C)), jnp.float32)
+
+    @jax.jit
+    def out_and_box_grad(rows, cot):
+        def loss(r):
+            out = jr.roi_align(x, r, output_size=(3, 4), sampling_ratio=0, mode="max")
+            return jnp.sum(out * cot), out
+
+        return jax.grad(loss, has_aux=True)(rows)[::-1]
+
+    out, grad = out_and_box_grad(rows, cot)
+    out_1, grad_1 = map(
+        np.concatenate,
+        zip(*(out_and_box_grad(rows[i : i + 1], cot[i : i + 1]) for i in range(40)), strict=True),
+    )
+    np.testing.assert_array_equal(np.asarray(out), out_1)
+    np.testing.assert_allclose(np.asarray(grad), grad_1, rtol=1e-5, atol=1e-5)
+
+
 def test_feature_gradient_goes_to_the_argmax_neighbours():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((N, H, W, 2))
