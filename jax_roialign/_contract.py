@@ -835,6 +835,30 @@ def put_rows(out: Array, rows: Array, part: Array, *, add: bool = False) -> Arra
     return jax.lax.fori_loop(0, rows.shape[0], one, out)
 
 
+def rows_by_cost(cost: Array, row_bytes: int, read: Any, out: Any) -> Any:
+    """``out`` (a pytree of ``[K, ...]`` arrays) with every box's rows replaced
+    by ``read(box)`` (``box``: ``[chunk]`` box indices; the same pytree of
+    ``[chunk, ...]`` rows). The boxes are taken in the order of ``cost [K]`` (a
+    stable sort), ``chunk`` at a time, so that the loops of ``read`` may run as
+    long as the chunk's own costliest box needs, not the call's; ``chunk`` is
+    ``TUNING.cost_chunk`` boxes at most, fewer where their rows (``row_bytes``
+    each) pass ``TUNING.level_chunk_bytes``."""
+    k = cost.shape[0]
+    if k == 0:
+        return out
+    by_bytes = TUNING.level_chunk_bytes // max(row_bytes, 1)
+    chunk = min(k, TUNING.cost_chunk, max(TUNING.level_min_boxes, by_bytes))
+    order = jnp.argsort(cost, stable=True)
+
+    def step(j, out):
+        # The last chunk ends at box K (overlapping the one before it: the same
+        # boxes give the same rows), so nothing is padded.
+        box = jax.lax.dynamic_slice_in_dim(order, jnp.minimum(j * chunk, k - chunk), chunk)
+        return jax.tree.map(lambda x, p: put_rows(x, box, p), out, read(box))
+
+    return jax.lax.fori_loop(0, -(-k // chunk), step, out)
+
+
 def sorted_chunks(key: Array, count: int, chunk: int):
     """Boxes grouped by ``key [K]`` (values ``0 .. count - 1``, a stable sort:
     :func:`jax_roialign._sampling.groups`), each group in chunks of ``chunk``,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _sampling, _shard
-from ._contract import put_rows
+from ._contract import rows_by_cost
 from ._tuning import TUNING
 from ._validation import DataFormat
 from ._window import _row, _set_row
@@ -252,28 +252,18 @@ def aggregate_max(
 def _search_by_cost(scan_tile, init, n_y, n_x, ty: int, tx: int, dtype):
     """The adaptive search, each box scanning as many tiles as its own bins need.
 
-    The boxes are sorted by their tile count and scanned in chunks, each chunk
-    by a ``while_loop`` of its largest box's count (one box larger than the map
-    no longer makes every box scan its range). A box's tiles are visited in the
-    same order whatever the loop's count (row by row, left to right: tile
-    ``(a, b)`` before ``(a', b')`` iff ``(a, b) < (a', b')``), so each box finds
-    the same winner."""
-    k = n_y.shape[0]
-    if k == 0:
-        return init
+    The boxes are sorted by their tile count and scanned in chunks
+    (:func:`._contract.rows_by_cost`), each chunk by a ``while_loop`` of its
+    costliest box's count (one box larger than the map no longer makes every
+    box scan its range). A box's tiles are visited in the same order whatever
+    the loop's count (row by row, left to right: tile ``(a, b)`` before ``(a',
+    b')`` iff ``(a, b) < (a', b')``), so each box finds the same winner."""
     # Boxes not ``ok`` have all-zero coordinates (a count of 1 at most).
     m_y = jnp.ceil(jnp.max(n_y, axis=1) / ty)  # [K]
     m_x = jnp.maximum(jnp.ceil(jnp.max(n_x, axis=1) / tx), 1.0)
-    order = jnp.argsort(m_y * m_x, stable=True)
-    row_bytes = 3 * init[0][0].size * init[0].dtype.itemsize
-    by_bytes = TUNING.level_chunk_bytes // max(row_bytes, 1)
-    chunk = min(k, TUNING.max_chunk, max(TUNING.level_min_boxes, by_bytes))
     zero = jnp.zeros((), dtype)
 
-    def step(j, carry):
-        # The last chunk ends at box K (overlapping the one before: the same
-        # boxes give the same values), so nothing is padded.
-        box = jax.lax.dynamic_slice_in_dim(order, jnp.minimum(j * chunk, k - chunk), chunk)
+    def read(box):
         rows_y, rows_x = jnp.max(m_y[box]).astype(dtype), jnp.max(m_x[box]).astype(dtype)
 
         def body(state):
@@ -282,10 +272,10 @@ def _search_by_cost(scan_tile, init, n_y, n_x, ty: int, tx: int, dtype):
             return t + 1.0, scan_tile(part, a * ty, (t - a * rows_x) * tx, box)
 
         part = tuple(x[box] for x in init)
-        _, part = jax.lax.while_loop(lambda s: s[0] < rows_y * rows_x, body, (zero, part))
-        return tuple(put_rows(x, box, p) for x, p in zip(carry, part, strict=True))
+        return jax.lax.while_loop(lambda s: s[0] < rows_y * rows_x, body, (zero, part))[1]
 
-    return jax.lax.fori_loop(0, -(-k // chunk), step, init)
+    row_bytes = 3 * init[0][0].size * init[0].dtype.itemsize
+    return rows_by_cost(m_y * m_x, row_bytes, read, init)
 
 
 def window_max(

@@ -13,11 +13,12 @@ fall outside ``[-1, H] x [-1, W]`` read 0, so only those whose box coordinate
 lies within the projection of that rectangle onto the box axis can contribute;
 per bin and axis they form an index range (found with half a sample of slack and
 then tested exactly). Adaptive samples are more than half a cell apart, so the
-range is at most about twice the map's diagonal long. Bins whose ranges fit a
-small window (ordinary boxes) take one unrolled pass; otherwise a ``lax.switch``
-picks a ``lax.scan`` over the needed samples with the smallest of a few
-geometrically growing static lengths, so the cost follows the largest box
-instead of the worst case, and every box is exact. On TPU a fixed grid takes
+range is at most about twice the map's diagonal long. The boxes are sorted by
+how many samples their bins need and read in chunks
+(:func:`._contract.rows_by_cost`); for each chunk a ``lax.switch`` picks a
+``lax.scan`` over the needed samples with the smallest of a few geometrically
+growing static lengths, so a box's cost follows its own size (not the call's
+largest box, nor the worst case), and every box is exact. On TPU a fixed grid takes
 :func:`window_rotated` (each sample a point of the box-local window reader), an
 adaptive one :func:`window_rotated_adaptive` (the same ranges read in blocks).
 """
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _dispatch, _sampling, _shard
+from ._contract import rows_by_cost
 from ._dispatch import Implementation
 from ._max import bilinear_2d, block_counts, inside, point_tap_table, point_taps
 from ._recipe import BoxRecipe
@@ -298,22 +300,26 @@ def aggregate_rotated(
     zeros = jnp.zeros((k, ph, pw, c), dtype)
     zeros = _shard.varying(zeros, features, batch, ok, gy, gx, geo.cy, geo.cx, geo.cos, geo.sin)
 
-    def sample(yy: Array, xx: Array, weight: Array | None) -> Array:
-        """The bilinear value at box coordinates ``yy [K,PH,1]``, ``xx [K,1,PW]``."""
-        y = yy * cos - xx * sin + cy
-        x = yy * sin + xx * cos + cx
+    every = (b, cos, sin, cy, cx)
+
+    def sample(at, yy: Array, xx: Array, weight: Array | None) -> Array:
+        """The bilinear value at box coordinates ``yy [K,PH,1]``, ``xx [K,1,PW]``
+        of boxes whose batch index, rotation and centre are ``at``."""
+        b_, cos_, sin_, cy_, cx_ = at
+        y = yy * cos_ - xx * sin_ + cy_
+        x = yy * sin_ + xx * cos_ + cx_
         ty = point_taps(y, h)
         tx = point_taps(x, w)
         if weight is not None:
             ty = ty[:2] + (ty[2] * weight, ty[3] * weight)
-        return bilinear_2d(features, layout, b, ty, tx, dtype)
+        return bilinear_2d(features, layout, b_, ty, tx, dtype)
 
     def positions(grid: _sampling.AxisGrid, idx: Array) -> Array:
         return _sampling.sample_positions(grid, idx[..., None])[..., 0]
 
-    def positions_at(a: Array, bb: Array, lo_y, lo_x):
-        yy = positions(gy, lo_y + a)[:, :, None]
-        xx = positions(gx, lo_x + bb)[:, None, :]
+    def positions_at(grids, a: Array, bb: Array, lo_y, lo_x):
+        yy = positions(grids[0], lo_y + a)[:, :, None]
+        xx = positions(grids[1], lo_x + bb)[:, None, :]
         return yy, xx
 
     if gy.static_count is not None and gx.static_count is not None:
@@ -325,16 +331,16 @@ def aggregate_rotated(
             for i in range(sy):
                 for j in range(sx):
                     yy, xx = positions_at(
-                        jnp.asarray(i, dtype), jnp.asarray(j, dtype), zero_y, zero_x
+                        (gy, gx), jnp.asarray(i, dtype), jnp.asarray(j, dtype), zero_y, zero_x
                     )
-                    acc = acc + sample(yy, xx, None)
+                    acc = acc + sample(every, yy, xx, None)
         else:
 
             @jax.checkpoint
             def static_body(acc, s):
                 a = jnp.floor(s / sx)
-                yy, xx = positions_at(a, s - a * sx, zero_y, zero_x)
-                return acc + sample(yy, xx, None), None
+                yy, xx = positions_at((gy, gx), a, s - a * sx, zero_y, zero_x)
+                return acc + sample(every, yy, xx, None), None
 
             acc, _ = jax.lax.scan(static_body, zeros, jnp.arange(sy * sx, dtype=dtype))
         return acc * ok[..., None] / count
@@ -342,25 +348,36 @@ def aggregate_rotated(
     # Adaptive: per bin and axis, the index range that can hold valid samples.
     lo_y, n_y = _window(gy, geo, axis=0)
     lo_x, n_x = _window(gx, geo, axis=1)
-    live = ok[:, :, 0] > 0
-    max_y = jnp.max(jnp.where(live, n_y, 0.0), initial=0.0)
-    max_x = jnp.maximum(jnp.max(jnp.where(live, n_x, 0.0), initial=0.0), 1.0)
+    # Boxes not ``ok`` have all-zero parameters (a count of 1 at most).
+    need_y = jnp.max(n_y, axis=1)  # [K]
+    need_x = jnp.maximum(jnp.max(n_x, axis=1), 1.0)
 
-    @jax.checkpoint
-    def body(acc, s):
-        # Sample (lo_y + a, lo_x + bb) of every bin, 0 where beyond its range.
-        a = jnp.floor(s / max_x)
-        bb = s - a * max_x
-        yy, xx = positions_at(a, bb, lo_y, lo_x)
-        inside = ((a < n_y)[:, :, None] & (bb < n_x)[:, None, :]).astype(dtype)
-        return acc + sample(yy, xx, inside), None
+    def read(box):
+        """The sums of boxes ``box``, their samples in order: sample ``(lo_y + a,
+        lo_x + bb)`` of every bin step ``a * max_x + bb`` of a scan as long as
+        the chunk's costliest box needs (0 where beyond the bin's range)."""
+        max_x = jnp.max(need_x[box])
+        lo_y_c, lo_x_c, n_y_c, n_x_c = (v[box] for v in (lo_y, lo_x, n_y, n_x))
+        grids = jax.tree.map(lambda v: v[box], (gy, gx))
+        at = tuple(v[box] for v in every)
 
-    def branch(length: int):
-        def run(_):
-            acc, _ = jax.lax.scan(body, zeros, jnp.arange(length, dtype=dtype))
-            return acc
+        @jax.checkpoint
+        def body(acc, s):
+            a = jnp.floor(s / max_x)
+            bb = s - a * max_x
+            yy, xx = positions_at(grids, a, bb, lo_y_c, lo_x_c)
+            inside = ((a < n_y_c)[:, :, None] & (bb < n_x_c)[:, None, :]).astype(dtype)
+            return acc + sample(at, yy, xx, inside), None
 
-        return run
+        def branch(length: int):
+            def run(acc):
+                return jax.lax.scan(body, acc, jnp.arange(length, dtype=dtype))[0]
+
+            return run
+
+        total = jnp.max(need_y[box]) * max_x
+        tier = sum(((total > t).astype(jnp.int32) for t in lengths[:-1]), jnp.int32(0))
+        return jax.lax.switch(tier, [branch(n) for n in lengths], zeros[box])
 
     bound = _max_window(h, w)
     lengths = []
@@ -369,9 +386,8 @@ def aggregate_rotated(
         lengths.append(t)
         t *= 4
     lengths.append(bound * bound)
-    total = max_y * max_x
-    tier = sum(((total > t).astype(jnp.int32) for t in lengths[:-1]), jnp.int32(0))
-    acc = jax.lax.switch(tier, [branch(n) for n in lengths], None)
+    row_bytes = ph * pw * c * jnp.dtype(dtype).itemsize
+    acc = rows_by_cost(need_y * need_x, row_bytes, read, zeros)
     return acc * ok[..., None] / count
 
 

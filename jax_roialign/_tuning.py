@@ -47,8 +47,9 @@ class Tuning:
 
     Ops:
       max_tile: samples per axis scanned per step of max mode's adaptive search.
-      max_chunk: boxes (of similar cost) that search scans together, at most:
-        a chunk scans as many tiles as its costliest box needs.
+      cost_chunk: boxes sorted by cost that one step of a loop over them takes
+        at most (max mode's adaptive search, rotated adaptive reads): the step
+        runs as long as its costliest box needs.
       pool_block: cells per box axis one block of RoI Pool's window read covers.
       pool_smallest_window: the first window of RoI Pool's gather search.
       rotated_unroll: fixed rotated grids of at most this many samples per bin
@@ -80,7 +81,7 @@ class Tuning:
     pallas_max_rows: int = 32
     pallas_max_strip: int = 4 << 20
     max_tile: int = 2
-    max_chunk: int = 16
+    cost_chunk: int = 16
     pool_block: int = 56
     pool_smallest_window: int = 5
     rotated_unroll: int = 4
