@@ -82,13 +82,16 @@ def bilinear_2d(
     x_taps: tuple[Array, Array, Array, Array],
     dtype: Any,
     channel: Array | None = None,
+    flat_index: bool = True,
 ) -> Array:
     """``sum_uv wy_u wx_v F[b, iy_u, ix_v]`` for broadcastable tap arrays.
 
     Without ``channel`` it returns ``[..., C]``; with ``channel`` (an index array
     broadcastable with the taps, the last axis being C) it reads one channel per
-    element, for per-channel positions.
+    element, for per-channel positions (``flat_index``: :func:`_per_channel`).
     """
+    if channel is not None:
+        return _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index)
     y_low, y_high, wy_low, wy_high = y_taps
     x_low, x_high, wx_low, wx_high = x_taps
     shape = jnp.broadcast_shapes(y_low.shape, x_low.shape)
@@ -100,23 +103,45 @@ def bilinear_2d(
     cols = stack(x_low, x_high, x_low, x_high)
     w = stack(wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high)
     b = jnp.expand_dims(b, -1)
-    if channel is None:
-        v = _read(features, layout, b, rows, cols).astype(dtype)  # [..., 4, C]
-        return jnp.sum(w[..., None] * v, axis=-2)
-    v = _read_channel(features, layout, b, rows, cols, channel[..., None]).astype(dtype)
-    return jnp.sum(w * v, axis=-1)
+    v = _read(features, layout, b, rows, cols).astype(dtype)  # [..., 4, C]
+    return jnp.sum(w[..., None] * v, axis=-2)
+
+
+def _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index):
+    """:func:`bilinear_2d` with one channel per element: the four taps of every
+    element one gather of single elements, summed in tap order. ``flat_index``:
+    by one int32 index per tap into the flattened map (lean: four coordinates
+    per tap were the bulk of max mode's memory; and its transpose is a
+    one-dimensional scatter-add, twice as fast), else by coordinates (faster
+    for a forward alone: XLA:CPU fuses the flat index's arithmetic into the
+    gather, once per tap)."""
+    y_low, y_high, wy_low, wy_high = y_taps
+    x_low, x_high, wx_low, wx_high = x_taps
+    shape = jnp.broadcast_shapes(y_low.shape, x_low.shape, channel.shape)
+
+    def stack(*parts):
+        return jnp.stack([jnp.broadcast_to(p, shape) for p in parts], axis=-1)
+
+    rows = stack(y_low, y_low, y_high, y_high)
+    cols = stack(x_low, x_high, x_low, x_high)
+    w = stack(wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high)
+    b, ch = jnp.expand_dims(b, -1).astype(jnp.int32), channel[..., None]
+    nhwc = layout is DataFormat.NHWC
+    if not flat_index or features.size >= 2**31:  # (a flat int32 index would overflow)
+        v = features[b, rows, cols, ch] if nhwc else features[b, ch, rows, cols]
+    elif nhwc:
+        _, h, w_, c = features.shape
+        v = jnp.take(features.reshape(-1), ((b * h + rows) * w_ + cols) * c + ch, mode="clip")
+    else:
+        _, c, h, w_ = features.shape
+        v = jnp.take(features.reshape(-1), ((b * c + ch) * h + rows) * w_ + cols, mode="clip")
+    return jnp.sum(w * v.astype(dtype), axis=-1)
 
 
 def _read(features: Array, layout: DataFormat, b: Array, iy: Array, ix: Array) -> Array:
     if layout is DataFormat.NHWC:
         return features[b, iy, ix]
     return features[b, :, iy, ix]
-
-
-def _read_channel(features, layout, b, iy, ix, c):
-    if layout is DataFormat.NHWC:
-        return features[b, iy, ix, c]
-    return features[b, c, iy, ix]
 
 
 def _search_window(grid: _sampling.AxisGrid) -> tuple[Array, Array, Array]:
@@ -161,10 +186,14 @@ def aggregate_max(
     gy: _sampling.AxisGrid,
     gx: _sampling.AxisGrid,
     dtype: Any,
+    *,
+    flat_index: bool = True,
 ) -> Array:
     """Max over each bin's bilinear samples, ``[K, PH, PW, C]``, for any pair of axis grids.
 
     ``ok`` ``[K, 1, 1]`` (0 or 1) zeroes invalid boxes. An empty grid gives 0.
+    ``flat_index``: how the winners are read again (:func:`_per_channel`; the
+    same numbers).
     """
     k, ph = gy.first.shape
     pw = gx.first.shape[1]
@@ -237,6 +266,7 @@ def aggregate_max(
         point_taps(x, gx.length),
         dtype,
         channel=ch,
+        flat_index=flat_index,
     )
     # Samples outside the windows read 0; those inside were scanned (the invalid
     # ones among them as 0). The forward value is the search's own maximum (so

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
@@ -173,10 +174,15 @@ class AlignMax(AlignAvg):
     supports = frozenset({Implementation.GATHER, Implementation.WINDOW})
     unsupported_reason = "the max of the samples is read by a search or by windows"
 
-    def forward(self, impl):
+    def forward(self, impl, flat_index: bool = False):
+        # The forward alone reads the winners by coordinates (faster); what is
+        # differentiated, by flat indices (leaner, a faster transpose).
         from ._max import aggregate_max, window_max
 
-        read = window_max if impl is Implementation.WINDOW else aggregate_max
+        if impl is Implementation.WINDOW:
+            read = window_max
+        else:
+            read = functools.partial(aggregate_max, flat_index=flat_index)
 
         def fn(features, coords, batch, ok):
             gy, gx = self.grids(coords, ok)
@@ -186,5 +192,8 @@ class AlignMax(AlignAvg):
 
         return fn
 
+    def reverse(self, impl):
+        return self.forward(impl, flat_index=True)
+
     def differentiable(self, impl):
-        return self.forward(Implementation.GATHER)
+        return self.forward(Implementation.GATHER, flat_index=True)
