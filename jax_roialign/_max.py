@@ -92,9 +92,18 @@ def bilinear_2d(
     """
     if channel is not None:
         return _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index)
+    rows, cols, w = _four_taps(y_taps, x_taps)
+    b = jnp.expand_dims(b, -1)
+    v = _read(features, layout, b, rows, cols).astype(dtype)  # [..., 4, C]
+    return jnp.sum(w[..., None] * v, axis=-2)
+
+
+def _four_taps(y_taps, x_taps, *shapes):
+    """``(rows, cols, weights)``, each ``[..., 4]`` (broadcast with ``shapes``):
+    the taps (low, low), (low, high), (high, low), (high, high) of each point."""
     y_low, y_high, wy_low, wy_high = y_taps
     x_low, x_high, wx_low, wx_high = x_taps
-    shape = jnp.broadcast_shapes(y_low.shape, x_low.shape)
+    shape = jnp.broadcast_shapes(y_low.shape, x_low.shape, *shapes)
 
     def stack(*parts):
         return jnp.stack([jnp.broadcast_to(p, shape) for p in parts], axis=-1)
@@ -102,9 +111,7 @@ def bilinear_2d(
     rows = stack(y_low, y_low, y_high, y_high)
     cols = stack(x_low, x_high, x_low, x_high)
     w = stack(wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high)
-    b = jnp.expand_dims(b, -1)
-    v = _read(features, layout, b, rows, cols).astype(dtype)  # [..., 4, C]
-    return jnp.sum(w[..., None] * v, axis=-2)
+    return rows, cols, w
 
 
 def _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index):
@@ -115,16 +122,7 @@ def _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index
     one-dimensional scatter-add, twice as fast), else by coordinates (faster
     for a forward alone: XLA:CPU fuses the flat index's arithmetic into the
     gather, once per tap)."""
-    y_low, y_high, wy_low, wy_high = y_taps
-    x_low, x_high, wx_low, wx_high = x_taps
-    shape = jnp.broadcast_shapes(y_low.shape, x_low.shape, channel.shape)
-
-    def stack(*parts):
-        return jnp.stack([jnp.broadcast_to(p, shape) for p in parts], axis=-1)
-
-    rows = stack(y_low, y_low, y_high, y_high)
-    cols = stack(x_low, x_high, x_low, x_high)
-    w = stack(wy_low * wx_low, wy_low * wx_high, wy_high * wx_low, wy_high * wx_high)
+    rows, cols, w = _four_taps(y_taps, x_taps, channel.shape)
     b, ch = jnp.expand_dims(b, -1).astype(jnp.int32), channel[..., None]
     nhwc = layout is DataFormat.NHWC
     if not flat_index or features.size >= 2**31:  # (a flat int32 index would overflow)
