@@ -283,11 +283,11 @@ def test_explicit_sharding_gate_names_the_version(monkeypatch):
 
 
 def _every_op():
-    def rotated(f, b):
+    def rotated(f, b, sampling_ratio=2):
         angle = 40.0 * jnp.sin(b[..., :1])  # (per box, so that it shards with the boxes)
         centre, size = (b[..., :2] + b[..., 2:]) / 2, jnp.abs(b[..., 2:] - b[..., :2])
         boxes = jnp.concatenate([centre, size, angle], axis=-1)
-        return jr.roi_align_rotated(f, boxes, output_size=2, sampling_ratio=2)
+        return jr.roi_align_rotated(f, boxes, output_size=2, sampling_ratio=sampling_ratio)
 
     def deform(f, b):
         offsets = 0.1 * jnp.cos(b[..., :1, None, None] + jnp.zeros((1, 2, 2, 2)))
@@ -298,7 +298,12 @@ def _every_op():
         "roi_align_max": lambda f, b: jr.roi_align(
             f, b, output_size=2, sampling_ratio=2, mode="max"
         ),
+        # Adaptive max mode and rotated boxes: loops over boxes sorted by cost.
+        "roi_align_max_adaptive": lambda f, b: jr.roi_align(
+            f, b, output_size=2, sampling_ratio=0, mode="max"
+        ),
         "roi_align_rotated": rotated,
+        "roi_align_rotated_adaptive": functools.partial(rotated, sampling_ratio=0),
         "deform_roi_align": deform,
         "roi_pool": lambda f, b: jr.roi_pool(f, b, output_size=2),
         "ps_roi_align": lambda f, b: jr.ps_roi_align(
