@@ -842,12 +842,11 @@ def rows_by_cost(cost: Array, row_bytes: int, read: Any, out: Any) -> Any:
     stable sort), ``chunk`` at a time, so that the loops of ``read`` may run as
     long as the chunk's own costliest box needs, not the call's; ``chunk`` is
     ``TUNING.cost_chunk`` boxes at most, fewer where their rows (``row_bytes``
-    each) pass ``TUNING.level_chunk_bytes``."""
+    each) pass ``TUNING.level_chunk_bytes`` (:func:`_levels_chunk`)."""
     k = cost.shape[0]
     if k == 0:
         return out
-    by_bytes = TUNING.level_chunk_bytes // max(row_bytes, 1)
-    chunk = min(k, TUNING.cost_chunk, max(TUNING.level_min_boxes, by_bytes))
+    chunk = min(TUNING.cost_chunk, _levels_chunk(k, row_bytes))
     order = jnp.argsort(cost, stable=True)
 
     def step(j, out):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _sampling, _shard
-from ._contract import rows_by_cost
+from ._contract import read, rows_by_cost
 from ._tuning import TUNING
 from ._validation import DataFormat
 from ._window import _row, _set_row
@@ -94,7 +94,7 @@ def bilinear_2d(
         return _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index)
     rows, cols, w = _four_taps(y_taps, x_taps)
     b = jnp.expand_dims(b, -1)
-    v = _read(features, layout, b, rows, cols).astype(dtype)  # [..., 4, C]
+    v = read(features, layout, b, rows, cols).astype(dtype)  # [..., 4, C]
     return jnp.sum(w[..., None] * v, axis=-2)
 
 
@@ -134,12 +134,6 @@ def _per_channel(features, layout, b, y_taps, x_taps, dtype, channel, flat_index
         _, c, h, w_ = features.shape
         v = jnp.take(features.reshape(-1), ((b * c + ch) * h + rows) * w_ + cols, mode="clip")
     return jnp.sum(w * v.astype(dtype), axis=-1)
-
-
-def _read(features: Array, layout: DataFormat, b: Array, iy: Array, ix: Array) -> Array:
-    if layout is DataFormat.NHWC:
-        return features[b, iy, ix]
-    return features[b, :, iy, ix]
 
 
 def _search_window(grid: _sampling.AxisGrid) -> tuple[Array, Array, Array]:
